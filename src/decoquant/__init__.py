@@ -1,0 +1,15 @@
+"""decoquant: data-free low-bit KV-cache compression by matrix decomposition (DecoQuant)."""
+
+from .api import compress, decompress, fake_quantize
+from .compressed import CompressedKV
+from .config import DecoQuantConfig
+
+__all__ = ["DecoQuantConfig", "CompressedKV", "compress", "decompress", "fake_quantize"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: the transformers integration imports transformers
+    if name in ("DecoQuantCache",):
+        from .cache import DecoQuantCache
+        return DecoQuantCache
+    raise AttributeError(f"module 'decoquant' has no attribute {name!r}")

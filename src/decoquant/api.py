@@ -1,0 +1,92 @@
+"""Public entry points: compress, decompress, fake_quantize."""
+
+from __future__ import annotations
+
+import torch
+
+from .codecs import get_codec
+from .codecs.base import Encoded
+from .compressed import CompressedKV
+from .config import KINDS, DecoQuantConfig
+from .packing import pack_codes, unpack_codes
+
+
+def _validate(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> None:
+    if not isinstance(config, DecoQuantConfig):
+        raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not supported; allowed values: {KINDS}")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dims [batch, kv_heads, tokens, head_dim], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a float tensor (float16, bfloat16, float32, float64), got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    config.check_head_dim(x.shape[-1])
+
+
+def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> tuple[Encoded, torch.Tensor]:
+    """Encode x with non-finite rows zeroed; returns the encoding and the exact-row mask [B]."""
+    b = x.shape[0]
+    finite = torch.isfinite(x).reshape(b, -1).all(1)
+    clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    enc = get_codec(config.method).encode(clean, config, kind)
+    mask = ~finite
+    if enc.unsafe is not None:
+        mask = mask | enc.unsafe
+    for p in enc.params.values():  # e.g. an fp16 scale that overflowed
+        mask = mask | ~torch.isfinite(p.float()).reshape(b, -1).all(1)
+    return enc, mask
+
+
+def _restore(decoded: torch.Tensor, mask: torch.Tensor, exact: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    out = decoded.to(dtype)
+    if exact is not None:
+        out[mask] = exact
+    return out
+
+
+def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> CompressedKV:
+    """Compress a KV tensor x [batch, kv_heads, tokens, head_dim] (any float dtype).
+
+    Returns a `CompressedKV` with packed codes and fp16 metadata. Batch rows that contain NaN/Inf
+    or that the codec cannot compress safely are stored exactly (see `CompressedKV.exact_mask`).
+    """
+    _validate(x, config, kind)
+    shape = tuple(x.shape)
+    if config.method == "none":
+        mask = torch.ones(shape[0], dtype=torch.bool, device=x.device)
+        return CompressedKV(config, kind, shape, x.dtype, None, 0, {}, mask, x.detach().clone())
+    if config.method == "decoquant" and config.layout == "channel":
+        raise ValueError("layout='channel' stores a tokens x rank fp16 tensor and saves no memory: it is "
+                         "supported by decoquant.fake_quantize only; use layout='group' to compress")
+    enc, mask = _encode(x.detach(), config, kind)
+    exact = x.detach()[mask].clone() if bool(mask.any()) else None
+    n_codes = enc.codes.shape[-1]
+    return CompressedKV(config, kind, shape, x.dtype, pack_codes(enc.codes, config.bits), n_codes,
+                        enc.params, mask, exact)
+
+
+def decompress(c: CompressedKV) -> torch.Tensor:
+    """Decode a CompressedKV back to a tensor of its original shape and dtype."""
+    if not isinstance(c, CompressedKV):
+        raise ValueError(f"c must be a decoquant.CompressedKV, got {type(c).__name__}")
+    if c.config.method == "none":
+        return c.exact_values.clone()
+    enc = Encoded(unpack_codes(c.codes, c.config.bits, c.n_codes), c.params)
+    decoded = get_codec(c.config.method).decode(enc, c.config, c.kind, c.shape)
+    return _restore(decoded, c.exact_mask, c.exact_values, c.dtype)
+
+
+def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> torch.Tensor:
+    """Quantize and reconstruct without packing (accuracy studies). Decodes to exactly the values
+    `decompress(compress(x, config, kind))` returns, and also supports layout='channel'."""
+    _validate(x, config, kind)
+    if config.method == "none":
+        return x.detach().clone()
+    enc, mask = _encode(x.detach(), config, kind)
+    decoded = get_codec(config.method).decode(enc, config, kind, tuple(x.shape))
+    exact = x.detach()[mask] if bool(mask.any()) else None
+    return _restore(decoded, mask, exact, x.dtype)

@@ -1,0 +1,115 @@
+"""DecoQuant: MPO-decompose the KV block, quantize the large local tensor, keep the small ones fp16.
+
+Group layout (the paper's memory-saving one). For one batch row, x [H, T, D] with D = C * g is
+viewed as a matrix M of N = H*T*C rows and g columns (row (h, t, c) = channels c*g..c*g+g-1 of
+head h at token t; with ts_sharing="head" one matrix per head). The MPO with row factors
+(N, 1, ..., 1) and column factors (1, j_2, ..., j_n) gives
+    T_L = U sqrt(S)           [N, g]   quantized (codes laid out like x: [B, H, T, D])
+    T_2 ... T_n               fp16, contracting to T_S = sqrt(S) V^T   [g, g]
+and x_hat = deq(T_L) @ T_S per 16-channel chunk. T_L's columns are the principal axes of the
+chunks divided by sqrt of their singular values, which flattens outlier channels before RTN.
+
+Channel layout (the paper's LAMBADA table; fake quantization only): X^T [H*D, T] = U S V^T,
+T_L = U sqrt(S) quantized with one scale per channel row, T_S = sqrt(S) V^T [r, T] fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..mpo import mpo_decompose
+from ..quant import QTensor, dequantize, dequantize_kv, quantize, quantize_kv
+from .base import Encoded
+
+# A block whose smallest singular value is below this fraction of its largest is "rank deficient"
+# (e.g. all zeros, constant, or a dead channel shared by every head) and is kept exact.
+RANK_RTOL = 1e-6
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.device.type == "cpu" else torch.float32
+
+
+def _rank_deficient(t_l: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """t_l [..., N, r] = U sqrt(S): column k has squared norm s_k. -> bool [batch]."""
+    s = t_l.pow(2).sum(-2)  # [..., r]
+    bad = s.amin(-1) <= RANK_RTOL * s.amax(-1)
+    return bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
+
+
+def small_tensor(params: dict[str, torch.Tensor], n_sites: int) -> torch.Tensor:
+    """Contract the fp16 small sites T_2..T_n into T_S: float32 [..., g, g]."""
+    sites = [params[f"site{k}"].float() for k in range(2, n_sites + 1)]
+    first = sites[0]  # [..., r1, 1, j2, r2]
+    batch = first.shape[:-4]
+    r1 = first.shape[-4]
+    acc = first.reshape(*batch, r1, -1)
+    for t in sites[1:]:
+        r = t.shape[-4]
+        acc = acc.reshape(*batch, -1, r) @ t.reshape(*batch, r, -1)
+    return acc.reshape(*batch, r1, -1)
+
+
+def _matrix_view(x: torch.Tensor, config) -> torch.Tensor:
+    b, h, t, d = x.shape
+    g = config.group_size
+    if config.ts_sharing == "layer":
+        return x.reshape(b, h * t * (d // g), g)
+    return x.reshape(b, h, t * (d // g), g)
+
+
+def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+    if config.layout == "channel":
+        return _encode_channel(x, config)
+    g, n_sites = config.group_size, config.num_sites
+    m = _matrix_view(x.to(_compute_dtype(x)), config)
+    n_rows = m.shape[-2]
+    rows = (n_rows,) + (1,) * (n_sites - 1)
+    cols = (1,) + config.site_factors
+    sites = mpo_decompose(m, rows, cols, gauge="symmetric")
+    t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
+    unsafe = _rank_deficient(t_l, m.dim() - 2)
+    r1 = t_l.shape[-1]
+    if r1 < g:  # fewer rows than g: pad the bond with zeros (still exact)
+        t_l = F.pad(t_l, (0, g - r1))
+        sites[1] = F.pad(sites[1], (0, 0, 0, 0, 0, 0, 0, g - r1))
+    q = quantize_kv(t_l.reshape(x.shape), config.bits, config.scale_granularity,
+                    config.is_symmetric, config.quant_group_size)
+    params = {"scale": q.scale}
+    if q.zero is not None:
+        params["zero"] = q.zero
+    for k, site in enumerate(sites[1:], start=2):
+        params[f"site{k}"] = site.to(torch.float16)
+    return Encoded(q.codes, params, unsafe)
+
+
+def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if config.layout == "channel":
+        return _decode_channel(enc, config, shape)
+    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), config.bits)
+    t_l = dequantize_kv(q, config.scale_granularity, config.quant_group_size)
+    t_s = small_tensor(enc.params, config.num_sites)
+    return (_matrix_view(t_l, config) @ t_s).reshape(t_l.shape)
+
+
+# ------------------------------------------------------------------------- channel layout
+def _encode_channel(x: torch.Tensor, config) -> Encoded:
+    b, h, t, d = x.shape
+    xt = x.to(_compute_dtype(x)).permute(0, 1, 3, 2).reshape(b, h * d, t)  # [B, H*D, T]
+    sites = mpo_decompose(xt, (h * d, 1), (1, t), gauge="symmetric")
+    t_l = sites[0].reshape(b, h * d, -1)  # [B, HD, r]
+    unsafe = _rank_deficient(t_l, 1)
+    q = quantize(t_l, config.bits, (-1,), config.is_symmetric)
+    params = {"scale": q.scale, "site2": sites[1].to(torch.float16)}
+    if q.zero is not None:
+        params["zero"] = q.zero
+    return Encoded(q.codes, params, unsafe)
+
+
+def _decode_channel(enc: Encoded, config, shape: tuple[int, ...]) -> torch.Tensor:
+    b, h, t, d = shape
+    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), config.bits)
+    t_s = enc.params["site2"].float().reshape(b, -1, t)  # [B, r, T]
+    xt = dequantize(q) @ t_s  # [B, H*D, T]
+    return xt.reshape(b, h, d, t).transpose(-1, -2)

@@ -1,0 +1,17 @@
+"""Per-token round-to-nearest: the paper's baseline (one symmetric scale per token over all
+heads). `symmetric=False` in the config switches to the min/max quantizer."""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import dequantize_kv, quantize_kv
+from .base import Encoded, from_qtensor
+
+
+def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+    return from_qtensor(quantize_kv(x, config.bits, "token", config.is_symmetric))
+
+
+def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    return dequantize_kv(enc.qtensor(config.bits), "token")

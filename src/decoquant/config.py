@@ -1,0 +1,188 @@
+"""One validated configuration object for every codec and the cache.
+
+`DecoQuantConfig` is a frozen dataclass: construct it, it validates itself, and every bad value
+raises a `ValueError` that names the field and the allowed values. `preset="paper"` pins the
+settings of the paper's memory-saving ("group") experiments exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("decoquant", "rtn", "kivi", "rotation", "none")
+BITS = (2, 3, 4, 8)
+KINDS = ("key", "value")
+LAYOUTS = ("group", "channel")
+TS_SHARING = ("layer", "head")
+# Granularity of the quantizer scales of DecoQuant's large local tensor T_L:
+#   token       one scale per token over all heads (the paper)
+#   token_head  one scale per token and head
+#   channel     one scale per channel over groups of `quant_group_size` tokens (KIVI keys)
+#   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
+SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
+PRESETS = (None, "paper")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {shown}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class DecoQuantConfig:
+    """Settings of a KV codec (and, for the cache, of its streaming blocks).
+
+    Codec fields
+    ------------
+    method: "decoquant" | "rtn" | "kivi" | "rotation" | "none".
+    bits: 2, 3, 4 or 8 bits per stored code.
+    preset: None or "paper". "paper" forces DecoQuant's published recipe: group layout, g=16,
+        one g x g fp16 T_S per block shared by all heads, T_L quantized symmetrically with one
+        absmax scale per token over all heads.
+    group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
+        holds (DecoQuant, group layout). Must divide head_dim.
+    layout: "group" (the paper's memory-saving layout) or "channel" (the paper's LAMBADA layout,
+        whose T_S is tokens x rank: fake quantization only).
+    ts_sharing: "layer" (one T_S for all kv heads) or "head" (one per kv head).
+    scale_granularity: see SCALE_GRANULARITIES above.
+    symmetric: symmetric absmax quantizer (True) or asymmetric min/max with zero point (False).
+        None picks the method's own default (DecoQuant and RTN: symmetric; KIVI and rotation:
+        asymmetric).
+    num_sites: number of MPO local tensors (2, 3 or 4). The first holds the tokens and is
+        quantized; the others factorize the g x g small tensor and stay fp16.
+    quant_group_size: group size of KIVI's groups (tokens for keys, channels for values) and of
+        DecoQuant's "channel"/"group" scale granularities.
+    rotation_seed: seed of the random sign flips of the randomized Hadamard rotation.
+
+    Cache fields (used by `DecoQuantCache`)
+    ------------
+    block_size: tokens per compressed block.
+    residual_length: the most recent tokens kept in full precision.
+    sink_tokens: the first tokens of each sequence kept exact.
+    """
+
+    method: str = "decoquant"
+    bits: int = 4
+    preset: str | None = None
+    group_size: int = 16
+    layout: str = "group"
+    ts_sharing: str = "layer"
+    scale_granularity: str = "token"
+    symmetric: bool | None = None
+    num_sites: int = 2
+    quant_group_size: int = 32
+    rotation_seed: int = 0
+    block_size: int = 128
+    residual_length: int = 128
+    sink_tokens: int = 0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _choice("bits", self.bits, BITS)
+        _choice("preset", self.preset, PRESETS)
+        _choice("layout", self.layout, LAYOUTS)
+        _choice("ts_sharing", self.ts_sharing, TS_SHARING)
+        _choice("scale_granularity", self.scale_granularity, SCALE_GRANULARITIES)
+        _choice("symmetric", self.symmetric, (None, True, False))
+        _choice("num_sites", self.num_sites, (2, 3, 4))
+        _positive_int("group_size", self.group_size, 2)
+        _positive_int("quant_group_size", self.quant_group_size)
+        _positive_int("block_size", self.block_size)
+        _positive_int("residual_length", self.residual_length, 0)
+        _positive_int("sink_tokens", self.sink_tokens, 0)
+        if self.preset == "paper":
+            if self.method != "decoquant":
+                raise ValueError(f"preset='paper' applies to method='decoquant', got method={self.method!r}")
+            pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token",
+                          symmetric=True, num_sites=2)
+            for name, value in pinned.items():
+                object.__setattr__(self, name, value)
+        if self.num_sites > 2 and self.layout == "channel":
+            raise ValueError("num_sites > 2 is only defined for layout='group'")
+        if self.num_sites > 2 and _site_factors(self.group_size, self.num_sites) is None:
+            raise ValueError(
+                f"group_size={self.group_size} cannot be split into {self.num_sites - 1} factors >= 2 "
+                f"for num_sites={self.num_sites}; use a group_size with enough prime factors (e.g. 16)")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def is_symmetric(self) -> bool:
+        """The quantizer actually used: the explicit field, else the method's default."""
+        if self.symmetric is not None:
+            return self.symmetric
+        return self.method in ("decoquant", "rtn")
+
+    @property
+    def site_factors(self) -> tuple[int, ...]:
+        """Column factors j_2..j_n of the small local tensors (product = group_size)."""
+        return _site_factors(self.group_size, self.num_sites) or (self.group_size,)
+
+    def replace(self, **changes: Any) -> "DecoQuantConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecoQuantConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(names - {'extra'})}")
+        return cls(**data)
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. 'decoquant-paper-4b' or 'kivi-g32-2b'."""
+        if self.method == "none":
+            return "fp16"
+        if self.method == "decoquant":
+            tag = "paper" if self.preset == "paper" else f"g{self.group_size}-{self.scale_granularity}"
+            return f"decoquant-{tag}-{self.bits}b"
+        if self.method == "kivi":
+            return f"kivi-g{self.quant_group_size}-{self.bits}b"
+        return f"{self.method}-{self.bits}b"
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a ValueError if this config cannot compress heads of size `head_dim`."""
+        if self.method == "decoquant" and self.layout == "group" and head_dim % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} must divide head_dim={head_dim}; allowed group sizes: "
+                f"{[d for d in range(2, head_dim + 1) if head_dim % d == 0]}")
+        if self.method == "rotation" and head_dim & (head_dim - 1):
+            raise ValueError(f"method='rotation' needs a power-of-two head_dim, got head_dim={head_dim}")
+        if self.method == "kivi" or (self.method == "decoquant" and self.scale_granularity == "group"):
+            if head_dim % self.quant_group_size and self.quant_group_size < head_dim:
+                raise ValueError(
+                    f"quant_group_size={self.quant_group_size} must divide head_dim={head_dim} "
+                    "(channel groups of values)")
+
+
+def _site_factors(g: int, n_sites: int) -> tuple[int, ...] | None:
+    """Split g into n_sites - 1 factors >= 2 as evenly as possible (None if impossible)."""
+    need = n_sites - 1
+    if need == 1:
+        return (g,)
+    primes, rest, p = [], g, 2
+    while rest > 1:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    if len(primes) < need:
+        return None
+    factors = [1] * need
+    for prime in sorted(primes, reverse=True):
+        factors[factors.index(min(factors))] *= prime
+    return tuple(sorted(factors, reverse=True))

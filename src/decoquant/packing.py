@@ -1,0 +1,63 @@
+"""Pack B-bit unsigned codes (B in 2, 3, 4, 8) into bytes along the last dimension.
+
+Bit order (written down once, used by every kernel): the last dimension is cut into runs of 8
+codes; run k becomes B bytes. Code i of a run (i = 0..7) occupies bits [i*B, (i+1)*B) of the
+run's 8*B-bit little-endian word, least significant bit first. Hence
+- 8 bit: one code per byte;
+- 4 bit: byte j holds code 2j in its low nibble and code 2j+1 in its high nibble;
+- 2 bit: byte j holds codes 4j..4j+3, code 4j in bits 0-1;
+- 3 bit: 8 codes in 3 bytes, code 0 in bits 0-2 of byte 0, code 2 straddling bytes 0 and 1.
+A last dimension that is not a multiple of 8 is padded with zero codes; `unpack_codes` needs the
+original length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; allowed values: {SUPPORTED_BITS}")
+
+
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that `n` codes of `bits` bits take after packing."""
+    _check_bits(bits)
+    return -(-n // 8) * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: uint8 [..., n] with values < 2**bits -> uint8 [..., packed_length(n, bits)]."""
+    _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be torch.uint8, got {codes.dtype}")
+    if bits == 8:
+        return codes.contiguous()
+    n = codes.shape[-1]
+    pad = (-n) % 8
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    runs = codes.reshape(*codes.shape[:-1], -1, 8).to(torch.int64)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    words = (runs << shifts).sum(-1, keepdim=True)  # [..., n/8, 1], 8*bits <= 24 bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    packed = (words >> byte_shifts) & 0xFF  # [..., n/8, bits]
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., packed_length(n)] -> uint8 [..., n]."""
+    _check_bits(bits)
+    if packed.shape[-1] != packed_length(n, bits):
+        raise ValueError(f"packed last dim {packed.shape[-1]} does not hold n={n} codes of {bits} bits")
+    if bits == 8:
+        return packed
+    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    words = (groups << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    codes = (words >> shifts) & (2**bits - 1)
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :n]

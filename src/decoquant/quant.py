@@ -1,0 +1,169 @@
+"""Round-to-nearest quantizers: choose scales, quantize, dequantize, fake-quantize.
+
+Two quantizers:
+- symmetric absmax (the paper's): qmax = 2**(B-1) - 1, scale = max|x| / qmax (clamped to >= 1e-5),
+  code = round(x / scale) in [-qmax, qmax]. 2 bits is ternary {-1, 0, 1}. Codes are stored offset
+  by +qmax, so they are unsigned integers in [0, 2*qmax].
+- asymmetric min/max: scale = (max - min) / (2**B - 1) (clamped), zero = min,
+  code = round((x - zero) / scale) in [0, 2**B - 1], x_hat = code * scale + zero.
+
+Rounding is round-half-to-even (`torch.round`). Scales and zeros are stored in fp16, and codes are
+computed against the fp16 scale, so the stored form decodes to exactly what fake quantization
+returns.
+
+Granularity is expressed by which dimensions share one scale (`reduce_dims`); `group_view`
+reshapes a dimension into groups (padding the last group) for the grouped granularities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_MIN = 1e-5
+PARAM_DTYPE = torch.float16
+
+
+def qmax_symmetric(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def num_levels(bits: int, symmetric: bool) -> int:
+    """Number of distinct codes: 2*qmax + 1 (symmetric) or 2**bits (asymmetric)."""
+    return 2 * qmax_symmetric(bits) + 1 if symmetric else 2**bits
+
+
+@dataclass
+class QTensor:
+    """Unpacked quantized tensor: uint8 codes with broadcastable fp16 scale (and zero)."""
+
+    codes: torch.Tensor  # uint8, same shape as the input
+    scale: torch.Tensor  # fp16, broadcastable to codes
+    zero: torch.Tensor | None  # fp16 (asymmetric) or None (symmetric)
+    bits: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+
+def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric: bool = True) -> QTensor:
+    """Quantize `x` with one scale (and zero) per slice over `reduce_dims`.
+
+    x: any float tensor; reduce_dims: the dims that share a scale (e.g. (-1,) = per row).
+    Returns codes (uint8, shape of x) and fp16 parameters with size 1 on `reduce_dims`.
+    """
+    xf = x.float()
+    if symmetric:
+        qmax = qmax_symmetric(bits)
+        absmax = xf.abs().amax(dim=reduce_dims, keepdim=True)
+        scale = (absmax / qmax).clamp_min(SCALE_MIN).to(PARAM_DTYPE)
+        codes = torch.round(xf / scale.float()).clamp_(-qmax, qmax) + qmax
+        return QTensor(codes.to(torch.uint8), scale, None, bits)
+    top = 2**bits - 1
+    lo = xf.amin(dim=reduce_dims, keepdim=True)
+    hi = xf.amax(dim=reduce_dims, keepdim=True)
+    zero = lo.to(PARAM_DTYPE)
+    scale = ((hi - zero.float()) / top).clamp_min(SCALE_MIN).to(PARAM_DTYPE)
+    codes = torch.round((xf - zero.float()) / scale.float()).clamp_(0, top)
+    return QTensor(codes.to(torch.uint8), scale, zero, bits)
+
+
+def dequantize(q: QTensor) -> torch.Tensor:
+    """float32 reconstruction of a QTensor."""
+    if q.zero is None:
+        return (q.codes.float() - qmax_symmetric(q.bits)) * q.scale.float()
+    return q.codes.float() * q.scale.float() + q.zero.float()
+
+
+def fake_quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric: bool = True) -> torch.Tensor:
+    """quantize + dequantize, returned in x's dtype."""
+    return dequantize(quantize(x, bits, reduce_dims, symmetric)).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- granularities
+def group_view(x: torch.Tensor, dim: int, group: int) -> tuple[torch.Tensor, int]:
+    """Split `dim` of x into (n_groups, group), padding the last group by repeating its last
+    element (which changes neither its min, max nor absmax). Returns (view, original length)."""
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    pad = (-n) % group
+    if pad:
+        last = x.narrow(dim, n - 1, 1)
+        x = torch.cat([x, last.expand(*[pad if d == dim else s for d, s in enumerate(last.shape)])], dim)
+    shape = list(x.shape)
+    shape[dim:dim + 1] = [shape[dim] // group, group]
+    return x.reshape(shape), n
+
+
+def ungroup(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Inverse of `group_view` for a tensor whose `dim`, `dim+1` are (n_groups, group)."""
+    dim = dim % x.dim()
+    shape = list(x.shape)
+    shape[dim:dim + 2] = [shape[dim] * shape[dim + 1]]
+    return x.reshape(shape).narrow(dim, 0, length)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = True) -> QTensor:
+    """x: [..., tokens, channels]; one scale per token (over the last dim)."""
+    return quantize(x, bits, (-1,), symmetric)
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = True) -> torch.Tensor:
+    return dequantize(quantize_per_token(x, bits, symmetric)).to(x.dtype)
+
+
+def fake_quantize_channel_over_tokens(x: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
+    """x: [..., tokens, channels]; one scale per channel over groups of `group` tokens (KIVI keys)."""
+    view, n = group_view(x, -2, group)  # [..., T/G, G, C]
+    q = quantize(view, bits, (-2,), symmetric)
+    return ungroup(dequantize(q), -3, n).to(x.dtype)
+
+
+def fake_quantize_channel_groups(x: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
+    """x: [..., tokens, channels]; one scale per token over groups of `group` channels (KIVI values)."""
+    view, n = group_view(x, -1, group)  # [..., T, C/G, G]
+    q = quantize(view, bits, (-1,), symmetric)
+    return ungroup(dequantize(q), -2, n).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- KV granularities
+# x is [batch, heads, tokens, channels]. Which entries share one scale:
+#   token       (b, t) over all heads and channels (the paper's per-token RTN)
+#   token_head  (b, h, t) over channels
+#   channel     (b, h, token group, c): per channel over groups of `group` tokens (KIVI keys)
+#   group       (b, h, t, channel group): per token over groups of `group` channels (KIVI values)
+GRANULARITIES = ("token", "token_head", "channel", "group")
+
+
+def quantize_kv(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, group: int = 32) -> QTensor:
+    """Quantize x [B, H, T, C] at a KV granularity. Codes keep x's shape; scale/zero have the
+    grouped shape ([B,1,T,1], [B,H,T,1], [B,H,ceil(T/G),1,C] or [B,H,T,C/G,1])."""
+    if granularity == "token":
+        return quantize(x, bits, (1, 3), symmetric)
+    if granularity == "token_head":
+        return quantize(x, bits, (3,), symmetric)
+    if granularity == "channel":
+        view, n = group_view(x, 2, group)
+        q = quantize(view, bits, (3,), symmetric)
+        q.codes = ungroup(q.codes, 2, n)
+        return q
+    if granularity == "group":
+        group = min(group, x.shape[-1])
+        view, n = group_view(x, 3, group)
+        q = quantize(view, bits, (4,), symmetric)
+        q.codes = ungroup(q.codes, 3, n)
+        return q
+    raise ValueError(f"granularity={granularity!r} is not supported; allowed values: {GRANULARITIES}")
+
+
+def dequantize_kv(q: QTensor, granularity: str, group: int = 32) -> torch.Tensor:
+    """float32 [B, H, T, C] reconstruction of `quantize_kv`'s output."""
+    if granularity in ("token", "token_head"):
+        return dequantize(q)
+    dim = 2 if granularity == "channel" else 3
+    if granularity == "group":
+        group = min(group, q.codes.shape[-1])
+    codes, n = group_view(q.codes, dim, group)
+    return ungroup(dequantize(QTensor(codes, q.scale, q.zero, q.bits)), dim, n)
