@@ -7,7 +7,7 @@ run's 8*B-bit little-endian word, least significant bit first. Hence
 - 4 bit: byte j holds code 2j in its low nibble and code 2j+1 in its high nibble;
 - 2 bit: byte j holds codes 4j..4j+3, code 4j in bits 0-1;
 - 3 bit: 8 codes in 3 bytes, code 0 in bits 0-2 of byte 0, code 2 straddling bytes 0 and 1.
-A last dimension that is not a multiple of 8 is padded with zero codes; `unpack_codes` needs the
+For B < 8 a last dimension that is not a multiple of 8 is padded with zero codes; `unpack_codes` needs the
 original length.
 """
 
@@ -26,7 +26,7 @@ def _check_bits(bits: int) -> None:
 def packed_length(n: int, bits: int) -> int:
     """Bytes that `n` codes of `bits` bits take after packing."""
     _check_bits(bits)
-    return -(-n // 8) * bits
+    return n if bits == 8 else -(-n // 8) * bits
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

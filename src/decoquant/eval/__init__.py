@@ -1,0 +1,1 @@
+"""Evaluation: text sources, KV capture, reconstruction analysis, perplexity."""

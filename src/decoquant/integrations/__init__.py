@@ -1,0 +1,1 @@
+"""Adapters to outside libraries (transformers). The only place that knows their versions."""

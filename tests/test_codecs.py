@@ -1,0 +1,186 @@
+import math
+
+import pytest
+import torch
+
+import decoquant as dq
+from conftest import outlier_kv
+
+# Upper bounds on the relative Frobenius error on `outlier_kv` per bit width (2, 3, 4, 8):
+# measured values plus ~20% headroom, so a regression in any codec fails.
+MAX_REL_ERROR = {
+    ("rtn", "key"): (0.71, 0.40, 0.32, 0.030),
+    ("decoquant", "key"): (0.67, 0.33, 0.19, 0.013),
+    ("kivi", "key"): (0.43, 0.19, 0.086, 0.0051),
+    ("kivi", "value"): (0.59, 0.30, 0.14, 0.0078),
+    ("rotation", "key"): (0.40, 0.17, 0.078, 0.0046),
+}
+
+
+def cfg(method, bits, **kw):
+    if method == "decoquant" and not kw:
+        kw = {"preset": "paper"}
+    return dq.DecoQuantConfig(method=method, bits=bits, **kw)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("method,kind", list(MAX_REL_ERROR))
+def test_error_thresholds_per_bit_width(method, kind):
+    x = outlier_kv()
+    errors = [rel(dq.decompress(dq.compress(x, cfg(method, b), kind)), x) for b in (2, 3, 4, 8)]
+    assert all(e <= m for e, m in zip(errors, MAX_REL_ERROR[(method, kind)])), errors
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_decoquant_beats_per_token_rtn_on_outlier_channels():
+    x = outlier_kv(seed=3)
+    for bits in (4, 8):
+        assert rel(dq.fake_quantize(x, cfg("decoquant", bits)), x) < 0.8 * rel(dq.fake_quantize(x, cfg("rtn", bits)), x)
+
+
+@pytest.mark.parametrize("method", ["rtn", "kivi", "rotation", "decoquant"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_packed_path_decodes_to_fake_quant_bit_for_bit(method, dtype):
+    x = outlier_kv(batch=3, heads=2, tokens=37, head_dim=64, dtype=dtype)
+    for bits in (2, 3, 4, 8):
+        for kind in ("key", "value"):
+            c = dq.compress(x, cfg(method, bits), kind)
+            y = dq.decompress(c)
+            assert y.shape == x.shape and y.dtype == dtype
+            assert torch.equal(y, dq.fake_quantize(x, cfg(method, bits), kind))
+
+
+DESIGN_SPACE = [
+    dict(ts_sharing="head"),
+    dict(scale_granularity="token_head"),
+    dict(scale_granularity="channel", quant_group_size=16),
+    dict(scale_granularity="group", quant_group_size=32),
+    dict(symmetric=False),
+    dict(group_size=8),
+    dict(group_size=32),
+    dict(num_sites=3),
+    dict(num_sites=4),
+]
+
+
+@pytest.mark.parametrize("fields", DESIGN_SPACE, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+def test_decoquant_design_space(fields):
+    x = outlier_kv(tokens=100)
+    c = dq.compress(x, cfg("decoquant", 4, **fields), "key")
+    y = dq.decompress(c)
+    assert torch.equal(y, dq.fake_quantize(x, cfg("decoquant", 4, **fields), "key"))
+    assert rel(y, x) < 0.2
+    assert c.num_exact == 0
+
+
+def test_more_sites_refactor_only_the_small_tensor():
+    x = outlier_kv(tokens=64)
+    two = rel(dq.fake_quantize(x, cfg("decoquant", 4, num_sites=2)), x)
+    for n in (3, 4):
+        c = dq.compress(x, cfg("decoquant", 4, num_sites=n), "key")
+        assert sorted(k for k in c.params if k.startswith("site")) == [f"site{k}" for k in range(2, n + 1)]
+        assert abs(rel(dq.decompress(c), x) - two) < 0.01
+
+
+def test_channel_layout_is_fake_quant_only():
+    x = outlier_kv(batch=1, tokens=50)
+    c = cfg("decoquant", 4, layout="channel")
+    y = dq.fake_quantize(x, c, "key")
+    assert rel(y, x) < 0.1
+    with pytest.raises(ValueError, match="fake_quantize"):
+        dq.compress(x, c, "key")
+
+
+def test_nbytes_counts_every_stored_tensor():
+    b, h, t, d = 2, 3, 256, 64
+    x = outlier_kv(b, h, t, d)
+    c = dq.compress(x, cfg("decoquant", 4), "key")
+    codes = b * h * t * d * 4 // 8
+    scales = b * t * 2  # one fp16 scale per token
+    t_s = b * 16 * 16 * 2  # one fp16 16x16 T_S per batch row
+    assert c.nbytes == codes + scales + t_s + b  # + the bool exact-row mask
+    assert c.effective_bits == pytest.approx(8 * c.nbytes / x.numel())
+    assert c.nbytes / c.fp16_nbytes <= 0.27
+    k = dq.compress(x, cfg("kivi", 2, quant_group_size=32), "key")
+    assert k.nbytes == b * h * t * d * 2 // 8 + 2 * (b * h * math.ceil(t / 32) * d * 2) + b
+    none = dq.compress(x.half(), cfg("none", 4), "key")
+    assert none.nbytes == x.numel() * 2 + b and torch.equal(dq.decompress(none), x.half())
+
+
+@pytest.mark.parametrize("method", ["rtn", "kivi", "rotation", "decoquant"])
+def test_nan_inf_and_degenerate_rows_stay_exact(method):
+    x = outlier_kv(batch=5, tokens=32)
+    x[1, 0, 3, 2] = float("nan")
+    x[2, 1, 0, 0] = float("inf")
+    x[3] = 0.0
+    x[4] = 1.25  # constant
+    c = dq.compress(x, cfg(method, 4), "value")
+    y = dq.decompress(c)
+    assert torch.isfinite(y[[0, 3, 4]]).all()
+    assert torch.isnan(y[1, 0, 3, 2]) and torch.isinf(y[2, 1, 0, 0])  # kept exactly, not spread
+    assert torch.equal(torch.nan_to_num(y[1:3]), torch.nan_to_num(x[1:3]))
+    assert torch.isfinite(y[1]).sum() == x[1].numel() - 1
+    assert torch.equal(y[3], x[3]) and rel(y[4], x[4]) < 0.2  # constant rows: finite, close
+    assert c.exact_mask[1] and c.exact_mask[2] and not c.exact_mask[0]
+    if method == "decoquant":  # rank deficient blocks are kept exact too
+        assert c.exact_mask[3] and c.exact_mask[4] and torch.equal(y[4], x[4])
+    assert rel(y[0], x[0]) < 0.35
+
+
+def test_rank_deficient_block_is_exact():
+    x = (torch.randn(1, 2 * 40 * 4, 4) @ torch.randn(4, 16)).reshape(1, 2, 40, 64)  # chunk matrix of rank 4
+    c = dq.compress(x, cfg("decoquant", 4), "key")
+    assert c.num_exact == 1 and torch.equal(dq.decompress(c), x)
+
+
+def test_single_token_block():
+    x = outlier_kv(batch=1, heads=1, tokens=1)
+    y = dq.decompress(dq.compress(x, cfg("decoquant", 4), "key"))
+    assert torch.isfinite(y).all() and rel(y, x) < 0.2
+
+
+BAD_INPUT = [
+    (dict(method="gptq"), "method='gptq'"),
+    (dict(bits=5), "bits=5"),
+    (dict(preset="best"), "preset='best'"),
+    (dict(layout="rows"), "layout='rows'"),
+    (dict(ts_sharing="batch"), "ts_sharing='batch'"),
+    (dict(scale_granularity="tensor"), "scale_granularity='tensor'"),
+    (dict(num_sites=5), "num_sites=5"),
+    (dict(group_size=0), "group_size=0"),
+    (dict(num_sites=4, group_size=6), "group_size=6"),
+    (dict(method="rtn", preset="paper"), "preset='paper'"),
+]
+
+
+@pytest.mark.parametrize("fields,message", BAD_INPUT)
+def test_bad_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        dq.DecoQuantConfig(**fields)
+
+
+def test_bad_tensors_and_kinds():
+    c = cfg("decoquant", 4)
+    with pytest.raises(ValueError, match="4 dims"):
+        dq.compress(torch.randn(3, 16, 64), c)
+    with pytest.raises(ValueError, match="float tensor"):
+        dq.compress(torch.ones(1, 1, 4, 64, dtype=torch.int32), c)
+    with pytest.raises(ValueError, match="kind='query'"):
+        dq.compress(torch.randn(1, 1, 4, 64), c, kind="query")
+    with pytest.raises(ValueError, match="group_size=16 must divide head_dim=24"):
+        dq.compress(torch.randn(1, 1, 4, 24), c)
+    with pytest.raises(ValueError, match="power-of-two"):
+        dq.compress(torch.randn(1, 1, 4, 24), cfg("rotation", 4))
+    with pytest.raises(ValueError, match="DecoQuantConfig"):
+        dq.compress(torch.randn(1, 1, 4, 64), {"method": "rtn"})
+
+
+def test_config_round_trip_and_paper_preset():
+    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="paper", group_size=8, symmetric=False)
+    assert (c.group_size, c.symmetric, c.ts_sharing, c.scale_granularity) == (16, True, "layer", "token")
+    assert dq.DecoQuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown config fields"):
+        dq.DecoQuantConfig.from_dict({"bitz": 4})
