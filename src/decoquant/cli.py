@@ -32,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None,
                    help="folder laid out like the shared data folder (wikitext2/wiki.test.raw, lambada/, ...); "
                         "without it the text is the Wikipedia articles shipped in gensim's test data")
-    p.add_argument("--out", default=None, help="write results.json and report.md to this folder")
+    p.add_argument("--out", default=None, help="write the JSON results and a markdown report to this folder")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -68,8 +69,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                    "rows": [r.__dict__ for r in rows], "torch": torch.__version__}
         _atomic_write(out / "reconstruction.json", json.dumps(payload, indent=1))
         _atomic_write(out / "reconstruction.md", f"{header}\n\n{table}\n")
-    print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if not k.startswith("per_layer")}
-                               for r in rows]}))
+    if args.json:
+        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if not k.startswith("per_layer")}
+                                   for r in rows]}))
     return 0
 
 
