@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: the transformers integration imports transformers
-    if name in ("DecoQuantCache",):
-        from .cache import DecoQuantCache
+    if name == "DecoQuantCache":
+        from .integrations.transformers import DecoQuantCache
+
         return DecoQuantCache
     raise AttributeError(f"module 'decoquant' has no attribute {name!r}")

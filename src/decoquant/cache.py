@@ -1,0 +1,178 @@
+"""The only stateful part: one layer's streaming compressed KV store (no transformers here).
+
+Token order inside a store: [sinks | block_0 | block_1 | ... | window].
+- sinks: the first `sink_tokens` tokens, kept exact;
+- blocks: immutable `CompressedKV` pairs of `block_size` tokens each (a crop may shorten the last
+  one's valid length, never rewrite it);
+- window: the most recent tokens in full precision. When it holds `residual_length + block_size`
+  tokens, its oldest `block_size` tokens are compressed into a new block. History is never
+  re-quantized.
+
+`append` returns the keys/values attention needs for the current step: the sinks, the decoded
+blocks that existed before this step, and every token of the window plus the new tokens exact
+(a prefill attends over its own tokens exactly, as in generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .api import compress, decompress
+from .compressed import CompressedKV
+from .config import DecoQuantConfig
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass
+class Block:
+    keys: CompressedKV
+    values: CompressedKV
+    length: int  # valid tokens (block_size unless cropped)
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = decompress(self.keys), decompress(self.values)
+        if self.length < k.shape[-2]:
+            k, v = k[..., : self.length, :], v[..., : self.length, :]
+        return k, v
+
+    def select_batch(self, index: torch.Tensor) -> "Block":
+        return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length)
+
+
+def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
+    """Rows `index` of a CompressedKV (beam reorder, batch selection)."""
+    from dataclasses import replace
+
+    index = index.to(c.exact_mask.device)
+    exact = None
+    mask = c.exact_mask.index_select(0, index)
+    if c.exact_values is not None and bool(mask.any()):
+        row_of = torch.cumsum(c.exact_mask.long(), 0) - 1  # position of each exact row in exact_values
+        exact = c.exact_values.index_select(0, row_of.index_select(0, index)[mask].to(c.exact_values.device))
+    params = {k: v.index_select(0, index.to(v.device)) for k, v in c.params.items()}
+    codes = None if c.codes is None else c.codes.index_select(0, index.to(c.codes.device))
+    shape = (int(index.numel()),) + tuple(c.shape[1:])
+    return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact)
+
+
+class CompressedKVStore:
+    """Streaming compressed KV for one attention layer. Tensors are [batch, kv_heads, tokens, head_dim]."""
+
+    def __init__(self, config: DecoQuantConfig):
+        self.config = config
+        self.blocks: list[Block] = []
+        self.sink_keys = self.sink_values = None
+        self.window_keys = self.window_values = None
+        self.length = 0
+
+    # ------------------------------------------------------------------ update
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new tokens; return (all keys, all values) for attention."""
+        self._check(keys, values)
+        parts_k, parts_v = [], []
+        if self.sink_keys is not None:
+            parts_k.append(self.sink_keys)
+            parts_v.append(self.sink_values)
+        for block in self.blocks:
+            k, v = block.decode()
+            parts_k.append(k)
+            parts_v.append(v)
+        # sinks first fill up, the rest goes to the window
+        room = self.config.sink_tokens - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
+        if room > 0 and not self.blocks and self.window_keys is None:
+            take = min(room, keys.shape[-2])
+            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :])
+            self.sink_values = _cat(self.sink_values, values[..., :take, :])
+            keys, values = keys[..., take:, :], values[..., take:, :]
+            parts_k.append(self.sink_keys[..., -take:, :])
+            parts_v.append(self.sink_values[..., -take:, :])
+        if keys.shape[-2]:
+            self.window_keys = _cat(self.window_keys, keys)
+            self.window_values = _cat(self.window_values, values)
+        if self.window_keys is not None:
+            parts_k.append(self.window_keys)
+            parts_v.append(self.window_values)
+        out = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        self.length = out[0].shape[-2]
+        self._flush()
+        return out
+
+    def _flush(self) -> None:
+        """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact."""
+        cfg = self.config
+        while self.window_keys is not None and self.window_keys.shape[-2] >= cfg.residual_length + cfg.block_size:
+            k = self.window_keys[..., : cfg.block_size, :].contiguous()
+            v = self.window_values[..., : cfg.block_size, :].contiguous()
+            self.blocks.append(Block(compress(k, cfg, "key"), compress(v, cfg, "value"), cfg.block_size))
+            self.window_keys = self.window_keys[..., cfg.block_size:, :].contiguous()
+            self.window_values = self.window_values[..., cfg.block_size:, :].contiguous()
+
+    def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.dim() != 4 or values.shape != keys.shape:
+            raise ValueError(f"keys and values must both be [batch, kv_heads, tokens, head_dim], got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        ref = self._reference()
+        if ref is not None and (ref.shape[0], ref.shape[1], ref.shape[3]) != (keys.shape[0], keys.shape[1], keys.shape[3]):
+            raise ValueError(
+                f"inconsistent shapes: the cache holds batch={ref.shape[0]}, kv_heads={ref.shape[1]}, "
+                f"head_dim={ref.shape[3]} but got {tuple(keys.shape)}; reset the cache for a new batch")
+
+    def _reference(self) -> torch.Tensor | None:
+        for t in (self.window_keys, self.sink_keys):
+            if t is not None:
+                return t
+        if self.blocks:
+            shape = self.blocks[0].keys.shape
+            return torch.empty(shape, device="meta")
+        return None
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, num_tokens: int) -> None:
+        """Drop the last `num_tokens` tokens (blocks are shortened, never rewritten)."""
+        drop = min(num_tokens, self.length)
+        self.length -= drop
+        while drop > 0:
+            if self.window_keys is not None and self.window_keys.shape[-2] > 0:
+                n = min(drop, self.window_keys.shape[-2])
+                keep = self.window_keys.shape[-2] - n
+                self.window_keys = self.window_keys[..., :keep, :]
+                self.window_values = self.window_values[..., :keep, :]
+                drop -= n
+            elif self.blocks:
+                block = self.blocks[-1]
+                n = min(drop, block.length)
+                block.length -= n
+                if block.length == 0:
+                    self.blocks.pop()
+                drop -= n
+            else:
+                keep = self.sink_keys.shape[-2] - drop
+                self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :], self.sink_values[..., :keep, :]
+                drop = 0
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep/reorder/repeat batch rows (beam search, batch selection)."""
+        take = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+        self.sink_keys, self.sink_values = take(self.sink_keys), take(self.sink_values)
+        self.window_keys, self.window_values = take(self.window_keys), take(self.window_values)
+        self.blocks = [b.select_batch(index) for b in self.blocks]
+
+    # ------------------------------------------------------------------ accounting
+    def memory(self) -> dict[str, int]:
+        """Bytes held, by part, and the fp16 bytes the same tokens would take."""
+        blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks)
+        exact = sum(_nbytes(t) for t in (self.sink_keys, self.sink_values, self.window_keys, self.window_values))
+        ref = self._reference()
+        per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]
+        return {"compressed_blocks": blocks, "exact_tokens": exact, "total": blocks + exact,
+                "fp16_equivalent": per_token * self.length, "tokens": self.length,
+                "compressed_tokens": sum(b.length for b in self.blocks)}
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=-2)

@@ -1,0 +1,155 @@
+"""`DecoQuantCache`: the transformers adapter around `CompressedKVStore`.
+
+A subclass of transformers' `DynamicCache` holding one layer object per decoder layer. Full-attention
+layers store compressed blocks; sliding-window layers (e.g. 5 of every 6 layers of Gemma-3) are
+bounded by their window, so they are left to transformers' own exact `DynamicSlidingWindowLayer`
+and reported as uncompressed in `memory_report()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..cache import CompressedKVStore
+from ..config import DecoQuantConfig
+
+TESTED_TRANSFORMERS = ">=5.17,<6"
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class DecoQuantLayer(DynamicLayer):
+    """One full-attention layer whose history lives in a `CompressedKVStore`."""
+
+    is_croppable = True
+
+    def __init__(self, config: DecoQuantConfig):
+        super().__init__()
+        self.config = config
+        self.store = CompressedKVStore(config)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.tensor([], dtype=self.dtype, device=self.device)
+        self.values = torch.tensor([], dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.store.append(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.store.length
+
+    def reset(self) -> None:
+        self.store = CompressedKVStore(self.config)
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # transformers' legacy form: the absolute length to keep
+            tokens_to_remove = tokens_to_remove - self.store.length
+        if tokens_to_remove < 0:
+            self.store.crop(-tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.store.length:
+            self.store.select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.store.length:
+            b = self._batch()
+            self.store.select_batch(torch.arange(b).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.store.length:
+            self.store.select_batch(torch.as_tensor(indices).reshape(-1))
+
+    def _batch(self) -> int:
+        ref = self.store._reference()
+        return 0 if ref is None else ref.shape[0]
+
+    def offload(self):  # the store manages its own tensors; offloading is not supported
+        pass
+
+    def prefetch(self):
+        pass
+
+
+def _model_geometry(model_config) -> tuple[list[str], int, int, int | None]:
+    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError("DecoQuantCache supports decoder-only causal LMs; got an encoder-decoder model config")
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    n_heads = getattr(cfg, "num_attention_heads", None)
+    if not n_layers or not n_heads:
+        raise ValueError("model_config must define num_hidden_layers and num_attention_heads "
+                         f"(got a {type(cfg).__name__})")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    if getattr(cfg, "num_kv_shared_layers", 0):
+        raise ValueError("models that share KV across layers (num_kv_shared_layers > 0) are not supported")
+    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
+    bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    if bad:
+        raise ValueError(f"unsupported attention layer types {bad}; DecoQuantCache supports {SUPPORTED_LAYER_TYPES}")
+    window = getattr(cfg, "sliding_window", None)
+    if "sliding_attention" in layer_types and not window:
+        raise ValueError("the model has sliding_attention layers but no sliding_window in its config")
+    return layer_types, int(kv_heads), int(head_dim), window
+
+
+class DecoQuantCache(DynamicCache):
+    """A compressed KV cache for `model.generate(..., past_key_values=cache)` or a plain forward.
+
+    config: the codec and streaming settings (`DecoQuantConfig`: method, bits, block_size,
+        residual_length, sink_tokens, ...).
+    model_config: the model's transformers config (layer count, kv heads, head_dim, layer types).
+    """
+
+    def __init__(self, config: DecoQuantConfig, model_config):
+        if not isinstance(config, DecoQuantConfig):
+            raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
+        layer_types, kv_heads, head_dim, window = _model_geometry(model_config)
+        config.check_head_dim(head_dim)
+        self.config = config
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        layers = [DecoQuantLayer(config) if t == "full_attention" else DynamicSlidingWindowLayer(sliding_window=window)
+                  for t in layer_types]
+        # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
+        super(DynamicCache, self).__init__(layers=layers)
+
+    @classmethod
+    def from_model(cls, model, config: DecoQuantConfig | None = None, **fields) -> "DecoQuantCache":
+        """Build a cache for `model`; `fields` override the config (e.g. bits=2)."""
+        config = (config or DecoQuantConfig(preset="paper" if not fields else None)).replace(**fields) if fields \
+            else (config or DecoQuantConfig(preset="paper"))
+        return cls(config, model.config)
+
+    @property
+    def compressed_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if isinstance(layer, DecoQuantLayer)]
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by part: compressed blocks, exact tokens (sinks, windows, uncompressed sliding
+        layers), the total, and the fp16 bytes of the same tokens."""
+        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "fp16_equivalent": 0}
+        for layer in self.layers:
+            if isinstance(layer, DecoQuantLayer):
+                mem = layer.store.memory()
+                for key in out:
+                    out[key] += mem[key]
+            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                exact = layer.keys.numel() * layer.keys.element_size() * 2
+                out["exact_tokens"] += exact
+                out["total"] += exact
+                out["fp16_equivalent"] += layer.keys.numel() * 2 * 2
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes actually held (blocks + exact windows + metadata)."""
+        return self.memory_report()["total"]
+
+    def __repr__(self) -> str:
+        n_c, n = len(self.compressed_layers), len(self.layers)
+        return f"DecoQuantCache({self.config.label()}, compressed layers {n_c}/{n}, seq_len={self.get_seq_length()})"
