@@ -32,3 +32,14 @@ def smollm2_kv(smollm2):
     ids = tok(load_text("gensim-wiki")[:20000], return_tensors="pt").input_ids[:, :1024]
     assert ids.shape[1] == 1024
     return capture_kv(model, ids)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    pytest.importorskip("transformers")
+    from decoquant.integrations.models import load_model
+
+    try:
+        return load_model("gemma3-270m")
+    except ValueError as err:
+        pytest.skip(str(err))

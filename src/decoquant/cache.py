@@ -166,10 +166,13 @@ class CompressedKVStore:
     def memory(self) -> dict[str, int]:
         """Bytes held, by part, and the fp16 bytes the same tokens would take."""
         blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks)
-        exact = sum(_nbytes(t) for t in (self.sink_keys, self.sink_values, self.window_keys, self.window_values))
+        exact_parts = (self.sink_keys, self.sink_values, self.window_keys, self.window_values)
+        exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()
         per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]
         return {"compressed_blocks": blocks, "exact_tokens": exact, "total": blocks + exact,
+                "exact_elements": sum(0 if t is None else t.numel() for t in exact_parts),
+                "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
                 "fp16_equivalent": per_token * self.length, "tokens": self.length,
                 "compressed_tokens": sum(b.length for b in self.blocks)}
 

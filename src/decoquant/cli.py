@@ -75,6 +75,63 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_configs(methods: list[str], bits: list[int], fields: dict) -> list:
+    """fp16 (None = transformers' DynamicCache) and one config per method and bit width."""
+    from .config import DecoQuantConfig
+
+    out = [None] if "fp16" in methods else []
+    for b in bits:
+        for m in methods:
+            if m == "fp16":
+                continue
+            extra = {"preset": "paper"} if m == "decoquant" else {}
+            out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
+    return out
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.perplexity import perplexity
+    from .eval.text import load_text
+    from .integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    fields = {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
+    configs = _method_configs(methods, bits, fields)
+    model, tok = load_model(args.model)
+    source = "wikitext2" if args.data_dir else "gensim-wiki"
+    ids = tok(load_text(source, args.data_dir), return_tensors="pt").input_ids
+    results = []
+    for cfg in _progress(configs, "methods"):
+        results.append(perplexity(model, ids, cfg, window=args.window, chunk=args.chunk,
+                                  max_windows=args.max_windows, progress=lambda it: _progress(it, "windows")))
+    base = results[0].perplexity if configs and configs[0] is None else None
+    lines = ["| cache | perplexity | delta vs fp16 | bytes/token | vs fp16 cache | block bits/elem |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
+        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.bytes_per_token:.0f} | "
+                     f"{r.bytes_per_token / r.fp16_bytes_per_token:.3f}x | {r.block_bits:.3f} |")
+    header = (f"Perplexity through the cache: {args.model}, {source}, {results[0].windows} windows of {args.window} "
+              f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
+              f"{args.residual_length}, sink_tokens={args.sink_tokens}")
+    table = "\n".join(lines)
+    print(header)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"args": vars(args) | {"func": None}, "results": [r.__dict__ for r in results],
+                   "torch": torch.__version__}
+        _atomic_write(out / "perplexity.json", json.dumps(payload, indent=1, default=str))
+        _atomic_write(out / "perplexity.md", f"{header}\n\n{table}\n")
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    return 0
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -94,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="rtn,decoquant,kivi,rotation",
                    help="comma-separated methods from rtn,decoquant,kivi,rotation (decoquant = paper preset)")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("perplexity", help="perplexity through the real compressed cache",
+                       description="Feed text through DecoQuantCache in chunks (past tokens really compressed, as "
+                                   "in generation) and report perplexity and cache bytes per token for each method.")
+    _add_model_args(p)
+    p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
+                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = paper preset)")
+    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (fresh cache each)")
+    p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per compressed block")
+    p.add_argument("--residual-length", type=int, default=128, help="recent tokens kept exact")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")
+    p.set_defaults(func=cmd_perplexity)
     return parser
 
 

@@ -146,7 +146,7 @@ class DecoQuantConfig:
     def label(self) -> str:
         """Short human-readable name, e.g. 'decoquant-paper-4b' or 'kivi-g32-2b'."""
         if self.method == "none":
-            return "fp16"
+            return "none"
         if self.method == "decoquant":
             tag = "paper" if self.preset == "paper" else f"g{self.group_size}-{self.scale_granularity}"
             return f"decoquant-{tag}-{self.bits}b"

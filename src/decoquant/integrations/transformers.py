@@ -132,8 +132,9 @@ class DecoQuantCache(DynamicCache):
 
     def memory_report(self) -> dict[str, int]:
         """Bytes held by part: compressed blocks, exact tokens (sinks, windows, uncompressed sliding
-        layers), the total, and the fp16 bytes of the same tokens."""
-        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "fp16_equivalent": 0}
+        layers), the total, the fp16 bytes of the same tokens, and element counts of both parts."""
+        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "fp16_equivalent": 0,
+               "exact_elements": 0, "compressed_elements": 0}
         for layer in self.layers:
             if isinstance(layer, DecoQuantLayer):
                 mem = layer.store.memory()
@@ -141,6 +142,7 @@ class DecoQuantCache(DynamicCache):
                     out[key] += mem[key]
             elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
                 exact = layer.keys.numel() * layer.keys.element_size() * 2
+                out["exact_elements"] += layer.keys.numel() * 2
                 out["exact_tokens"] += exact
                 out["total"] += exact
                 out["fp16_equivalent"] += layer.keys.numel() * 2 * 2

@@ -1,0 +1,109 @@
+"""CompressedKVStore on random tensors: streaming, immutability, crop, batch selection, bytes."""
+
+import pytest
+import torch
+
+import decoquant as dq
+from decoquant.cache import CompressedKVStore
+from conftest import outlier_kv
+
+
+def cfg(**kw):
+    base = dict(method="decoquant", preset="paper", bits=4, block_size=16, residual_length=8)
+    base.update(kw)
+    return dq.DecoQuantConfig(**base)
+
+
+def feed(store, x, sizes):
+    outs, start = [], 0
+    for n in sizes:
+        outs.append(store.append(x[..., start:start + n, :], x[..., start:start + n, :] * 0.5))
+        start += n
+    return outs
+
+
+def test_none_method_returns_exactly_what_was_fed():
+    x = outlier_kv(batch=2, heads=3, tokens=100)
+    store = CompressedKVStore(cfg(method="none", preset=None))
+    outs = feed(store, x, [37, 1, 1, 20, 41])
+    assert torch.equal(outs[-1][0], x) and torch.equal(outs[-1][1], x * 0.5)
+    assert store.length == 100
+
+
+def test_blocks_window_and_returned_values():
+    x = outlier_kv(batch=2, heads=3, tokens=100)
+    store = CompressedKVStore(cfg())
+    k, v = store.append(x[..., :50, :], x[..., :50, :])
+    assert torch.equal(k, x[..., :50, :])  # the prefill attends over itself exactly
+    assert len(store.blocks) == 2 and store.window_keys.shape[-2] == 18  # 50 = 2*16 + 18 (>= residual 8)
+    k, _ = store.append(x[..., 50:51, :], x[..., 50:51, :])
+    first = dq.decompress(dq.compress(x[..., :16, :].contiguous(), cfg(), "key"))
+    assert torch.equal(k[..., :16, :], first)  # history comes back from the compressed block
+    assert torch.equal(k[..., 32:, :], x[..., 32:51, :])  # window + new token exact
+    assert k.shape[-2] == store.length == 51
+
+
+def test_blocks_are_immutable():
+    x = outlier_kv(batch=1, heads=2, tokens=200)
+    store = CompressedKVStore(cfg())
+    feed(store, x, [40])
+    block0 = store.blocks[0]
+    codes0 = block0.keys.codes.clone()
+    feed(store, x[..., 40:, :], [1] * 160)
+    assert store.blocks[0] is block0 and torch.equal(block0.keys.codes, codes0)
+    assert len(store.blocks) == (200 - 8) // 16
+    assert 8 <= store.window_keys.shape[-2] < 8 + 16
+
+
+def test_sink_tokens_stay_exact():
+    x = outlier_kv(batch=1, heads=2, tokens=120)
+    store = CompressedKVStore(cfg(sink_tokens=4))
+    feed(store, x, [2, 30, 1, 1, 86])
+    k, _ = store.append(x[..., :1, :], x[..., :1, :])
+    assert torch.equal(k[..., :4, :], x[..., :4, :])
+    assert store.sink_keys.shape[-2] == 4 and len(store.blocks) == (120 - 4 - 8) // 16
+
+
+def test_crop_shortens_blocks_without_rewriting():
+    x = outlier_kv(batch=1, heads=2, tokens=80)
+    store = CompressedKVStore(cfg())
+    before = feed(store, x, [80])[0][0]
+    full, _ = store.append(x[..., :0, :], x[..., :0, :])
+    n_blocks = len(store.blocks)
+    store.crop(30)  # window (16) + 14 tokens of the last block
+    assert store.length == 50 and len(store.blocks) == n_blocks
+    k, _ = store.append(x[..., 50:51, :], x[..., 50:51, :])
+    assert torch.equal(k[..., :50, :], full[..., :50, :]) and torch.equal(k[..., 50:, :], x[..., 50:51, :])
+    assert before.shape[-2] == 80
+
+
+def test_select_batch_reorders_every_part():
+    x = outlier_kv(batch=3, heads=2, tokens=60)
+    x[1, 0, 0, 0] = float("nan")  # an exact row inside the first block
+    store = CompressedKVStore(cfg())
+    feed(store, x, [60])
+    full, _ = store.append(x[..., :0, :], x[..., :0, :])
+    index = torch.tensor([2, 1, 1, 0])
+    store.select_batch(index)
+    empty = x[index][..., :0, :]
+    again, _ = store.append(empty, empty)
+    assert torch.equal(torch.nan_to_num(again), torch.nan_to_num(full[index]))
+
+
+def test_inconsistent_batch_is_an_error():
+    store = CompressedKVStore(cfg())
+    store.append(torch.randn(2, 2, 40, 64), torch.randn(2, 2, 40, 64))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        store.append(torch.randn(3, 2, 1, 64), torch.randn(3, 2, 1, 64))
+
+
+def test_memory_counts_blocks_and_window():
+    x = outlier_kv(batch=1, heads=4, tokens=4 * 128 + 100, head_dim=128).half()
+    store = CompressedKVStore(cfg(block_size=128, residual_length=64))
+    feed(store, x, [x.shape[-2]])
+    mem = store.memory()
+    blocks = sum(b.keys.nbytes + b.values.nbytes for b in store.blocks)
+    assert mem["compressed_blocks"] == blocks and mem["exact_tokens"] == 2 * store.window_keys.numel() * 2
+    assert mem["total"] == blocks + mem["exact_tokens"]
+    assert mem["fp16_equivalent"] == 2 * x.numel() * 2
+    assert blocks / (2 * 2 * mem["compressed_elements"] / 2) <= 0.27
