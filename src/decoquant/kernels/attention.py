@@ -1,0 +1,60 @@
+"""Decode attention over [compressed blocks | exact window]: backend choice and partial merging."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PackedKV
+from .reference import decode_attention_reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, sm_scale: float):
+    """Exact attention partials over the fp16 window: (o [B, Hq, 1, D], m [B, Hq, 1], l [B, Hq, 1])."""
+    b, hq, d = q.shape
+    group = hq // window_k.shape[1]
+    qg = q.float().reshape(b, window_k.shape[1], group, d)
+    scores = torch.einsum("bhgd,bhtd->bhgt", qg, window_k.float()) * sm_scale
+    m = scores.amax(-1)
+    p = torch.exp(scores - m.unsqueeze(-1))
+    o = torch.einsum("bhgt,bhtd->bhgd", p, window_v.float())
+    return o.reshape(b, hq, 1, d), m.reshape(b, hq, 1), p.sum(-1).reshape(b, hq, 1)
+
+
+def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Combine split partials (o [B, Hq, S, D] unnormalised, m, l [B, Hq, S]) -> [B, Hq, D]."""
+    m_max = m.amax(-1, keepdim=True)
+    w = torch.exp(m - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
+    return (o * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
+
+
+def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
+                     kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
+                     window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
+                     backend: str = "auto", **kernel_options) -> torch.Tensor:
+    """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
+
+    q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
+    (default: all); window_k/v [B, KVH, W, D]. backend: "triton" (the fused kernel), "torch"
+    (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "torch":
+        return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v)
+    from .triton.decode_attention import decode_blocks_partials
+
+    b = q.shape[0]
+    if kv_start is None:
+        kv_start = torch.zeros(b, dtype=torch.int32, device=q.device)
+    if kv_len is None:
+        kv_len = torch.full((b,), k.tokens, dtype=torch.int32, device=q.device)
+    o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
+                                      **kernel_options)
+    if window_k is not None and window_k.shape[2]:
+        wo, wm, wl = window_partials(q, window_k, window_v, sm_scale)
+        o, m, l_ = torch.cat([o, wo], 2), torch.cat([m, wm], 2), torch.cat([l_, wl], 2)
+    return merge_partials(o, m, l_)

@@ -1,0 +1,58 @@
+"""Pure-torch ground truth for the decode-attention kernels: dequantize, then attend in fp32."""
+
+from __future__ import annotations
+
+import torch
+
+from ..packing import unpack_codes
+from .layout import PackedKV
+
+
+def dequantize_packed(p: PackedKV) -> torch.Tensor:
+    """PackedKV -> float32 [B, KVH, T, D]."""
+    b, h, t, _ = p.codes.shape
+    d = p.codes.shape[-1] * 8 // p.bits
+    codes = unpack_codes(p.codes, p.bits, d).float() - p.qmax  # [B, H, T, D]
+    t_l = codes * p.scales.float().unsqueeze(-1).expand(b, h, t, 1)  # scales [B, S_H, T]
+    g = p.group_size
+    nb = t // p.block_size
+    t_l = t_l.reshape(b, h, nb, p.block_size * d // g, g)
+    ts = p.ts.float().expand(b, h, nb, g, g)
+    return (t_l @ ts).reshape(b, h, t, d)
+
+
+def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float,
+                        valid: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, D]; keys/values [B, KVH, T, D]; valid bool [B, T] -> fp32 [B, Hq, D]."""
+    b, hq, d = q.shape
+    kvh = keys.shape[1]
+    k = keys.float().repeat_interleave(hq // kvh, dim=1)
+    v = values.float().repeat_interleave(hq // kvh, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v)
+
+
+def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
+                               kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
+                               window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step over [compressed blocks | fp16 window].
+
+    q [B, Hq, D]; k, v: PackedKV of T compressed tokens; kv_start/kv_len int [B]: compressed tokens
+    t with kv_start <= t < kv_len are attended (left padding, per-sequence lengths);
+    window_k/v [B, KVH, W, D] exact recent tokens (all attended). Returns fp32 [B, Hq, D].
+    """
+    keys, values = dequantize_packed(k), dequantize_packed(v)
+    b, t = q.shape[0], keys.shape[2]
+    pos = torch.arange(t, device=q.device)[None, :]
+    valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    if kv_start is not None:
+        valid &= pos >= kv_start[:, None]
+    if kv_len is not None:
+        valid &= pos < kv_len[:, None]
+    if window_k is not None:
+        keys = torch.cat([keys, window_k.float()], dim=2)
+        values = torch.cat([values, window_v.float()], dim=2)
+        valid = torch.cat([valid, torch.ones(b, window_k.shape[2], dtype=torch.bool, device=q.device)], dim=1)
+    return attention_reference(q, keys, values, sm_scale, valid)
