@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run through Triton's interpreter where there is no GPU (must be set before triton
+# is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def outlier_kv(batch=2, heads=4, tokens=256, head_dim=64, seed=0, dtype=torch.float32):

@@ -31,7 +31,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.device.type == "cpu" else torch.float32
 
 
-def _rank_deficient(t_l: torch.Tensor, batch_dims: int) -> torch.Tensor:
+def _rank_deficient(t_l: torch.Tensor, batch_dims: int) -> torch.Tensor:  # noqa: ARG001
     """t_l [..., N, r] = U sqrt(S): column k has squared norm s_k. -> bool [batch]."""
     s = t_l.pow(2).sum(-2)  # [..., r]
     bad = s.amin(-1) <= RANK_RTOL * s.amax(-1)
@@ -59,16 +59,35 @@ def _matrix_view(x: torch.Tensor, config) -> torch.Tensor:
     return x.reshape(b, h, t * (d // g), g)
 
 
+def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2-site MPO of a tall m [..., N, g] through its g x g Gram matrix (fast on GPUs):
+    M^T M = V S^2 V^T, T_L = M V S^{-1/2} = U sqrt(S), T_S = S^{1/2} V^T. Singular values below
+    RANK_RTOL * max get a zero T_L column (such blocks are flagged rank deficient anyway)."""
+    gram = m.double().transpose(-1, -2) @ m.double()
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    s = evals.flip(-1).clamp_min(0).sqrt()
+    v = evecs.flip(-1)
+    keep = s > RANK_RTOL * s[..., :1]
+    inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+    t_l = (m.double() @ (v * inv_root.unsqueeze(-2))).to(m.dtype)
+    t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
+    return t_l, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1)
+
+
 def encode(x: torch.Tensor, config, kind: str) -> Encoded:
     if config.layout == "channel":
         return _encode_channel(x, config)
     g, n_sites = config.group_size, config.num_sites
     m = _matrix_view(x.to(_compute_dtype(x)), config)
     n_rows = m.shape[-2]
-    rows = (n_rows,) + (1,) * (n_sites - 1)
-    cols = (1,) + config.site_factors
-    sites = mpo_decompose(m, rows, cols, gauge="symmetric")
-    t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
+    if x.is_cuda and n_sites == 2 and n_rows >= g:
+        t_l, t_s = _two_sites_gram(m)
+        sites = [t_l, t_s]
+    else:
+        rows = (n_rows,) + (1,) * (n_sites - 1)
+        cols = (1,) + config.site_factors
+        sites = mpo_decompose(m, rows, cols, gauge="symmetric")
+        t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
     unsafe = _rank_deficient(t_l, m.dim() - 2)
     r1 = t_l.shape[-1]
     if r1 < g:  # fewer rows than g: pad the bond with zeros (still exact)

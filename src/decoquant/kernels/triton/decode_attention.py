@@ -37,7 +37,7 @@ def _unpack_rows(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr
 @triton.jit
 def _decode_blocks_kernel(
     Q, KC, KS, KT, VC, VS, VT, START, LEN, O, M, L,
-    stride_qb, stride_qh,
+    stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kch, stride_kct,
     stride_ksb, stride_ksh,
     stride_ktb, stride_kth, stride_ktn,
@@ -60,7 +60,7 @@ def _decode_blocks_kernel(
     dims = tl.arange(0, D)
     cols = tl.arange(0, PACKED)
     gi = tl.arange(0, G)
-    q = tl.load(Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :],
+    q = tl.load(Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
@@ -140,7 +140,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     kt, vt = k.ts, v.ts
     _decode_blocks_kernel[(b * kvh, splits)](
         q, k.codes, k.scales, kt, v.codes, v.scales, vt, kv_start, kv_len, o, m, l_,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
         k.scales.stride(0), k.scales.stride(1) if k.scales.shape[1] > 1 else 0,
         kt.stride(0), kt.stride(1) if kt.shape[1] > 1 else 0, kt.stride(2),

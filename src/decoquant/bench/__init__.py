@@ -1,0 +1,1 @@
+"""Benchmarks: correctness-gated, measured against baselines from the same run, JSON last line."""
