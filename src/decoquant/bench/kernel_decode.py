@@ -69,7 +69,7 @@ def dequantize_fp16(p, chunk: int = 1) -> torch.Tensor:
     return torch.cat(outs)
 
 
-def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw):
+def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, **kernel_options):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -81,7 +81,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     k16, v16 = dequantize_fp16(k), dequantize_fp16(v)
     sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k16, v16, scale=scale,  # noqa: E731
                                                   enable_gqa=q_heads != kv_heads)
-    fused = lambda: decode_attention(q, k, v, scale, backend="triton")  # noqa: E731
+    fused = lambda: decode_attention(q, k, v, scale, backend="triton", **kernel_options)  # noqa: E731
     ref = sdpa()[:, :, 0].float()
     out = fused()
     err = float((out - ref).norm() / ref.norm())
@@ -111,6 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="4,2")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--tile", type=int, default=64, help="tokens per kernel tile")
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--fp32-dots", action="store_true", help="tf32 dots instead of fp16/bf16")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -128,7 +132,9 @@ def main(argv=None) -> int:
                     fp16_gb = 2 * batch * kvh * ctx * args.head_dim * 2 / 1e9
                     if fp16_gb > args.max_fp16_gb:
                         continue
-                    r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak)
+                    r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
+                                 tile=args.tile, num_warps=args.num_warps, num_stages=args.num_stages,
+                                 low_precision=not args.fp32_dots)
                     rows.append(r)
                     sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
                     print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "

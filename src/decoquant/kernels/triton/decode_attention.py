@@ -20,18 +20,30 @@ from ..layout import PackedKV
 
 
 @triton.jit
-def _unpack_rows(packed, BITS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    # packed: uint8 [ROWS, D * BITS / 8] -> int32 codes [ROWS, D] (bit order of packing.py)
-    p = packed.to(tl.int32)
-    if BITS == 8:
-        codes = p
-    elif BITS == 4:
-        codes = tl.reshape(tl.join(p & 15, (p >> 4) & 15), [ROWS, D])
-    else:  # 2 bits: code 4j + k sits in bits 2k..2k+1 of byte j
-        lo = tl.join(p & 3, (p >> 4) & 3)
-        hi = tl.join((p >> 2) & 3, (p >> 6) & 3)
-        codes = tl.reshape(tl.join(lo, hi), [ROWS, D])
-    return codes
+def _planes(x, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    # x [ROWS, D] -> P planes [ROWS, D / P]; plane k holds columns P*j + k, the codes that sit in
+    # bits k*B..(k+1)*B of packed byte j (packing.py's order). Extra outputs repeat plane 0.
+    if P == 1:
+        return x, x, x, x
+    elif P == 2:
+        even, odd = tl.split(tl.reshape(x, [ROWS, D // 2, 2]))
+        return even, odd, even, odd
+    else:
+        lo, hi = tl.split(tl.reshape(x, [ROWS, D // 4, 2, 2]))  # k = 2a + b: lo = (b=0), hi = (b=1)
+        p0, p2 = tl.split(lo)
+        p1, p3 = tl.split(hi)
+        return p0, p1, p2, p3
+
+
+@triton.jit
+def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    # inverse of _planes: P planes [ROWS, D / P] -> [ROWS, D]
+    if P == 1:
+        return a0
+    elif P == 2:
+        return tl.reshape(tl.join(a0, a1), [ROWS, D])
+    else:
+        return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [ROWS, D])
 
 
 @triton.jit
@@ -49,12 +61,16 @@ def _decode_blocks_kernel(
     sm_scale, blocks_per_split,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // KV_HEADS
     h = pid % KV_HEADS
     PACKED: tl.constexpr = D * BITS // 8
+    P: tl.constexpr = 8 // BITS  # codes per byte = bit planes
+    MASK: tl.constexpr = (1 << BITS) - 1
+    DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
     dims = tl.arange(0, D)
@@ -67,41 +83,55 @@ def _decode_blocks_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)  # output, real basis
-    blk = split * blocks_per_split
-    last = blk + blocks_per_split
-    while blk < last:  # (a while loop: the interpreter cannot index a range with a runtime scalar)
+    first = split * blocks_per_split
+    for blk in tl.range(first, first + blocks_per_split, num_stages=NUM_STAGES):
         t0 = blk * BLOCK
-        if t0 < length:
-            ts_off = gi[:, None] * G + gi[None, :]
-            ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off).to(tl.float32)
-            ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
-            # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
-            qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
-            acc_code = tl.zeros([GROUP_PAD, D], tl.float32)  # this block's value sum, code basis
-            for j in tl.static_range(BLOCK // TILE):
-                toks = t0 + j * TILE + tl.arange(0, TILE)
-                ok = (toks >= start) & (toks < length)
-                kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
-                             mask=ok[:, None], other=0)
-                kf = _unpack_rows(kp, BITS, TILE, D).to(tl.float32) - QMAX  # [TILE, D]
-                ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
-                scores = tl.dot(qt, tl.trans(kf)) * ks[None, :]  # [GP, TILE]
-                scores = tl.where(ok[None, :], scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(scores - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + cols[None, :],
-                             mask=ok[:, None], other=0)
-                vf = _unpack_rows(vp, BITS, TILE, D).to(tl.float32) - QMAX
-                vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
-                acc = acc * alpha[:, None]
-                acc_code = acc_code * alpha[:, None] + tl.dot(p * vs[None, :], vf)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                m_i = m_new
-            # back to the real basis once per block: [GP * D/G, G] @ T_S_v
-            acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
-        blk += 1
+        ts_off = gi[:, None] * G + gi[None, :]
+        live = t0 < length  # blocks past the end (last split) are masked, not branched around
+        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off, mask=live, other=0.0).to(tl.float32)
+        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off, mask=live, other=0.0).to(tl.float32)
+        # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
+        qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
+        q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
+        # this block's value sum in the code basis, one accumulator per bit plane
+        a0 = tl.zeros([GROUP_PAD, D // P], tl.float32)
+        a1 = tl.zeros([GROUP_PAD, D // P], tl.float32)
+        a2 = tl.zeros([GROUP_PAD, D // P], tl.float32)
+        a3 = tl.zeros([GROUP_PAD, D // P], tl.float32)
+        for j in tl.static_range(BLOCK // TILE):
+            toks = t0 + j * TILE + tl.arange(0, TILE)
+            ok = (toks >= start) & (toks < length)
+            kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
+                         mask=ok[:, None], other=0).to(tl.int32)  # [TILE, D / P]
+            ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
+            # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
+            scores = tl.dot(q0, tl.trans(((kp & MASK) - QMAX).to(DOT)))
+            if P > 1:
+                scores += tl.dot(q1, tl.trans((((kp >> BITS) & MASK) - QMAX).to(DOT)))
+            if P > 2:
+                scores += tl.dot(q2, tl.trans((((kp >> (2 * BITS)) & MASK) - QMAX).to(DOT)))
+                scores += tl.dot(q3, tl.trans((((kp >> (3 * BITS)) & MASK) - QMAX).to(DOT)))
+            scores = tl.where(ok[None, :], scores * ks[None, :], float("-inf"))  # [GP, TILE]
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + cols[None, :],
+                         mask=ok[:, None], other=0).to(tl.int32)
+            vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
+            pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
+            acc = acc * alpha[:, None]
+            a0 = a0 * alpha[:, None] + tl.dot(pw, ((vp & MASK) - QMAX).to(DOT))
+            if P > 1:
+                a1 = a1 * alpha[:, None] + tl.dot(pw, (((vp >> BITS) & MASK) - QMAX).to(DOT))
+            if P > 2:
+                a2 = a2 * alpha[:, None] + tl.dot(pw, (((vp >> (2 * BITS)) & MASK) - QMAX).to(DOT))
+                a3 = a3 * alpha[:, None] + tl.dot(pw, (((vp >> (3 * BITS)) & MASK) - QMAX).to(DOT))
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        # back to the real basis once per block: [GP * D/G, G] @ T_S_v
+        acc_code = _unplanes(a0, a1, a2, a3, P, GROUP_PAD, D)
+        acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
     hq = h * GROUP + rows
     tl.store(O + b * stride_ob + hq[:, None] * stride_oh + split * stride_os + dims[None, :], acc, mask=row_ok[:, None])
     tl.store(M + b * stride_mb + hq * stride_mh + split, m_i, mask=row_ok)
@@ -115,10 +145,12 @@ def _num_splits(programs: int, n_blocks: int, device: torch.device) -> int:
 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
-                           tile: int = 64, num_warps: int = 4, num_stages: int = 2):
+                           tile: int = 64, num_warps: int = 4, num_stages: int = 2, low_precision: bool = True):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
+    low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
+    rounded), else fp32 (tf32) dots.
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """
     b, hq, d = q.shape
@@ -129,6 +161,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
     if k.block_size % min(tile, k.block_size) or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile, group_size 16 or 32")
+    if d // (8 // k.bits) < 16:
+        raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
     tile = min(tile, k.block_size)
     n_blocks = k.tokens // k.block_size
     group = hq // kvh
@@ -151,7 +185,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         m.stride(0), m.stride(1),
         sm_scale, per_split,
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        G=k.group_size, BITS=k.bits, QMAX=k.qmax, BLOCK=k.block_size, TILE=tile,
-        num_warps=num_warps, num_stages=num_stages,
+        G=k.group_size, BITS=k.bits, QMAX=k.qmax, BLOCK=k.block_size, TILE=tile, LOW_PRECISION=low_precision,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return o, m, l_
