@@ -20,6 +20,17 @@ from ..layout import PackedKV
 
 
 @triton.jit
+def _plane(packed, k: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr):
+    # bit plane k of int16 packed bytes -> (code - qmax) as fp16 (or fp32). The fp16 path skips the
+    # slow int->float conversion: 0x6400 | code is the fp16 number 1024 + code, exactly.
+    bits = (packed >> (k * BITS)) & ((1 << BITS) - 1)
+    if LOW_PRECISION:
+        return (bits | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + QMAX)
+    else:
+        return bits.to(tl.float32) - QMAX
+
+
+@triton.jit
 def _planes(x, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     # x [ROWS, D] -> P planes [ROWS, D / P]; plane k holds columns P*j + k, the codes that sit in
     # bits k*B..(k+1)*B of packed byte j (packing.py's order). Extra outputs repeat plane 0.
@@ -69,7 +80,6 @@ def _decode_blocks_kernel(
     h = pid % KV_HEADS
     PACKED: tl.constexpr = D * BITS // 8
     P: tl.constexpr = 8 // BITS  # codes per byte = bit planes
-    MASK: tl.constexpr = (1 << BITS) - 1
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -102,31 +112,31 @@ def _decode_blocks_kernel(
             toks = t0 + j * TILE + tl.arange(0, TILE)
             ok = (toks >= start) & (toks < length)
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
-                         mask=ok[:, None], other=0).to(tl.int32)  # [TILE, D / P]
+                         mask=ok[:, None], other=0).to(tl.int16)  # [TILE, D / P]
             ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
-            scores = tl.dot(q0, tl.trans(((kp & MASK) - QMAX).to(DOT)))
+            scores = tl.dot(q0, tl.trans(_plane(kp, 0, BITS, QMAX, LOW_PRECISION)))
             if P > 1:
-                scores += tl.dot(q1, tl.trans((((kp >> BITS) & MASK) - QMAX).to(DOT)))
+                scores += tl.dot(q1, tl.trans(_plane(kp, 1, BITS, QMAX, LOW_PRECISION)))
             if P > 2:
-                scores += tl.dot(q2, tl.trans((((kp >> (2 * BITS)) & MASK) - QMAX).to(DOT)))
-                scores += tl.dot(q3, tl.trans((((kp >> (3 * BITS)) & MASK) - QMAX).to(DOT)))
+                scores += tl.dot(q2, tl.trans(_plane(kp, 2, BITS, QMAX, LOW_PRECISION)))
+                scores += tl.dot(q3, tl.trans(_plane(kp, 3, BITS, QMAX, LOW_PRECISION)))
             scores = tl.where(ok[None, :], scores * ks[None, :], float("-inf"))  # [GP, TILE]
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + cols[None, :],
-                         mask=ok[:, None], other=0).to(tl.int32)
+                         mask=ok[:, None], other=0).to(tl.int16)
             vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
-            a0 = a0 * alpha[:, None] + tl.dot(pw, ((vp & MASK) - QMAX).to(DOT))
+            a0 = a0 * alpha[:, None] + tl.dot(pw, _plane(vp, 0, BITS, QMAX, LOW_PRECISION))
             if P > 1:
-                a1 = a1 * alpha[:, None] + tl.dot(pw, (((vp >> BITS) & MASK) - QMAX).to(DOT))
+                a1 = a1 * alpha[:, None] + tl.dot(pw, _plane(vp, 1, BITS, QMAX, LOW_PRECISION))
             if P > 2:
-                a2 = a2 * alpha[:, None] + tl.dot(pw, (((vp >> (2 * BITS)) & MASK) - QMAX).to(DOT))
-                a3 = a3 * alpha[:, None] + tl.dot(pw, (((vp >> (3 * BITS)) & MASK) - QMAX).to(DOT))
+                a2 = a2 * alpha[:, None] + tl.dot(pw, _plane(vp, 2, BITS, QMAX, LOW_PRECISION))
+                a3 = a3 * alpha[:, None] + tl.dot(pw, _plane(vp, 3, BITS, QMAX, LOW_PRECISION))
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         # back to the real basis once per block: [GP * D/G, G] @ T_S_v
@@ -145,7 +155,7 @@ def _num_splits(programs: int, n_blocks: int, device: torch.device) -> int:
 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
-                           tile: int = 64, num_warps: int = 4, num_stages: int = 2, low_precision: bool = True):
+                           tile: int = 128, num_warps: int = 4, num_stages: int = 3, low_precision: bool = True):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
