@@ -129,3 +129,28 @@ def test_bad_models_and_configs_are_clear_errors(smollm2):
         dq.DecoQuantCache(dq.DecoQuantConfig(), odd)
     cache = dq.DecoQuantCache.from_model(model, bits=2)
     assert cache.config.bits == 2 and len(cache.layers) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_fused_decode_path_matches_the_decompressing_path(request, which):
+    """With the fused attention enabled, decode steps read the packed blocks (on the CPU through the
+    kernels' torch reference): greedy tokens equal those of the decompress-then-SDPA path."""
+    import decoquant.integrations.attention as attention
+
+    model, tok = request.getfixturevalue(which)
+    cfg = dq.DecoQuantConfig(preset="paper", block_size=16, residual_length=8)
+    ref = generate(model, tok, 3, dq.DecoQuantCache(cfg, model.config), max_new_tokens=32)
+    calls = []
+    original = attention.decode_attention
+    attention.decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    previous = model.config._attn_implementation
+    try:
+        dq.enable_fused_attention(model)
+        cache = dq.DecoQuantCache(cfg, model.config)
+        assert cache.fused
+        out = generate(model, tok, 3, cache, max_new_tokens=32)
+    finally:
+        attention.decode_attention = original
+        model.set_attn_implementation(previous)
+    assert calls, "the fused path was never taken"
+    assert torch.equal(out, ref)

@@ -4,7 +4,8 @@ from .api import compress, decompress, fake_quantize
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 
-__all__ = ["DecoQuantConfig", "CompressedKV", "compress", "decompress", "fake_quantize"]
+__all__ = ["DecoQuantConfig", "CompressedKV", "compress", "decompress", "fake_quantize", "DecoQuantCache",
+           "enable_fused_attention"]
 __version__ = "0.1.0"
 
 
@@ -13,4 +14,8 @@ def __getattr__(name):  # lazy: the transformers integration imports transformer
         from .integrations.transformers import DecoQuantCache
 
         return DecoQuantCache
+    if name == "enable_fused_attention":
+        from .integrations.attention import enable_fused_attention
+
+        return enable_fused_attention
     raise AttributeError(f"module 'decoquant' has no attribute {name!r}")

@@ -15,13 +15,14 @@ blocks that existed before this step, and every token of the window plus the new
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .api import compress, decompress
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
+from .kernels.layout import PackedKV, PackedKVBuffer, fused_compatible
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -46,8 +47,6 @@ class Block:
 
 def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
     """Rows `index` of a CompressedKV (beam reorder, batch selection)."""
-    from dataclasses import replace
-
     index = index.to(c.exact_mask.device)
     exact = None
     mask = c.exact_mask.index_select(0, index)
@@ -60,20 +59,54 @@ def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
     return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact)
 
 
-class CompressedKVStore:
-    """Streaming compressed KV for one attention layer. Tensors are [batch, kv_heads, tokens, head_dim]."""
+@dataclass
+class FusedKV:
+    """What a fused-attention step reads instead of fp16 K/V: the packed blocks and the exact window."""
 
-    def __init__(self, config: DecoQuantConfig):
+    keys: PackedKV
+    values: PackedKV
+    window_keys: torch.Tensor  # [B, KVH, W, D]: the exact tokens, the new one included
+    window_values: torch.Tensor
+
+    @property
+    def compressed_tokens(self) -> int:
+        return self.keys.tokens
+
+
+class CompressedKVStore:
+    """Streaming compressed KV for one attention layer. Tensors are [batch, kv_heads, tokens, head_dim].
+
+    fused: keep the blocks in contiguous packed buffers (each Block's tensors are views into them)
+    and answer single-token steps with a `FusedKV` for the fused attention kernel instead of
+    decoding the history. Needs a fused-compatible config and no sink tokens; steps that cannot be
+    served that way (several new tokens, a cropped or exact-row block) fall back to decoding.
+    """
+
+    def __init__(self, config: DecoQuantConfig, fused: bool = False):
+        if fused and not (fused_compatible(config) and config.sink_tokens == 0):
+            raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, symmetric "
+                             f"per-token scales, bits in (2, 4, 8), group_size 16 or 32 and sink_tokens=0; got "
+                             f"{config.label()}")
         self.config = config
+        self.fused = fused
+        self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
         self.blocks: list[Block] = []
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.length = 0
 
     # ------------------------------------------------------------------ update
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add new tokens; return (all keys, all values) for attention."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor):
+        """Add new tokens; return (all keys, all values) for attention, or (FusedKV, FusedKV) for a
+        single-token step of a fused store."""
         self._check(keys, values)
+        if self._can_fuse(keys):
+            self.window_keys = _cat(self.window_keys, keys)
+            self.window_values = _cat(self.window_values, values)
+            self.length += keys.shape[-2]
+            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), self.window_keys, self.window_values)
+            self._flush()
+            return view, view
         parts_k, parts_v = [], []
         if self.sink_keys is not None:
             parts_k.append(self.sink_keys)
@@ -102,13 +135,26 @@ class CompressedKVStore:
         self._flush()
         return out
 
+    def _can_fuse(self, keys: torch.Tensor) -> bool:
+        return (self.fused and keys.shape[-2] == 1 and bool(self.blocks) and self.window_keys is not None
+                and self.buffers[0].blocks == len(self.blocks) and all(b.length == self.config.block_size and not b.keys.num_exact and not b.values.num_exact
+                        for b in self.blocks))
+
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact."""
         cfg = self.config
         while self.window_keys is not None and self.window_keys.shape[-2] >= cfg.residual_length + cfg.block_size:
             k = self.window_keys[..., : cfg.block_size, :].contiguous()
             v = self.window_values[..., : cfg.block_size, :].contiguous()
-            self.blocks.append(Block(compress(k, cfg, "key"), compress(v, cfg, "value"), cfg.block_size))
+            block = Block(compress(k, cfg, "key"), compress(v, cfg, "value"), cfg.block_size)
+            buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks
+                        and not (block.keys.num_exact or block.values.num_exact))
+            if buffered:  # the packed buffers own the memory, the block becomes views into them
+                self.buffers[0].append(block.keys)
+                self.buffers[1].append(block.values)
+            self.blocks.append(block)
+            if buffered:
+                self._repoint()
             self.window_keys = self.window_keys[..., cfg.block_size:, :].contiguous()
             self.window_values = self.window_values[..., cfg.block_size:, :].contiguous()
 
@@ -130,6 +176,13 @@ class CompressedKVStore:
             shape = self.blocks[0].keys.shape
             return torch.empty(shape, device="meta")
         return None
+
+    def _repoint(self) -> None:
+        """Make every buffered block's tensors views into the (possibly regrown) packed buffers."""
+        for i in range(self.buffers[0].blocks):
+            block = self.blocks[i]
+            block.keys = self.buffers[0].block(i, block.keys)
+            block.values = self.buffers[1].block(i, block.values)
 
     # ------------------------------------------------------------------ edits
     def crop(self, num_tokens: int) -> None:
@@ -154,18 +207,30 @@ class CompressedKVStore:
                 keep = self.sink_keys.shape[-2] - drop
                 self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :], self.sink_values[..., :keep, :]
                 drop = 0
+        for buf in self.buffers or ():
+            buf.truncate(len(self.blocks))
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (beam search, batch selection)."""
         take = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
         self.sink_keys, self.sink_values = take(self.sink_keys), take(self.sink_values)
         self.window_keys, self.window_values = take(self.window_keys), take(self.window_values)
-        self.blocks = [b.select_batch(index) for b in self.blocks]
+        n = 0 if self.buffers is None else self.buffers[0].blocks
+        for buf in self.buffers or ():
+            buf.select_batch(index)
+        self.blocks = self.blocks[:n] + [b.select_batch(index) for b in self.blocks[n:]]
+        if n:
+            self._repoint()
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:
         """Bytes held, by part, and the fp16 bytes the same tokens would take."""
-        blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks)
+        n = 0 if self.buffers is None else self.buffers[0].blocks
+        # buffered blocks are views: count the buffers' whole allocation (spare capacity included)
+        blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks[n:])
+        if n:
+            blocks += sum(buf.nbytes for buf in self.buffers) + sum(
+                b.keys.exact_mask.numel() + b.values.exact_mask.numel() for b in self.blocks[:n])
         exact_parts = (self.sink_keys, self.sink_values, self.window_keys, self.window_values)
         exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()

@@ -8,6 +8,8 @@ and reported as uncompressed in `memory_report()`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -23,10 +25,11 @@ class DecoQuantLayer(DynamicLayer):
 
     is_croppable = True
 
-    def __init__(self, config: DecoQuantConfig):
+    def __init__(self, config: DecoQuantConfig, fused: bool = False):
         super().__init__()
         self.config = config
-        self.store = CompressedKVStore(config)
+        self.fused = fused
+        self.store = CompressedKVStore(config, fused)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -43,7 +46,7 @@ class DecoQuantLayer(DynamicLayer):
         return self.store.length
 
     def reset(self) -> None:
-        self.store = CompressedKVStore(self.config)
+        self.store = CompressedKVStore(self.config, self.fused)
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -105,16 +108,30 @@ class DecoQuantCache(DynamicCache):
     config: the codec and streaming settings (`DecoQuantConfig`: method, bits, block_size,
         residual_length, sink_tokens, ...).
     model_config: the model's transformers config (layer count, kv heads, head_dim, layer types).
+    fused: answer decode steps with packed blocks for the fused attention kernel
+        (`decoquant.enable_fused_attention(model)`). "auto": when the model uses that attention
+        and the config can be fused.
     """
 
-    def __init__(self, config: DecoQuantConfig, model_config):
+    def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto"):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
         layer_types, kv_heads, head_dim, window = _model_geometry(model_config)
         config.check_head_dim(head_dim)
+        from ..kernels.layout import fused_compatible
+
+        wanted = getattr(model_config, "_attn_implementation", None) == "decoquant"
+        if fused == "auto":
+            fused = wanted and fused_compatible(config) and config.sink_tokens == 0
+            if wanted and not fused:
+                warnings.warn(f"{config.label()} cannot be read by the fused attention kernel; decode steps "
+                              "decompress the history and use SDPA instead", stacklevel=2)
+        elif fused not in (True, False):
+            raise ValueError(f"fused={fused!r} is not supported; allowed values: True, False, 'auto'")
+        self.fused = bool(fused)
         self.config = config
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        layers = [DecoQuantLayer(config) if t == "full_attention" else DynamicSlidingWindowLayer(sliding_window=window)
+        layers = [DecoQuantLayer(config, self.fused) if t == "full_attention" else DynamicSlidingWindowLayer(sliding_window=window)
                   for t in layer_types]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
@@ -154,4 +171,5 @@ class DecoQuantCache(DynamicCache):
 
     def __repr__(self) -> str:
         n_c, n = len(self.compressed_layers), len(self.layers)
-        return f"DecoQuantCache({self.config.label()}, compressed layers {n_c}/{n}, seq_len={self.get_seq_length()})"
+        return (f"DecoQuantCache({self.config.label()}, compressed layers {n_c}/{n}, fused={self.fused}, "
+                f"seq_len={self.get_seq_length()})")

@@ -10,14 +10,18 @@ from .reference import decode_attention_reference
 BACKENDS = ("auto", "triton", "torch")
 
 
-def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, sm_scale: float):
-    """Exact attention partials over the fp16 window: (o [B, Hq, 1, D], m [B, Hq, 1], l [B, Hq, 1])."""
+def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, sm_scale: float,
+                    valid: torch.Tensor | None = None):
+    """Exact attention partials over the fp16 window: (o [B, Hq, 1, D], m [B, Hq, 1], l [B, Hq, 1]).
+    valid: bool [B, W] (None = every window token is attended)."""
     b, hq, d = q.shape
     group = hq // window_k.shape[1]
     qg = q.float().reshape(b, window_k.shape[1], group, d)
     scores = torch.einsum("bhgd,bhtd->bhgt", qg, window_k.float()) * sm_scale
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     m = scores.amax(-1)
-    p = torch.exp(scores - m.unsqueeze(-1))
+    p = torch.exp(scores - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
     o = torch.einsum("bhgt,bhtd->bhgd", p, window_v.float())
     return o.reshape(b, hq, 1, d), m.reshape(b, hq, 1), p.sum(-1).reshape(b, hq, 1)
 
@@ -32,11 +36,12 @@ def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.T
 def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                      kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
-                     backend: str = "auto", **kernel_options) -> torch.Tensor:
+                     window_valid: torch.Tensor | None = None, backend: str = "auto",
+                     **kernel_options) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
-    (default: all); window_k/v [B, KVH, W, D]. backend: "triton" (the fused kernel), "torch"
+    (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the fused kernel), "torch"
     (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
     if backend not in BACKENDS:
@@ -44,7 +49,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "torch":
-        return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v)
+        return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid)
     from .triton.decode_attention import decode_blocks_partials
 
     b = q.shape[0]
@@ -55,6 +60,6 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
                                       **kernel_options)
     if window_k is not None and window_k.shape[2]:
-        wo, wm, wl = window_partials(q, window_k, window_v, sm_scale)
+        wo, wm, wl = window_partials(q, window_k, window_v, sm_scale, window_valid)
         o, m, l_ = torch.cat([o, wo], 2), torch.cat([m, wm], 2), torch.cat([l_, wl], 2)
     return merge_partials(o, m, l_)

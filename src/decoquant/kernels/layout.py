@@ -19,6 +19,16 @@ from ..compressed import CompressedKV
 from ..quant import qmax_symmetric
 
 
+FUSED_BITS = (2, 4, 8)
+
+
+def fused_compatible(config) -> bool:
+    """Whether blocks made with `config` can be read by the fused decode kernels."""
+    return (config.method == "decoquant" and config.layout == "group" and config.num_sites == 2
+            and config.is_symmetric and config.scale_granularity in ("token", "token_head")
+            and config.bits in FUSED_BITS and config.group_size in (16, 32))
+
+
 @dataclass
 class PackedKV:
     codes: torch.Tensor
@@ -60,3 +70,73 @@ class PackedKV:
         scales = torch.cat([c.params["scale"].reshape(b, -1, t) for c in blocks], dim=2)
         ts = torch.stack([c.params["site2"].reshape(b, -1, g, g) for c in blocks], dim=2)
         return cls(codes, scales, ts, cfg.bits, t, g)
+
+
+class PackedKVBuffer:
+    """A growing PackedKV (capacity doubles): blocks are appended in place, never rewritten."""
+
+    def __init__(self):
+        self.codes = self.scales = self.ts = None
+        self.tokens = 0
+        self.blocks = 0
+        self.bits = self.block_size = self.group_size = None
+
+    def append(self, block: CompressedKV) -> None:
+        p = PackedKV.from_blocks([block])
+        if self.codes is None:
+            self.bits, self.block_size, self.group_size = p.bits, p.block_size, p.group_size
+            self.codes, self.scales, self.ts = p.codes, p.scales, p.ts
+        else:
+            if self.tokens + p.tokens > self.codes.shape[2]:
+                self._grow(self.tokens + p.tokens)
+            t, n = self.tokens, p.tokens
+            self.codes[:, :, t:t + n] = p.codes
+            self.scales[:, :, t:t + n] = p.scales
+            self.ts[:, :, self.blocks:self.blocks + 1] = p.ts
+        self.tokens += p.tokens
+        self.blocks += 1
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self.codes.shape[2])
+        def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = size
+            out = torch.empty(shape, dtype=t.dtype, device=t.device)
+            out.narrow(dim, 0, t.shape[dim]).copy_(t)
+            return out
+        self.codes = grown(self.codes, 2, cap)
+        self.scales = grown(self.scales, 2, cap)
+        self.ts = grown(self.ts, 2, cap // self.block_size)
+
+    def block(self, i: int, like: CompressedKV) -> CompressedKV:
+        """Block i as a CompressedKV whose tensors are views into this buffer (no copy)."""
+        from dataclasses import replace
+
+        t0, t1 = i * self.block_size, (i + 1) * self.block_size
+        b = self.codes.shape[0]
+        params = {"scale": self.scales[:, :, t0:t1].unsqueeze(-1),
+                  "site2": self.ts[:, :, i].reshape(like.params["site2"].shape)}
+        return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
+                       exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None)
+
+    def view(self) -> PackedKV:
+        """The blocks appended so far (slices: later appends do not change them)."""
+        return PackedKV(self.codes[:, :, :self.tokens], self.scales[:, :, :self.tokens],
+                        self.ts[:, :, :self.blocks], self.bits, self.block_size, self.group_size)
+
+    def truncate(self, blocks: int) -> None:
+        """Forget blocks past the first `blocks` (after a crop); their space is reused."""
+        self.blocks = min(self.blocks, blocks)
+        self.tokens = self.blocks * (self.block_size or 0)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.codes is not None:
+            self.codes, self.scales, self.ts = (t.index_select(0, index.to(t.device))
+                                                for t in (self.codes, self.scales, self.ts))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the capacity actually allocated."""
+        if self.codes is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.ts))

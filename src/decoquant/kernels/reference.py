@@ -36,12 +36,14 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                                kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
-                               window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None) -> torch.Tensor:
+                               window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
+                               window_valid: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step over [compressed blocks | fp16 window].
 
     q [B, Hq, D]; k, v: PackedKV of T compressed tokens; kv_start/kv_len int [B]: compressed tokens
     t with kv_start <= t < kv_len are attended (left padding, per-sequence lengths);
-    window_k/v [B, KVH, W, D] exact recent tokens (all attended). Returns fp32 [B, Hq, D].
+    window_k/v [B, KVH, W, D] exact recent tokens, window_valid bool [B, W] which of them are
+    attended (default: all). Returns fp32 [B, Hq, D].
     """
     keys, values = dequantize_packed(k), dequantize_packed(v)
     b, t = q.shape[0], keys.shape[2]
@@ -54,5 +56,7 @@ def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_sca
     if window_k is not None:
         keys = torch.cat([keys, window_k.float()], dim=2)
         values = torch.cat([values, window_v.float()], dim=2)
-        valid = torch.cat([valid, torch.ones(b, window_k.shape[2], dtype=torch.bool, device=q.device)], dim=1)
+        w_ok = (torch.ones(b, window_k.shape[2], dtype=torch.bool, device=q.device)
+                if window_valid is None else window_valid.to(q.device))
+        valid = torch.cat([valid, w_ok], dim=1)
     return attention_reference(q, keys, values, sm_scale, valid)
