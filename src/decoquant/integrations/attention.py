@@ -27,8 +27,7 @@ def _validity(attention_mask: torch.Tensor | None, kv: FusedKV, batch: int):
     blocks = mask[:, :t_c]
     # left padding: valid compressed tokens are a suffix of the blocks
     kv_start = (t_c - blocks.sum(1)).to(torch.int32)
-    window = mask[:, t_c:]
-    return kv_start, (None if bool(window.all()) else window)
+    return kv_start, mask[:, t_c:]
 
 
 def decoquant_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
