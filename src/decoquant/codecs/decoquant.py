@@ -31,7 +31,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.device.type == "cpu" else torch.float32
 
 
-def _rank_deficient(t_l: torch.Tensor, batch_dims: int) -> torch.Tensor:  # noqa: ARG001
+def _rank_deficient(t_l: torch.Tensor) -> torch.Tensor:
     """t_l [..., N, r] = U sqrt(S): column k has squared norm s_k. -> bool [batch]."""
     s = t_l.pow(2).sum(-2)  # [..., r]
     bad = s.amin(-1) <= RANK_RTOL * s.amax(-1)
@@ -88,7 +88,7 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
         cols = (1,) + config.site_factors
         sites = mpo_decompose(m, rows, cols, gauge="symmetric")
         t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
-    unsafe = _rank_deficient(t_l, m.dim() - 2)
+    unsafe = _rank_deficient(t_l)
     r1 = t_l.shape[-1]
     if r1 < g:  # fewer rows than g: pad the bond with zeros (still exact)
         t_l = F.pad(t_l, (0, g - r1))
@@ -118,7 +118,7 @@ def _encode_channel(x: torch.Tensor, config) -> Encoded:
     xt = x.to(_compute_dtype(x)).permute(0, 1, 3, 2).reshape(b, h * d, t)  # [B, H*D, T]
     sites = mpo_decompose(xt, (h * d, 1), (1, t), gauge="symmetric")
     t_l = sites[0].reshape(b, h * d, -1)  # [B, HD, r]
-    unsafe = _rank_deficient(t_l, 1)
+    unsafe = _rank_deficient(t_l)
     q = quantize(t_l, config.bits, (-1,), config.is_symmetric)
     params = {"scale": q.scale, "site2": sites[1].to(torch.float16)}
     if q.zero is not None:

@@ -16,7 +16,6 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from ..cache import CompressedKVStore
 from ..config import DecoQuantConfig
 
-TESTED_TRANSFORMERS = ">=5.17,<6"
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -139,9 +138,8 @@ class DecoQuantCache(DynamicCache):
     @classmethod
     def from_model(cls, model, config: DecoQuantConfig | None = None, **fields) -> "DecoQuantCache":
         """Build a cache for `model`; `fields` override the config (e.g. bits=2)."""
-        config = (config or DecoQuantConfig(preset="paper" if not fields else None)).replace(**fields) if fields \
-            else (config or DecoQuantConfig(preset="paper"))
-        return cls(config, model.config)
+        config = config or DecoQuantConfig(preset="paper")
+        return cls(config.replace(**fields) if fields else config, model.config)
 
     @property
     def compressed_layers(self) -> list[int]:
