@@ -63,12 +63,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     print(header)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        from .eval.report import write_report
+
         payload = {"model": args.model, "tokens": int(ids.shape[1]), "layers": layers,
                    "rows": [r.__dict__ for r in rows], "torch": torch.__version__}
-        _atomic_write(out / "reconstruction.json", json.dumps(payload, indent=1))
-        _atomic_write(out / "reconstruction.md", f"{header}\n\n{table}\n")
+        write_report(args.out, "reconstruction", f"{header}\n\n{table}\n", payload)
     if args.json:
         print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if not k.startswith("per_layer")}
                                    for r in rows]}))
@@ -89,53 +88,105 @@ def _method_configs(methods: list[str], bits: list[int], fields: dict) -> list:
     return out
 
 
-def cmd_perplexity(args: argparse.Namespace) -> int:
-    import torch
-
-    from .eval.perplexity import perplexity
+def _text(args) -> tuple[str, str]:
+    """(source name, text); checked before the model loads so a bad data folder fails fast."""
     from .eval.text import load_text
+
+    source = "wikitext2" if args.data_dir else "gensim-wiki"
+    return source, load_text(source, args.data_dir)
+
+
+def _perplexities(model, ids, args, configs) -> list:
+    from .eval.perplexity import perplexity
+
+    return [perplexity(model, ids, cfg, window=args.window, chunk=args.chunk, max_windows=args.max_windows,
+                       progress=lambda it: _progress(it, "windows"))
+            for cfg in _progress(configs, "caches")]
+
+
+def _cache_fields(args) -> dict:
+    return {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .eval.report import perplexity_table, write_report
     from .integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
-    fields = {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
-    configs = _method_configs(methods, bits, fields)
+    configs = _method_configs(methods, bits, _cache_fields(args))
+    source, text = _text(args)
     model, tok = load_model(args.model)
-    source = "wikitext2" if args.data_dir else "gensim-wiki"
-    ids = tok(load_text(source, args.data_dir), return_tensors="pt").input_ids
-    results = []
-    for cfg in _progress(configs, "methods"):
-        results.append(perplexity(model, ids, cfg, window=args.window, chunk=args.chunk,
-                                  max_windows=args.max_windows, progress=lambda it: _progress(it, "windows")))
-    base = results[0].perplexity if configs and configs[0] is None else None
-    lines = ["| cache | perplexity | delta vs fp16 | bytes/token | vs fp16 cache | block bits/elem |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in results:
-        delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
-        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.bytes_per_token:.0f} | "
-                     f"{r.bytes_per_token / r.fp16_bytes_per_token:.3f}x | {r.block_bits:.3f} |")
+    ids = tok(text, return_tensors="pt").input_ids
+    results = _perplexities(model, ids, args, configs)
     header = (f"Perplexity through the cache: {args.model}, {source}, {results[0].windows} windows of {args.window} "
               f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
               f"{args.residual_length}, sink_tokens={args.sink_tokens}")
-    table = "\n".join(lines)
+    table = perplexity_table(results)
     print(header)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {"args": vars(args) | {"func": None}, "results": [r.__dict__ for r in results],
-                   "torch": torch.__version__}
-        _atomic_write(out / "perplexity.json", json.dumps(payload, indent=1, default=str))
-        _atomic_write(out / "perplexity.md", f"{header}\n\n{table}\n")
+        write_report(args.out, "perplexity", f"{header}\n\n{table}\n",
+                     {"args": _args_dict(args), "results": [r.__dict__ for r in results]})
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 0
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The main job: perplexity through the cache and KV reconstruction, one report."""
+    import torch
+
+    from .config import DecoQuantConfig
+    from .eval.capture import capture_kv
+    from .eval.reconstruction import evaluate_config, format_table
+    from .eval.report import perplexity_table, write_report
+    from .integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    configs = _method_configs(methods, bits, _cache_fields(args))
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    ppl = _perplexities(model, ids, args, configs)
+    kv = capture_kv(model, ids[:, : args.window])
+    recon = [evaluate_config(kv, c) for c in _progress([c for c in configs if c is not None], "reconstruction")]
+    n_tokens = ppl[0].windows * args.window
+    sections = [
+        f"# decoquant eval: {args.model}",
+        f"Text: {source}, {n_tokens} tokens ({ppl[0].windows} windows of {args.window}, fed in chunks of "
+        f"{args.chunk} through the cache; block_size={args.block_size}, residual_length={args.residual_length}, "
+        f"sink_tokens={args.sink_tokens}). decoquant = the paper preset. Bytes/token count exact tokens as fp16.",
+        "## Perplexity through the cache", perplexity_table(ppl),
+        f"## KV reconstruction (first window, {kv[0][0].shape[2]} tokens, {len(kv)} layers, post-RoPE)",
+        format_table(recon),
+        f"Command: `decoquant eval {' '.join(args.argv)}`".rstrip(),
+    ]
+    markdown = "\n\n".join(sections) + "\n"
+    print(markdown)
+    write_report(args.out or "decoquant-results", "eval", markdown,
+                 {"args": _args_dict(args), "perplexity": [r.__dict__ for r in ppl],
+                  "reconstruction": [r.__dict__ for r in recon], "torch": torch.__version__})
+    print(f"report: {Path(args.out or 'decoquant-results') / 'eval.md'} (and eval.json)", file=sys.stderr)
+    return 0
+
+
+def _args_dict(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
+    p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
+                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = paper preset)")
+    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (fresh cache each)")
+    p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
+    p.add_argument("--max-windows", type=int, default=max_windows,
+                   help=f"evaluate at most this many windows (default: {max_windows or 'all'})")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per compressed block")
+    p.add_argument("--residual-length", type=int, default=128, help="recent tokens kept exact")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,25 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods from rtn,decoquant,kivi,rotation (decoquant = paper preset)")
     p.set_defaults(func=cmd_reconstruct)
 
+    p = sub.add_parser("eval", help="the main job: perplexity through the cache and KV reconstruction, one report",
+                       description="Run a real model (default: SmolLM2-135M from its pip package) on real text "
+                                   "through DecoQuantCache for each method and bit width, then compress its captured "
+                                   "KV; print the tables and write eval.md and eval.json to --out.")
+    _add_model_args(p)
+    _add_cache_args(p, max_windows=8)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("perplexity", help="perplexity through the real compressed cache",
                        description="Feed text through DecoQuantCache in chunks (past tokens really compressed, as "
                                    "in generation) and report perplexity and cache bytes per token for each method.")
     _add_model_args(p)
-    p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
-                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = paper preset)")
-    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
-    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (fresh cache each)")
-    p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per compressed block")
-    p.add_argument("--residual-length", type=int, default=128, help="recent tokens kept exact")
-    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")
+    _add_cache_args(p, max_windows=None)
     p.set_defaults(func=cmd_perplexity)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = list(argv[1:])
     try:
         return args.func(args)
     except ValueError as err:  # bad input: one line, no traceback

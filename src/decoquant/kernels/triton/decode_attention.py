@@ -90,6 +90,7 @@ def _decode_blocks_kernel(
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
+    last_block = tl.maximum((length + BLOCK - 1) // BLOCK - 1, 0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)  # output, real basis
@@ -97,9 +98,10 @@ def _decode_blocks_kernel(
     for blk in tl.range(first, first + blocks_per_split, num_stages=NUM_STAGES):
         t0 = blk * BLOCK
         ts_off = gi[:, None] * G + gi[None, :]
-        live = t0 < length  # blocks past the end (last split) are masked, not branched around
-        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off, mask=live, other=0.0).to(tl.float32)
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off, mask=live, other=0.0).to(tl.float32)
+        # blocks past the end (last split) read a valid block's T_S; all their tokens are masked below
+        blk_ts = tl.minimum(blk, last_block)
+        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk_ts * stride_ktn + ts_off).to(tl.float32)
+        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_ts * stride_vtn + ts_off).to(tl.float32)
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
         q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
