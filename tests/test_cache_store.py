@@ -107,3 +107,37 @@ def test_memory_counts_blocks_and_window():
     assert mem["total"] == blocks + mem["exact_tokens"]
     assert mem["fp16_equivalent"] == 2 * x.numel() * 2
     assert blocks / (2 * 2 * mem["compressed_elements"] / 2) <= 0.27
+
+
+def test_fused_store_serves_the_same_history_as_decoding():
+    """A fused store keeps blocks in growing packed buffers (blocks are views into them) and answers
+    single-token steps with a FusedKV; attention over it equals attention over the decoded history,
+    also after a beam reorder and a crop."""
+    from decoquant.cache import FusedKV
+    from decoquant.kernels.attention import decode_attention
+    from decoquant.kernels.reference import attention_reference
+
+    x = outlier_kv(batch=2, heads=2, tokens=220)
+    plain, fused = CompressedKVStore(cfg()), CompressedKVStore(cfg(), fused=True)
+    for store in (plain, fused):
+        store.append(x[..., :40, :], x[..., :40, :] * 0.5)
+    q = torch.randn(2, 4, 64)
+    for t in range(40, 220):
+        if t == 150:
+            for store in (plain, fused):
+                store.select_batch(torch.tensor([1, 0]))
+            x = x[[1, 0]]
+        k_ref, v_ref = plain.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
+        out = fused.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)[0]
+        assert isinstance(out, FusedKV)
+        got = decode_attention(q, out.keys, out.values, 0.125, window_k=out.window_keys, window_v=out.window_values)
+        assert torch.allclose(got, attention_reference(q, k_ref, v_ref, 0.125), atol=1e-5, rtol=1e-4)
+    assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks)
+    used = sum(b.keys.nbytes + b.values.nbytes for b in fused.blocks)  # views: the used part of the buffers
+    assert used == sum(b.keys.nbytes + b.values.nbytes for b in plain.blocks)
+    assert used <= fused.memory()["compressed_blocks"] <= 2 * used  # + spare capacity of the doubling buffers
+    fused.crop(30)  # into the last block: the fused path steps aside, decoding takes over
+    plain.crop(30)
+    k_f, _ = fused.append(x[..., :1, :], x[..., :1, :])
+    k_p, _ = plain.append(x[..., :1, :], x[..., :1, :])
+    assert torch.equal(k_f, k_p)
