@@ -141,22 +141,35 @@ class CompressedKVStore:
                 and self.buffers[0].blocks == len(self.blocks) and self.blocks[-1].length == self.config.block_size)
 
     def _flush(self) -> None:
-        """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact."""
+        """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.
+        All blocks due at once (a prefill) are compressed in one call, folded into the batch dim;
+        every codec works per batch row, so this equals compressing them one by one."""
         cfg = self.config
-        while self.window_keys is not None and self.window_keys.shape[-2] >= cfg.residual_length + cfg.block_size:
-            k = self.window_keys[..., : cfg.block_size, :].contiguous()
-            v = self.window_values[..., : cfg.block_size, :].contiguous()
-            block = Block(compress(k, cfg, "key"), compress(v, cfg, "value"), cfg.block_size)
+        if self.window_keys is None:
+            return
+        n = (self.window_keys.shape[-2] - cfg.residual_length) // cfg.block_size
+        if n <= 0:
+            return
+        cut = n * cfg.block_size
+        ks, vs = _fold_blocks(self.window_keys[..., :cut, :], n), _fold_blocks(self.window_values[..., :cut, :], n)
+        ck, cv = compress(ks, cfg, "key"), compress(vs, cfg, "value")
+        b = self.window_keys.shape[0]
+        repoint = False
+        for i in range(n):
+            rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
+            block = Block(ck if n == 1 else select_batch(ck, rows), cv if n == 1 else select_batch(cv, rows),
+                          cfg.block_size)
             buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks
                         and not (block.keys.num_exact or block.values.num_exact))
             if buffered:  # the packed buffers own the memory, the block becomes views into them
                 self.buffers[0].append(block.keys)
                 self.buffers[1].append(block.values)
             self.blocks.append(block)
-            if buffered:
-                self._repoint()
-            self.window_keys = self.window_keys[..., cfg.block_size:, :].contiguous()
-            self.window_values = self.window_values[..., cfg.block_size:, :].contiguous()
+            repoint = repoint or buffered
+        if repoint:
+            self._repoint()
+        self.window_keys = self.window_keys[..., cut:, :].contiguous()
+        self.window_values = self.window_values[..., cut:, :].contiguous()
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
@@ -240,6 +253,12 @@ class CompressedKVStore:
                 "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
                 "fp16_equivalent": per_token * self.length, "tokens": self.length,
                 "compressed_tokens": sum(b.length for b in self.blocks)}
+
+
+def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, n * S, D] -> [n * B, H, S, D], block-major (rows i*B .. i*B + B - 1 are block i)."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, t // n, d).contiguous()
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
