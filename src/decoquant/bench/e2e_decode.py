@@ -126,6 +126,35 @@ def check_fused(model, device, bits=4, batch=2, context=1024):
     return float((outs["triton"] - outs["torch"]).norm() / outs["torch"].norm())
 
 
+@torch.no_grad()
+def prefill_cost(model, device, contexts, bits=4):
+    """Prefill time of one sequence with DynamicCache vs DecoQuantCache (compression included)."""
+    import decoquant as dq
+    from transformers import DynamicCache
+
+    rows = []
+    for ctx in contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
+        times = {}
+        for kind in ("fp16", "decoquant"):
+            for _ in range(2):  # the second run is timed
+                cache = (DynamicCache(config=model.config) if kind == "fp16" else
+                         dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=bits), model.config, fused=True))
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+                end.record()
+                torch.cuda.synchronize()
+                times[kind] = start.elapsed_time(end)
+                del cache
+        rows.append(dict(context=ctx, fp16_ms=times["fp16"], decoquant_ms=times["decoquant"],
+                         overhead=times["decoquant"] / times["fp16"] - 1))
+        print(f"| {ctx} | {times['fp16']:.1f} | {times['decoquant']:.1f} | {100 * rows[-1]['overhead']:+.1f}% |",
+              flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="1,8,32")
@@ -135,9 +164,16 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
     p.add_argument("--max-batch-context", type=int, default=16384,
                    help="find the largest batch that fits at this context (0: skip)")
+    p.add_argument("--prefill", default="", help="only measure prefill cost at these contexts (e.g. 4096,16384)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     model = random_model(args.layers, device)
+    if args.prefill:
+        print("| prefill tokens | DynamicCache ms | DecoQuantCache ms (4-bit, compression included) | overhead |")
+        print("|---:|---:|---:|---:|")
+        rows = prefill_cost(model, device, [int(c) for c in args.prefill.split(",")])
+        print(json.dumps({"device": torch.cuda.get_device_name(), "prefill": rows}))
+        return 0
     err = check_fused(model, device)
     print(f"# {torch.cuda.get_device_name()}, random Llama-2-7B-shaped model ({args.layers} layers, fp16); "
           f"fused vs reference logits rel. error {err:.1e}")
