@@ -143,7 +143,8 @@ class CompressedKVStore:
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.
         All blocks due at once (a prefill) are compressed in one call, folded into the batch dim;
-        every codec works per batch row, so this equals compressing them one by one."""
+        every codec works per batch row, so this equals compressing them one by one. A fused store
+        keeps blocks with exact rows out of its buffers (and from then on decodes instead)."""
         cfg = self.config
         if self.window_keys is None:
             return
@@ -154,20 +155,20 @@ class CompressedKVStore:
         ks, vs = _fold_blocks(self.window_keys[..., :cut, :], n), _fold_blocks(self.window_values[..., :cut, :], n)
         ck, cv = compress(ks, cfg, "key"), compress(vs, cfg, "value")
         b = self.window_keys.shape[0]
-        repoint = False
-        for i in range(n):
-            rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
-            block = Block(ck if n == 1 else select_batch(ck, rows), cv if n == 1 else select_batch(cv, rows),
-                          cfg.block_size)
-            buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks
-                        and not (block.keys.num_exact or block.values.num_exact))
-            if buffered:  # the packed buffers own the memory, the block becomes views into them
-                self.buffers[0].append(block.keys)
-                self.buffers[1].append(block.values)
-            self.blocks.append(block)
-            repoint = repoint or buffered
-        if repoint:
+        if (self.fused and len(self.blocks) == self.buffers[0].blocks
+                and not bool((ck.exact_mask | cv.exact_mask).any())):
+            # the packed buffers take all n blocks at once; the blocks become views into them
+            self.buffers[0].append(ck, n)
+            self.buffers[1].append(cv, n)
+            first = torch.arange(b, device=ks.device)
+            like_k, like_v = select_batch(ck, first), select_batch(cv, first)
+            self.blocks += [Block(like_k, like_v, cfg.block_size) for _ in range(n)]
             self._repoint()
+        else:
+            for i in range(n):
+                rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
+                self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
+                                         cv if n == 1 else select_batch(cv, rows), cfg.block_size))
         self.window_keys = self.window_keys[..., cut:, :].contiguous()
         self.window_values = self.window_values[..., cut:, :].contiguous()
 

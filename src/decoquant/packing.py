@@ -40,10 +40,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-n) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    runs = codes.reshape(*codes.shape[:-1], -1, 8).to(torch.int64)
-    shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
-    words = (runs << shifts).sum(-1, keepdim=True)  # [..., n/8, 1], 8*bits <= 24 bits
-    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    runs = codes.reshape(*codes.shape[:-1], -1, 8).to(torch.int32)
+    shifts = torch.arange(8, device=codes.device, dtype=torch.int32) * bits
+    words = (runs << shifts).sum(-1, keepdim=True, dtype=torch.int32)  # [..., n/8, 1], 8*bits <= 24 bits
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int32) * 8
     packed = (words >> byte_shifts) & 0xFF  # [..., n/8, bits]
     return packed.to(torch.uint8).reshape(*codes.shape[:-1], -1)
 
@@ -55,9 +55,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(f"packed last dim {packed.shape[-1]} does not hold n={n} codes of {bits} bits")
     if bits == 8:
         return packed
-    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int64)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (groups << byte_shifts).sum(-1, keepdim=True)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    groups = packed.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int32) * 8
+    words = (groups << byte_shifts).sum(-1, keepdim=True, dtype=torch.int32)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * bits
     codes = (words >> shifts) & (2**bits - 1)
     return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :n]

@@ -61,15 +61,21 @@ def _matrix_view(x: torch.Tensor, config) -> torch.Tensor:
 
 def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2-site MPO of a tall m [..., N, g] through its g x g Gram matrix (fast on GPUs):
-    M^T M = V S^2 V^T, T_L = M V S^{-1/2} = U sqrt(S), T_S = S^{1/2} V^T. Singular values below
+    M^T M = V S^2 V^T, T_L = M V S^{-1/2} = U sqrt(S), T_S = S^{1/2} V^T. The Gram product runs in
+    m's dtype (float32 on GPUs, tf32 off), the g x g eigenproblem in float64. Singular values below
     RANK_RTOL * max get a zero T_L column (such blocks are flagged rank deficient anyway)."""
-    gram = m.double().transpose(-1, -2) @ m.double()
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    s = evals.flip(-1).clamp_min(0).sqrt()
-    v = evecs.flip(-1)
-    keep = s > RANK_RTOL * s[..., :1]
-    inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-    t_l = (m.double() @ (v * inv_root.unsqueeze(-2))).to(m.dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gram = (m.transpose(-1, -2) @ m).double()
+        evals, evecs = torch.linalg.eigh(gram)  # ascending
+        s = evals.flip(-1).clamp_min(0).sqrt()
+        v = evecs.flip(-1)
+        keep = s > RANK_RTOL * s[..., :1]
+        inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+        t_l = m @ (v * inv_root.unsqueeze(-2)).to(m.dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
     return t_l, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1)
 

@@ -81,20 +81,27 @@ class PackedKVBuffer:
         self.blocks = 0
         self.bits = self.block_size = self.group_size = None
 
-    def append(self, block: CompressedKV) -> None:
+    def append(self, block: CompressedKV, n: int = 1) -> None:
+        """Append `n` blocks given folded into the batch dim ([n * B, ...], block-major, as the
+        cache compresses a prefill), or one block (n = 1)."""
         p = PackedKV.from_blocks([block])
+        b = p.codes.shape[0] // n
+        unfold = lambda t: t.reshape(n, b, *t.shape[1:]).movedim(0, 2)  # noqa: E731  [b, H, n, ...]
+        codes = unfold(p.codes).reshape(b, p.codes.shape[1], n * p.tokens, -1)
+        scales = unfold(p.scales).reshape(b, p.scales.shape[1], n * p.tokens)
+        ts = unfold(p.ts.squeeze(2))  # [b, TS_H, n, G, G]
         if self.codes is None:
             self.bits, self.block_size, self.group_size = p.bits, p.block_size, p.group_size
-            self.codes, self.scales, self.ts = p.codes, p.scales, p.ts
+            self.codes, self.scales, self.ts = codes.contiguous(), scales.contiguous(), ts.contiguous()
         else:
-            if self.tokens + p.tokens > self.codes.shape[2]:
-                self._grow(self.tokens + p.tokens)
-            t, n = self.tokens, p.tokens
-            self.codes[:, :, t:t + n] = p.codes
-            self.scales[:, :, t:t + n] = p.scales
-            self.ts[:, :, self.blocks:self.blocks + 1] = p.ts
-        self.tokens += p.tokens
-        self.blocks += 1
+            if self.tokens + codes.shape[2] > self.codes.shape[2]:
+                self._grow(self.tokens + codes.shape[2])
+            t, k = self.tokens, codes.shape[2]
+            self.codes[:, :, t:t + k] = codes
+            self.scales[:, :, t:t + k] = scales
+            self.ts[:, :, self.blocks:self.blocks + n] = ts
+        self.tokens += codes.shape[2]
+        self.blocks += n
 
     def _grow(self, need: int) -> None:
         cap = max(need, 2 * self.codes.shape[2])
