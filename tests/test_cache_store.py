@@ -135,7 +135,7 @@ def test_fused_store_serves_the_same_history_as_decoding():
     assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks)
     used = sum(b.keys.nbytes + b.values.nbytes for b in fused.blocks)  # views: the used part of the buffers
     assert used == sum(b.keys.nbytes + b.values.nbytes for b in plain.blocks)
-    assert used <= fused.memory()["compressed_blocks"] <= 2 * used  # + spare capacity of the doubling buffers
+    assert used <= fused.memory()["compressed_blocks"] <= 1.3 * used + 4096  # + the buffers' spare capacity
     fused.crop(30)  # into the last block: the fused path steps aside, decoding takes over
     plain.crop(30)
     k_f, _ = fused.append(x[..., :1, :], x[..., :1, :])

@@ -73,7 +73,7 @@ class PackedKV:
 
 
 class PackedKVBuffer:
-    """A growing PackedKV (capacity doubles): blocks are appended in place, never rewritten."""
+    """A growing PackedKV (capacity grows by 25%): blocks are appended in place, never rewritten."""
 
     def __init__(self):
         self.codes = self.scales = self.ts = None
@@ -104,7 +104,9 @@ class PackedKVBuffer:
         self.blocks += n
 
     def _grow(self, need: int) -> None:
-        cap = max(need, 2 * self.codes.shape[2])
+        # +25% (whole blocks): amortised copies stay cheap while the spare capacity stays small
+        step = self.block_size * max(1, self.codes.shape[2] // (4 * self.block_size))
+        cap = max(need, self.codes.shape[2] + step)
         def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = size
