@@ -25,6 +25,10 @@ from .config import DecoQuantConfig
 from .kernels.layout import PackedKV, PackedKVBuffer, fused_compatible
 
 
+# at most this many elements of K (and of V) are compressed in one call
+COMPRESS_ELEMENTS = 1 << 26
+
+
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -142,9 +146,10 @@ class CompressedKVStore:
 
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.
-        All blocks due at once (a prefill) are compressed in one call, folded into the batch dim;
-        every codec works per batch row, so this equals compressing them one by one. A fused store
-        keeps blocks with exact rows out of its buffers (and from then on decodes instead)."""
+        Blocks due together (a prefill) are compressed a few at a time folded into the batch dim
+        (at most COMPRESS_ELEMENTS each); every codec works per batch row, so this equals
+        compressing them one by one. A fused store keeps blocks with exact rows out of its buffers
+        (and from then on decodes instead)."""
         cfg = self.config
         if self.window_keys is None:
             return
@@ -152,9 +157,20 @@ class CompressedKVStore:
         if n <= 0:
             return
         cut = n * cfg.block_size
-        ks, vs = _fold_blocks(self.window_keys[..., :cut, :], n), _fold_blocks(self.window_values[..., :cut, :], n)
+        b, h, _, d = self.window_keys.shape
+        per_call = max(1, COMPRESS_ELEMENTS // (b * h * cfg.block_size * d))  # bounds the transient memory
+        for first in range(0, n, per_call):
+            m = min(per_call, n - first)
+            span = slice(first * cfg.block_size, (first + m) * cfg.block_size)
+            self._compress_blocks(_fold_blocks(self.window_keys[..., span, :], m),
+                                  _fold_blocks(self.window_values[..., span, :], m), m, b)
+        self.window_keys = self.window_keys[..., cut:, :].contiguous()
+        self.window_values = self.window_values[..., cut:, :].contiguous()
+
+    def _compress_blocks(self, ks: torch.Tensor, vs: torch.Tensor, n: int, b: int) -> None:
+        """Compress n blocks folded into the batch dim ([n * b, H, S, D]) and store them."""
+        cfg = self.config
         ck, cv = compress(ks, cfg, "key"), compress(vs, cfg, "value")
-        b = self.window_keys.shape[0]
         if (self.fused and len(self.blocks) == self.buffers[0].blocks
                 and not bool((ck.exact_mask | cv.exact_mask).any())):
             # the packed buffers take all n blocks at once; the blocks become views into them
@@ -169,8 +185,6 @@ class CompressedKVStore:
                 rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
                 self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
                                          cv if n == 1 else select_batch(cv, rows), cfg.block_size))
-        self.window_keys = self.window_keys[..., cut:, :].contiguous()
-        self.window_values = self.window_values[..., cut:, :].contiguous()
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
