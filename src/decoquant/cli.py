@@ -108,8 +108,8 @@ def _cache_fields(args) -> dict:
     return {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
 
 
-def cmd_perplexity(args: argparse.Namespace) -> int:
-    from .eval.report import perplexity_table, write_report
+def _run_perplexities(args: argparse.Namespace):
+    """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
     from .integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
@@ -118,7 +118,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     source, text = _text(args)
     model, tok = load_model(args.model)
     ids = tok(text, return_tensors="pt").input_ids
-    results = _perplexities(model, ids, args, configs)
+    return configs, source, model, ids, _perplexities(model, ids, args, configs)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .eval.report import perplexity_table, write_report
+
+    _, source, _, _, results = _run_perplexities(args)
     header = (f"Perplexity through the cache: {args.model}, {source}, {results[0].windows} windows of {args.window} "
               f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
               f"{args.residual_length}, sink_tokens={args.sink_tokens}")
@@ -137,19 +143,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """The main job: perplexity through the cache and KV reconstruction, one report."""
     import torch
 
-    from .config import DecoQuantConfig
     from .eval.capture import capture_kv
     from .eval.reconstruction import evaluate_config, format_table
     from .eval.report import perplexity_table, write_report
-    from .integrations.models import load_model
 
-    bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
-    configs = _method_configs(methods, bits, _cache_fields(args))
-    source, text = _text(args)
-    model, tok = load_model(args.model)
-    ids = tok(text, return_tensors="pt").input_ids
-    ppl = _perplexities(model, ids, args, configs)
+    configs, source, model, ids, ppl = _run_perplexities(args)
     kv = capture_kv(model, ids[:, : args.window])
     recon = [evaluate_config(kv, c) for c in _progress([c for c in configs if c is not None], "reconstruction")]
     n_tokens = ppl[0].windows * args.window
