@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
@@ -30,31 +29,22 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
 def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed):
     """Compressed blocks of random outlier-heavy KV, built in chunks of blocks to bound memory."""
     import decoquant as dq
-    from decoquant.kernels.layout import PackedKV
+    from decoquant.kernels.layout import PackedKVBuffer
 
     cfg = dq.DecoQuantConfig(preset="paper", bits=bits)
     gen = torch.Generator(device=device).manual_seed(seed)
     n_blocks = tokens // block_size
-    k_blocks, v_blocks = [], []
+    k_buf, v_buf = PackedKVBuffer(), PackedKVBuffer()
     per_call = max(1, 4096 // block_size)
     for first in range(0, n_blocks, per_call):
         nb = min(per_call, n_blocks - first)
-        # fold nb blocks into the batch dim: one T_S per (batch row, block)
-        x = torch.randn(2, batch * nb, kv_heads, block_size, head_dim, device=device, generator=gen, dtype=torch.float16)
+        # nb blocks folded into the batch dim (block-major), as the cache compresses a prefill
+        x = torch.randn(2, nb * batch, kv_heads, block_size, head_dim, device=device, generator=gen, dtype=torch.float16)
         x[0, ..., 5] *= 20
         x[0, ..., head_dim // 2 + 3] += 8
-        ck, cv = dq.compress(x[0], cfg, "key"), dq.compress(x[1], cfg, "value")
-        for c, out in ((ck, k_blocks), (cv, v_blocks)):
-            p = PackedKV.from_blocks([c])
-            out.append(p)
-    def join(parts):
-        codes = torch.cat([p.codes.reshape(batch, -1, kv_heads, block_size, p.codes.shape[-1]) for p in parts], 1)
-        scales = torch.cat([p.scales.reshape(batch, -1, 1, block_size) for p in parts], 1)
-        ts = torch.cat([p.ts.reshape(batch, -1, 1, 16, 16) for p in parts], 1)
-        return PackedKV(codes.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, tokens, -1).contiguous(),
-                        scales.permute(0, 2, 1, 3).reshape(batch, 1, tokens).contiguous(),
-                        ts.permute(0, 2, 1, 3, 4).contiguous(), bits, block_size, 16)
-    return join(k_blocks), join(v_blocks)
+        k_buf.append(dq.compress(x[0], cfg, "key"), nb)
+        v_buf.append(dq.compress(x[1], cfg, "value"), nb)
+    return k_buf.view(), v_buf.view()
 
 
 def dequantize_fp16(p, chunk: int = 1) -> torch.Tensor:
@@ -91,7 +81,6 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     io = q.numel() * 2 + batch * q_heads * head_dim * 2
     bytes_fp16 = k16.numel() * 2 * 2 + io
     bytes_fused = k.nbytes + v.nbytes + io
-    del k16, v16
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
                block_size=block_size, rel_error=err, correct=ok, sdpa_ms=t_sdpa, fused_ms=t_fused,
                speedup=(t_sdpa / t_fused) if ok else None,
