@@ -149,6 +149,8 @@ class DecoQuantConfig:
             return "none"
         if self.method == "decoquant":
             tag = "paper" if self.preset == "paper" else f"g{self.group_size}-{self.scale_granularity}"
+            if self.layout == "channel":
+                tag += "-channel"
             return f"decoquant-{tag}-{self.bits}b"
         if self.method == "kivi":
             return f"kivi-g{self.quant_group_size}-{self.bits}b"

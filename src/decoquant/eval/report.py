@@ -35,3 +35,45 @@ def write_report(out: str | Path, name: str, markdown: str, payload: dict) -> No
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"{name}.json", json.dumps(payload, indent=1, default=str))
     write_atomic(folder / f"{name}.md", markdown)
+
+
+def _method_name(label: str) -> str:
+    for prefix, name in (("fp16", "FP16"), ("rtn", "RTN"), ("decoquant", "DecoQuant"), ("kivi", "KIVI"),
+                         ("rotation", "rotation+RTN")):
+        if label.startswith(prefix):
+            return f"{name} ({label})" if prefix in ("decoquant", "kivi") else name
+    return label
+
+
+def _act_bits(label: str) -> str:
+    return "16" if label == "fp16" else label.rsplit("-", 1)[-1].rstrip("b")
+
+
+def lambada_table(results) -> str:
+    """The paper's Table 2 shape: one row per (weight bits - KV bits, method)."""
+    lines = ["| #Bits (W-A) | method | accuracy | correct / total |", "|---|---|---:|---:|"]
+    for r in results:
+        w = 16 if r.weight_bits is None else r.weight_bits
+        lines.append(f"| {w}-{_act_bits(r.label)} | {_method_name(r.label)} | {100 * r.accuracy:.1f} | "
+                     f"{r.correct} / {r.total} |")
+    return "\n".join(lines)
+
+
+def icl_table(results) -> str:
+    """The paper's Table 3 shape: rows (shots, bits, method), columns the datasets and their average
+    (accuracy with contextual calibration; raw average in the last column)."""
+    tasks = list(dict.fromkeys(r.task for r in results))
+    rows: dict[tuple, dict] = {}
+    for r in results:
+        rows.setdefault((r.shots, r.label), {})[r.task] = r
+    lines = ["| shots | #Bits | method | " + " | ".join(tasks) + " | Avg | Avg (uncalibrated) | demo bits/elem |",
+             "|---:|---|---|" + "---:|" * (len(tasks) + 3)]
+    for (shots, label), by_task in rows.items():
+        accs = [by_task[t].accuracy for t in tasks if t in by_task]
+        raws = [by_task[t].raw_accuracy for t in tasks if t in by_task]
+        bits = [by_task[t].demo_bits for t in tasks if t in by_task]
+        cells = " | ".join(f"{100 * by_task[t].accuracy:.1f}" if t in by_task else "-" for t in tasks)
+        lines.append(f"| {shots} | {_act_bits(label)} | {_method_name(label)} | {cells} | "
+                     f"{100 * sum(accs) / len(accs):.1f} | {100 * sum(raws) / len(raws):.1f} | "
+                     f"{sum(bits) / len(bits):.2f} |")
+    return "\n".join(lines)
