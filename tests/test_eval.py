@@ -242,3 +242,28 @@ def test_range_stats_and_plots(tmp_path):
                  plot_error_vs(rows, "bits", tmp_path / "e.png", "t")):
         assert path.read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("*.tmp.png"))
+
+
+# ------------------------------------------------------------------------------------ sweep
+def test_sweep_grid_frontier_and_budgets():
+    from decoquant.eval.sweep import SweepPoint, describe, mark_frontier, matched_budgets, sweep_grid
+
+    grid = sweep_grid((2, 4), "quick", block_size=64)
+    labels = [describe(c) for c in grid]
+    assert len(labels) == len(set(labels)) and all(c.block_size == 64 for c in grid)
+    assert len(sweep_grid((4,), "full")) > len(sweep_grid((4,), "quick"))
+    with pytest.raises(ValueError, match="grid='huge'"):
+        sweep_grid((4,), "huge")
+    pts = [SweepPoint("a", "kivi", 2, 3.0, 0, 5.0), SweepPoint("b", "decoquant", 2, 2.4, 0, 6.0),
+           SweepPoint("c", "decoquant", 2, 2.5, 0, 7.0), SweepPoint("d", "rtn", 2, 2.1, 0, 50.0)]
+    mark_frontier(pts)
+    assert [p.frontier for p in pts] == [True, True, False, True]
+    rows = matched_budgets(pts, [2.5, 3.0])
+    assert rows[0]["kivi"] is None and rows[0]["decoquant"].label == "b" and rows[1]["kivi"].label == "a"
+
+
+def test_sweep_refuses_windows_that_compress_nothing():
+    from decoquant.eval.sweep import run_sweep
+
+    with pytest.raises(ValueError, match="no token would read a compressed block"):
+        run_sweep(None, None, [DecoQuantConfig(method="rtn", bits=4)], window=256, chunk=128, max_windows=1)

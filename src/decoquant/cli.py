@@ -277,6 +277,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Quality per effective bit: many codec settings through the real cache, with the frontier."""
+    from .eval.report import write_report
+    from .eval.sweep import budget_table, matched_budgets, run_sweep, sweep_grid, sweep_table
+    from .integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    configs = sweep_grid(bits, args.grid, args.block_size)
+    configs = [c.replace(residual_length=args.residual_length, sink_tokens=args.sink_tokens) for c in configs]
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    base, points = run_sweep(model, ids, configs, args.window, args.chunk, args.max_windows,
+                             progress=lambda it: _progress(it, "settings"))
+    out = Path(args.out or "decoquant-results")
+    sections = [f"# decoquant sweep: {args.model}",
+                f"Perplexity through the cache on {source} ({args.max_windows} windows of {args.window}, chunks of "
+                f"{args.chunk}; block_size={args.block_size}, residual_length={args.residual_length}, sink_tokens="
+                f"{args.sink_tokens}); fp16 perplexity {base:.3f}. Effective bits = stored bits per element of the "
+                "compressed blocks, metadata included. * = on the Pareto frontier.",
+                sweep_table(points), "## Best setting of each method at matched budgets",
+                budget_table(matched_budgets(points, budgets))]
+    if args.plots:
+        from .eval.plots import plot_frontier
+
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "delta_pct": p.delta_pct} for p in points],
+                            out / "frontier.png", f"{args.model}: perplexity delta vs effective bits")
+        sections.append(f"![frontier]({png.name})")
+    sections.append(f"Command: `decoquant sweep {' '.join(args.argv)}`".rstrip())
+    markdown = "\n\n".join(sections) + "\n"
+    print(markdown)
+    write_report(out, "sweep", markdown, {"args": _args_dict(args), "fp16_perplexity": base,
+                                          "points": [p.__dict__ for p in points]})
+    return 0
+
+
 def _args_dict(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
@@ -330,6 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write PNG plots of the reconstruction analysis next to the report (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="quality vs effective bits for many codec settings, with the Pareto frontier",
+                       description="Run fp16 and a grid of codec settings (rtn, rotation, KIVI at groups 32/64/128, "
+                                   "DecoQuant variants: T_S per layer or head, scale granularity, symmetric or not) "
+                                   "through DecoQuantCache; print perplexity delta vs effective bits, the frontier and "
+                                   "the best setting of each method at matched budgets; write sweep.md/.json/frontier.png.")
+    _add_model_args(p)
+    p.add_argument("--bits", default="2,3,4", help="comma-separated code widths from 2,3,4,8")
+    p.add_argument("--grid", default="quick", help="quick (curated DecoQuant variants) or full (every combination)")
+    p.add_argument("--budgets", default="2.5,3,4.5", help="effective-bit budgets for the matched comparison")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
+    p.add_argument("--max-windows", type=int, default=4, help="windows per setting (default 4)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per compressed block")
+    p.add_argument("--residual-length", type=int, default=128, help="recent tokens kept exact")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write frontier.png")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("perplexity", help="perplexity through the real compressed cache",
                        description="Feed text through DecoQuantCache in chunks (past tokens really compressed, as "

@@ -1,0 +1,120 @@
+"""Quality-per-bit sweeps: run many codec settings through the real cache and find the frontier.
+
+Every point is (effective bits per element of the compressed blocks, metadata included; quality
+delta vs fp16). A point is on the Pareto frontier when no other point has both fewer bits and a
+lower delta. `matched_budgets` answers "at about B bits, which setting of each method is best?".
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..config import DecoQuantConfig
+
+GRIDS = ("quick", "full")
+
+
+def _decoquant_variants(bits: int, block_size: int, full: bool) -> list[DecoQuantConfig]:
+    out = [DecoQuantConfig(method="decoquant", bits=bits, preset="paper")]
+    if full:
+        space = itertools.product(("layer", "head"), ("token", "token_head", "channel"), (True, False))
+    else:
+        space = [("layer", "token", False), ("layer", "token_head", False), ("layer", "channel", False),
+                 ("head", "channel", False), ("layer", "channel", True)]
+    for ts, gran, sym in space:
+        out.append(DecoQuantConfig(method="decoquant", bits=bits, ts_sharing=ts, scale_granularity=gran,
+                                   symmetric=sym, quant_group_size=block_size))
+    return out
+
+
+def sweep_grid(bits: Sequence[int] = (2, 3, 4), grid: str = "quick", block_size: int = 128) -> list[DecoQuantConfig]:
+    """Baselines (rtn, rotation, KIVI at groups 32/64/128) and DecoQuant variants at each width.
+    DecoQuant's "channel" scales are per T_L column over one block (quant_group_size = block_size)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is not supported; allowed values: {GRIDS}")
+    configs = []
+    for b in bits:
+        configs += [DecoQuantConfig(method="rtn", bits=b), DecoQuantConfig(method="rotation", bits=b)]
+        configs += [DecoQuantConfig(method="kivi", bits=b, quant_group_size=g) for g in (32, 64, 128)]
+        configs += _decoquant_variants(b, block_size, grid == "full")
+    return [c.replace(block_size=block_size) for c in configs]
+
+
+def describe(config: DecoQuantConfig) -> str:
+    """A label that tells the sweep's DecoQuant variants apart."""
+    if config.method != "decoquant" or config.preset == "paper":
+        return config.label()
+    sym = "sym" if config.is_symmetric else "asym"
+    return f"decoquant-{config.scale_granularity}-{sym}-ts{config.ts_sharing}-{config.bits}b"
+
+
+@dataclass
+class SweepPoint:
+    label: str
+    method: str
+    bits: int
+    effective_bits: float  # stored bits per element of the compressed blocks
+    quality: float  # perplexity (lower is better)
+    delta_pct: float  # vs fp16, in percent
+    frontier: bool = False
+    config: dict | None = None
+
+
+def mark_frontier(points: Sequence[SweepPoint]) -> None:
+    """Flag the points that no other point beats on both effective bits and delta."""
+    for p in points:
+        p.frontier = not any(q is not p and q.effective_bits <= p.effective_bits and q.delta_pct <= p.delta_pct
+                             and (q.effective_bits < p.effective_bits or q.delta_pct < p.delta_pct) for q in points)
+
+
+def matched_budgets(points: Sequence[SweepPoint], budgets: Sequence[float], slack: float = 0.05) -> list[dict]:
+    """For each budget, the best (lowest delta) point of each method within budget + slack bits."""
+    rows = []
+    for budget in budgets:
+        row = {"budget": budget}
+        for method in dict.fromkeys(p.method for p in points):
+            fits = [p for p in points if p.method == method and p.effective_bits <= budget + slack]
+            row[method] = min(fits, key=lambda p: p.delta_pct) if fits else None
+        rows.append(row)
+    return rows
+
+
+def sweep_table(points: Sequence[SweepPoint]) -> str:
+    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | frontier |",
+             "|---|---:|---:|---:|---:|:---:|"]
+    for p in sorted(points, key=lambda p: (p.effective_bits, p.delta_pct)):
+        lines.append(f"| {p.label} | {p.bits} | {p.effective_bits:.3f} | {p.quality:.3f} | {p.delta_pct:+.2f}% | "
+                     f"{'*' if p.frontier else ''} |")
+    return "\n".join(lines)
+
+
+def budget_table(rows: Sequence[dict]) -> str:
+    methods = [k for k in rows[0] if k != "budget"] if rows else []
+    lines = ["| budget (bits) | " + " | ".join(methods) + " |", "|---:|" + "---|" * len(methods)]
+    for row in rows:
+        cells = [f"{row[m].delta_pct:+.2f}% ({row[m].label}, {row[m].effective_bits:.2f})" if row[m] else "-"
+                 for m in methods]
+        lines.append(f"| {row['budget']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_sweep(model, ids, configs: Sequence[DecoQuantConfig], window: int, chunk: int, max_windows: int | None,
+              progress=None) -> tuple[float, list[SweepPoint]]:
+    """Perplexity through the cache for fp16 and every config: (fp16 perplexity, points)."""
+    from .perplexity import perplexity
+
+    for c in configs:
+        if window < c.block_size + c.residual_length + chunk:
+            raise ValueError(f"window={window} is too short: with block_size={c.block_size}, residual_length="
+                             f"{c.residual_length} and chunk={chunk} no token would read a compressed block; "
+                             f"use window >= {c.block_size + c.residual_length + chunk}")
+    base = perplexity(model, ids, None, window, chunk, max_windows).perplexity
+    points = []
+    for c in (progress(configs) if progress else configs):
+        r = perplexity(model, ids, c, window, chunk, max_windows)
+        points.append(SweepPoint(describe(c), c.method, c.bits, r.block_bits, r.perplexity,
+                                 100 * (r.perplexity / base - 1), config=c.to_dict()))
+    mark_frontier(points)
+    return base, points
