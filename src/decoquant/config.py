@@ -53,6 +53,8 @@ class DecoQuantConfig:
         whose T_S is tokens x rank: fake quantization only).
     ts_sharing: "layer" (one T_S for all kv heads) or "head" (one per kv head).
     scale_granularity: see SCALE_GRANULARITIES above.
+    value_scale_granularity: None (values use scale_granularity too) or a separate granularity for
+        values, e.g. per-channel scales for keys and per-token scales for values, as KIVI splits them.
     symmetric: symmetric absmax quantizer (True) or asymmetric min/max with zero point (False).
         None picks the method's own default (DecoQuant and RTN: symmetric; KIVI and rotation:
         asymmetric).
@@ -76,6 +78,7 @@ class DecoQuantConfig:
     layout: str = "group"
     ts_sharing: str = "layer"
     scale_granularity: str = "token"
+    value_scale_granularity: str | None = None
     symmetric: bool | None = None
     num_sites: int = 2
     quant_group_size: int = 32
@@ -92,6 +95,7 @@ class DecoQuantConfig:
         _choice("layout", self.layout, LAYOUTS)
         _choice("ts_sharing", self.ts_sharing, TS_SHARING)
         _choice("scale_granularity", self.scale_granularity, SCALE_GRANULARITIES)
+        _choice("value_scale_granularity", self.value_scale_granularity, (None,) + SCALE_GRANULARITIES)
         _choice("symmetric", self.symmetric, (None, True, False))
         _choice("num_sites", self.num_sites, (2, 3, 4))
         _positive_int("group_size", self.group_size, 2)
@@ -102,7 +106,7 @@ class DecoQuantConfig:
         if self.preset == "paper":
             if self.method != "decoquant":
                 raise ValueError(f"preset='paper' applies to method='decoquant', got method={self.method!r}")
-            pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token",
+            pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token", value_scale_granularity=None,
                           symmetric=True, num_sites=2)
             for name, value in pinned.items():
                 object.__setattr__(self, name, value)
@@ -114,6 +118,12 @@ class DecoQuantConfig:
                 f"for num_sites={self.num_sites}; use a group_size with enough prime factors (e.g. 16)")
 
     # ------------------------------------------------------------------ helpers
+    def granularity(self, kind: str) -> str:
+        """The scale granularity used for `kind` ("key" or "value")."""
+        if kind == "value" and self.value_scale_granularity is not None:
+            return self.value_scale_granularity
+        return self.scale_granularity
+
     @property
     def is_symmetric(self) -> bool:
         """The quantizer actually used: the explicit field, else the method's default."""
@@ -149,6 +159,8 @@ class DecoQuantConfig:
             return "none"
         if self.method == "decoquant":
             tag = "paper" if self.preset == "paper" else f"g{self.group_size}-{self.scale_granularity}"
+            if self.preset != "paper" and self.value_scale_granularity not in (None, self.scale_granularity):
+                tag += f"-v{self.value_scale_granularity}"
             if self.layout == "channel":
                 tag += "-channel"
             return f"decoquant-{tag}-{self.bits}b"
@@ -164,7 +176,8 @@ class DecoQuantConfig:
                 f"{[d for d in range(2, head_dim + 1) if head_dim % d == 0]}")
         if self.method == "rotation" and head_dim & (head_dim - 1):
             raise ValueError(f"method='rotation' needs a power-of-two head_dim, got head_dim={head_dim}")
-        if self.method == "kivi" or (self.method == "decoquant" and self.scale_granularity == "group"):
+        if self.method == "kivi" or (self.method == "decoquant" and "group" in (self.granularity("key"),
+                                                                                 self.granularity("value"))):
             if head_dim % self.quant_group_size and self.quant_group_size < head_dim:
                 raise ValueError(
                     f"quant_group_size={self.quant_group_size} must divide head_dim={head_dim} "

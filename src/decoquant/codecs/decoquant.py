@@ -99,7 +99,7 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
     if r1 < g:  # fewer rows than g: pad the bond with zeros (still exact)
         t_l = F.pad(t_l, (0, g - r1))
         sites[1] = F.pad(sites[1], (0, 0, 0, 0, 0, 0, 0, g - r1))
-    q = quantize_kv(t_l.reshape(x.shape), config.bits, config.scale_granularity,
+    q = quantize_kv(t_l.reshape(x.shape), config.bits, config.granularity(kind),
                     config.is_symmetric, config.quant_group_size)
     params = {"scale": q.scale}
     if q.zero is not None:
@@ -113,7 +113,7 @@ def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Ten
     if config.layout == "channel":
         return _decode_channel(enc, config, shape)
     q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), config.bits)
-    t_l = dequantize_kv(q, config.scale_granularity, config.quant_group_size)
+    t_l = dequantize_kv(q, config.granularity(kind), config.quant_group_size)
     t_s = small_tensor(enc.params, config.num_sites)
     return (_matrix_view(t_l, config) @ t_s).reshape(t_l.shape)
 

@@ -17,15 +17,18 @@ GRIDS = ("quick", "full")
 
 
 def _decoquant_variants(bits: int, block_size: int, full: bool) -> list[DecoQuantConfig]:
+    """(T_S sharing, key granularity, value granularity, symmetric) combinations."""
     out = [DecoQuantConfig(method="decoquant", bits=bits, preset="paper")]
+    grans = ("token", "token_head", "channel")
     if full:
-        space = itertools.product(("layer", "head"), ("token", "token_head", "channel"), (True, False))
+        space = [(ts, k, v, sym) for ts, k, v, sym in itertools.product(("layer", "head"), grans, grans, (True, False))]
     else:
-        space = [("layer", "token", False), ("layer", "token_head", False), ("layer", "channel", False),
-                 ("head", "channel", False), ("layer", "channel", True)]
-    for ts, gran, sym in space:
-        out.append(DecoQuantConfig(method="decoquant", bits=bits, ts_sharing=ts, scale_granularity=gran,
-                                   symmetric=sym, quant_group_size=block_size))
+        space = [("layer", "token", "token", False), ("layer", "token_head", "token_head", False),
+                 ("layer", "channel", "channel", False), ("head", "channel", "channel", False),
+                 ("layer", "channel", "channel", True), ("layer", "channel", "token_head", False)]
+    for ts, key_gran, value_gran, sym in space:
+        out.append(DecoQuantConfig(method="decoquant", bits=bits, ts_sharing=ts, scale_granularity=key_gran,
+                                   value_scale_granularity=value_gran, symmetric=sym, quant_group_size=block_size))
     return out
 
 
@@ -47,7 +50,10 @@ def describe(config: DecoQuantConfig) -> str:
     if config.method != "decoquant" or config.preset == "paper":
         return config.label()
     sym = "sym" if config.is_symmetric else "asym"
-    return f"decoquant-{config.scale_granularity}-{sym}-ts{config.ts_sharing}-{config.bits}b"
+    grans = config.granularity("key")
+    if config.granularity("value") != grans:
+        grans += f"/v{config.granularity('value')}"
+    return f"decoquant-{grans}-{sym}-ts{config.ts_sharing}-{config.bits}b"
 
 
 @dataclass

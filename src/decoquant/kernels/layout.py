@@ -25,7 +25,7 @@ FUSED_BITS = (2, 4, 8)
 def fused_compatible(config) -> bool:
     """Whether blocks made with `config` can be read by the fused decode kernels."""
     return (config.method == "decoquant" and config.layout == "group" and config.num_sites == 2
-            and config.is_symmetric and config.scale_granularity in ("token", "token_head")
+            and config.is_symmetric and {config.granularity("key"), config.granularity("value")} <= {"token", "token_head"}
             and config.bits in FUSED_BITS and config.group_size in (16, 32))
 
 
@@ -58,10 +58,10 @@ class PackedKV:
             raise ValueError("blocks must hold at least one CompressedKV")
         cfg = blocks[0].config
         if (cfg.method != "decoquant" or cfg.layout != "group" or cfg.num_sites != 2 or not cfg.is_symmetric
-                or cfg.scale_granularity not in ("token", "token_head")):
+                or not {cfg.granularity("key"), cfg.granularity("value")} <= {"token", "token_head"}):
             raise ValueError("the fused kernels read decoquant blocks with layout='group', num_sites=2, symmetric "
                              f"scales per token or per token and head; got {cfg.label()} "
-                             f"(granularity {cfg.scale_granularity!r}, symmetric={cfg.is_symmetric})")
+                             f"(granularities {cfg.granularity('key')!r}/{cfg.granularity('value')!r}, symmetric={cfg.is_symmetric})")
         if any(c.num_exact for c in blocks):
             raise ValueError("blocks with exact rows cannot be read by the fused kernels")
         b, h, t, _ = blocks[0].shape
