@@ -315,6 +315,47 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """WxA16: perplexity with every decoder Linear weight quantized (KV cache left exact)."""
+    from .eval.perplexity import perplexity
+    from .eval.report import write_report
+    from .integrations.models import load_model
+    from .weights import quantize_weights
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["rtn", "decoquant"])
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    run = lambda m: perplexity(m, ids, None, args.window, args.chunk, args.max_windows)  # noqa: E731
+    base = run(model)
+    rows = [{"weights": "fp16", "perplexity": base.perplexity, "delta_pct": 0.0, "memory": None}]
+    for b in bits:
+        for method in _progress(methods, f"{b}-bit weights"):
+            model, _ = load_model(args.model)  # a fresh copy: quantization is in place
+            mem = quantize_weights(model, method, b, group_size=args.group_size, symmetric=not args.asymmetric)
+            r = run(model)
+            rows.append({"weights": f"{method}-{b}b", "perplexity": r.perplexity,
+                         "delta_pct": 100 * (r.perplexity / base.perplexity - 1), "memory": mem})
+    lines = ["| weights | perplexity | delta vs fp16 | Linear weight MB | vs fp16 | bits/weight |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = r["memory"]
+        cells = (f"{mem['quantized_bytes'] / 2**20:.1f} | {mem['ratio']:.3f}x | {mem['bits_per_weight']:.3f}" if mem
+                 else "- | 1.000x | 16")
+        lines.append(f"| {r['weights']} | {r['perplexity']:.3f} | {r['delta_pct']:+.2f}% | {cells} |")
+    markdown = "\n\n".join([
+        f"# decoquant weights: {args.model}",
+        f"WxA16: every Linear inside the decoder layers quantized per output channel (embeddings and LM head "
+        f"exact, KV cache exact); {'asymmetric' if args.asymmetric else 'symmetric'} RTN, DecoQuant with "
+        f"g={args.group_size}. Perplexity on {source}, {base.windows} windows of {args.window}.",
+        "\n".join(lines), f"Command: `decoquant weights {' '.join(args.argv)}`".rstrip()]) + "\n"
+    print(markdown)
+    if args.out:
+        write_report(args.out, "weights", markdown, {"args": _args_dict(args), "rows": rows})
+    return 0
+
+
 def _args_dict(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
@@ -386,6 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write frontier.png")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("weights", help="WxA16: perplexity with the decoder's Linear weights quantized",
+                       description="Quantize every Linear weight inside the decoder layers (per-output-channel RTN "
+                                   "or DecoQuant's MPO with a shared g x g fp16 T_S), store packed codes and run "
+                                   "with on-the-fly dequantization; print perplexity and weight memory.")
+    _add_model_args(p)
+    p.add_argument("--methods", default="rtn,decoquant", help="comma-separated from rtn,decoquant")
+    p.add_argument("--bits", default="8,4", help="comma-separated weight widths from 2,3,4,8")
+    p.add_argument("--group-size", type=int, default=16, help="DecoQuant's chunk width g (must divide in_features)")
+    p.add_argument("--asymmetric", action="store_true", help="min/max quantizer with zero point for both methods")
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--chunk", type=int, default=1024, help="tokens fed per forward call")
+    p.add_argument("--max-windows", type=int, default=8, help="windows to evaluate (default 8)")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("perplexity", help="perplexity through the real compressed cache",
                        description="Feed text through DecoQuantCache in chunks (past tokens really compressed, as "
