@@ -79,6 +79,27 @@ def decode(model, cache, batch, context, steps, device):
     return start.elapsed_time(end) / steps, logits
 
 
+QUANTIZED_BACKENDS = ("hqq", "quanto")
+
+
+def label(kind: str, bits: int) -> str:
+    if kind == "fp16":
+        return "fp16"
+    if kind in QUANTIZED_BACKENDS:
+        return f"QuantizedCache-{kind}-{bits}b"
+    return f"decoquant-{bits}b"
+
+
+def available_backends() -> list[str]:
+    """transformers' QuantizedCache backends whose package is installed."""
+    import importlib.util
+
+    found = ["hqq"] if importlib.util.find_spec("hqq") else []
+    if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):
+        found.append("quanto")
+    return found
+
+
 def run(kind, bits, batch, context, steps, model, device):
     import decoquant as dq
 
@@ -90,18 +111,29 @@ def run(kind, bits, batch, context, steps, model, device):
 
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=model.config)
+    elif kind in QUANTIZED_BACKENDS:  # transformers' QuantizedCache: rebuilds fp16 K/V every step
+        from transformers import QuantizedCache
+
+        model.set_attn_implementation("sdpa")
+        axis = 1 if kind == "hqq" else 0  # each backend's supported axis (transformers' documented setting)
+        cache = QuantizedCache(kind, model.config, nbits=bits, axis_key=axis, axis_value=axis, q_group_size=64,
+                               residual_length=128)
     else:
         dq.enable_fused_attention(model)
         cache = dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=bits), model.config)
     fill(cache, model, batch, context, device)
-    cache_bytes = (cache.nbytes() if hasattr(cache, "nbytes")
-                   else sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers))
+    if hasattr(cache, "nbytes"):
+        cache_bytes = cache.nbytes()
+    elif kind == "fp16":
+        cache_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
+    else:
+        cache_bytes = float("nan")  # the backend's packed tensors are opaque; peak memory tells
     torch.cuda.reset_peak_memory_stats()
     ms, _ = decode(model, cache, batch, context, steps, device)
     peak = torch.cuda.max_memory_allocated()
     del cache
-    return dict(cache=kind if kind == "fp16" else f"decoquant-{bits}b", batch=batch, context=context,
-                ms_per_step=ms, tokens_per_s=batch * 1000 / ms, peak_gb=peak / 1e9, cache_gb=cache_bytes / 1e9)
+    return dict(cache=label(kind, bits), batch=batch, context=context, ms_per_step=ms, tokens_per_s=batch * 1000 / ms,
+                peak_gb=peak / 1e9, cache_gb=cache_bytes / 1e9)
 
 
 @torch.no_grad()
@@ -164,6 +196,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
     p.add_argument("--max-batch-context", type=int, default=16384,
                    help="find the largest batch that fits at this context (0: skip)")
+    p.add_argument("--quantized-cache", default="auto",
+                   help="transformers QuantizedCache backends to compare (hqq,quanto; auto = those installed; '' = none)")
     p.add_argument("--prefill", default="", help="only measure prefill cost at these contexts (e.g. 4096,16384)")
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -179,17 +213,20 @@ def main(argv=None) -> int:
           f"fused vs reference logits rel. error {err:.1e}")
     ok = err < 2e-2
     rows = []
+    run("fp16", 16, 1, 1024, 8, model, device)  # warm-up: CUDA context, SDPA kernels, allocator
+    bits = [int(b) for b in args.bits.split(",")]
+    backends = available_backends() if args.quantized_cache == "auto" else [b for b in args.quantized_cache.split(",") if b]
+    print(f"# transformers' QuantizedCache backends: {backends or 'none installed'}")
     print("| cache | batch | context | ms/step | tokens/s | peak GB | cache GB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    kinds = [("fp16", 16)] + [("decoquant", int(b)) for b in args.bits.split(",")]
+    kinds = [("fp16", 16)] + [("decoquant", b) for b in bits] + [(q, b) for q in backends for b in bits]
     for ctx in [int(c) for c in args.context.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
             for kind, bits in kinds:
                 try:
                     r = run(kind, bits, batch, ctx, args.steps, model, device)
                 except torch.OutOfMemoryError:
-                    r = dict(cache=kind if kind == "fp16" else f"decoquant-{bits}b", batch=batch, context=ctx,
-                             oom=True)
+                    r = dict(cache=label(kind, bits), batch=batch, context=ctx, oom=True)
                     print(f"| {r['cache']} | {batch} | {ctx} | OOM | | | |", flush=True)
                     rows.append(r)
                     gc.collect()
@@ -203,6 +240,8 @@ def main(argv=None) -> int:
         ctx = args.max_batch_context
         print(f"\nLargest batch that fits at context {ctx} (predicted from cache bytes per sequence, then run):")
         for kind, bits in kinds:
+            if kind in QUANTIZED_BACKENDS:
+                continue  # its cache bytes are opaque; see the table above
             probe = run(kind, bits, 1, ctx, 2, model, device)
             free = torch.cuda.get_device_properties(device).total_memory - (probe["peak_gb"] - probe["cache_gb"]) * 1e9
             batch = max(1, int(0.97 * free / (probe["cache_gb"] * 1e9)))
