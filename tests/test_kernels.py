@@ -96,3 +96,31 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="backend='cuda'"):
         k, v = packed(1, 1, 32, 64, 4, 32, seed=0)
         decode_attention(torch.randn(1, 1, 64), k, v, 1.0, backend="cuda")
+
+
+DEQUANT_CASES = [  # batch, kv heads, tokens, head_dim, bits, block, config fields
+    (1, 1, 64, 64, 4, 32, {}),
+    (2, 3, 96, 64, 2, 32, {}),
+    (2, 2, 32, 32, 8, 16, {}),
+    (1, 2, 64, 64, 4, 64, dict(group_size=32)),
+    (2, 2, 64, 64, 2, 32, dict(ts_sharing="head", scale_granularity="token_head")),
+]
+if CUDA:
+    DEQUANT_CASES += [(4, 8, 1024, 128, 4, 128, {}), (2, 32, 2048, 128, 2, 128, dict(ts_sharing="head"))]
+
+
+@pytest.mark.parametrize("case", DEQUANT_CASES, ids=lambda c: "b{}-kv{}-t{}-d{}-{}bit-blk{}".format(*c[:6]))
+def test_dequantize_kernel_matches_reference(case):
+    from decoquant.kernels.attention import dequantize
+
+    b, h, t, d, bits, block, fields = case
+    k, v = packed(b, h, t, d, bits, block, seed=t + bits, **fields)
+    for p in (k, v):
+        ref = dequantize(p, torch.float32, backend="torch")
+        out = dequantize(p, torch.float32, backend="triton")
+        assert out.shape == ref.shape == (b, h, t, d)
+        assert rel(out, ref) < (1e-5 if not CUDA else 1e-4)
+    half = dequantize(k, torch.float16, backend="triton")
+    assert half.dtype == torch.float16 and rel(half, dequantize(k, torch.float32, backend="torch")) < 1e-3
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        dequantize(k, backend="cuda")

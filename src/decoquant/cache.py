@@ -22,6 +22,7 @@ import torch
 from .api import compress, decompress
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
+from .kernels.attention import dequantize
 from .kernels.layout import PackedKV, PackedKVBuffer, fused_compatible
 
 
@@ -115,10 +116,14 @@ class CompressedKVStore:
         if self.sink_keys is not None:
             parts_k.append(self.sink_keys)
             parts_v.append(self.sink_values)
-        for block in self.blocks:
-            k, v = block.decode()
-            parts_k.append(k)
-            parts_v.append(v)
+        if self._all_buffered():  # one dequantize kernel per buffer instead of one decode per block
+            parts_k.append(dequantize(self.buffers[0].view(), keys.dtype))
+            parts_v.append(dequantize(self.buffers[1].view(), values.dtype))
+        else:
+            for block in self.blocks:
+                k, v = block.decode()
+                parts_k.append(k)
+                parts_v.append(v)
         # sinks first fill up, the rest goes to the window
         room = self.config.sink_tokens - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
         if room > 0 and not self.blocks and self.window_keys is None:
@@ -139,10 +144,13 @@ class CompressedKVStore:
         self._flush()
         return out
 
+    def _all_buffered(self) -> bool:
+        # every block in the packed buffers (no exact rows) and none shortened by a crop; O(1), no sync
+        return (self.fused and bool(self.blocks) and self.buffers[0].blocks == len(self.blocks)
+                and self.blocks[-1].length == self.config.block_size)
+
     def _can_fuse(self, keys: torch.Tensor) -> bool:
-        # every block buffered (no exact rows) and none shortened by a crop; O(1), no device sync
-        return (self.fused and keys.shape[-2] == 1 and bool(self.blocks) and self.window_keys is not None
-                and self.buffers[0].blocks == len(self.blocks) and self.blocks[-1].length == self.config.block_size)
+        return keys.shape[-2] == 1 and self.window_keys is not None and self._all_buffered()
 
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.

@@ -5,7 +5,9 @@
 Caches compared, all driven by the model's own forward:
 - fp16:     transformers' DynamicCache, SDPA attention;
 - decoquant: DecoQuantCache (paper preset, 4 or 2 bits, block 128, residual 128) with the fused
-            attention kernel (`decoquant.enable_fused_attention`).
+            attention kernel (`decoquant.enable_fused_attention`);
+- QuantizedCache-<backend>: transformers' QuantizedCache (HQQ or quanto, whichever is installed;
+            `--quantized-cache`), SDPA attention over the fp16 K/V it rebuilds every step.
 The prompt KV is random (a real prefill of 32 x 16k tokens on a random model measures nothing
 more): each layer's cache is filled with random outlier-heavy K/V of `context` tokens (the DecoQuant
 cache compresses it block by block exactly as a prefill would), then `steps` greedy decode steps are

@@ -91,6 +91,25 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     return row
 
 
+def run_dequant_case(batch, kv_heads, tokens, head_dim, bits, block_size, device, peak_bw):
+    """Dequantize kernel (Triton) vs the torch reference on the same packed keys."""
+    from triton.testing import do_bench
+
+    from decoquant.kernels.attention import dequantize
+
+    k, _ = random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed=tokens + bits)
+    tri = lambda: dequantize(k, torch.float16, backend="triton")  # noqa: E731
+    ref = lambda: dequantize(k, torch.float16, backend="torch")  # noqa: E731
+    want = ref()
+    err = float((tri().float() - want.float()).norm() / want.float().norm())
+    t_tri = do_bench(tri, warmup=10, rep=50, return_mode="median")
+    t_ref = do_bench(ref, warmup=10, rep=50, return_mode="median")
+    io = k.nbytes + want.numel() * 2  # packed read + fp16 write
+    return dict(batch=batch, kv_heads=kv_heads, context=tokens, bits=bits, rel_error=err, correct=err < 1e-3,
+                triton_ms=t_tri, torch_ms=t_ref, speedup=t_ref / t_tri if err < 1e-3 else None,
+                triton_pct_copy=100 * io / (t_tri * 1e-3) / peak_bw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="1,8,32")
@@ -105,12 +124,32 @@ def main(argv=None) -> int:
     p.add_argument("--num-stages", type=int, default=3)
     p.add_argument("--fp32-dots", action="store_true", help="tf32 dots instead of fp16/bf16")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
+    p.add_argument("--dequantize", action="store_true",
+                   help="benchmark the dequantize kernel (packed keys -> fp16) against the torch reference instead")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     peak = copy_bandwidth(device)
     print(f"# {torch.cuda.get_device_name()}  copy bandwidth (read+write) {peak / 1e12:.2f} TB/s")
+    if args.dequantize:
+        print("| batch | kv heads | context | bits | torch ms | triton ms | speedup | triton % copy | rel err |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows = []
+        for bits in [int(x) for x in args.bits.split(",")]:
+            for kvh in [int(x) for x in args.kv_heads.split(",")]:
+                for batch in [int(x) for x in args.batch.split(",")]:
+                    for ctx in [int(x) for x in args.context.split(",")]:
+                        if batch * kvh * ctx * args.head_dim * 2 / 1e9 > args.max_fp16_gb / 4:
+                            continue  # the torch reference holds fp32 temporaries
+                        r = run_dequant_case(batch, kvh, ctx, args.head_dim, bits, args.block_size, device, peak)
+                        rows.append(r)
+                        sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
+                        print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['torch_ms']:.3f} | {r['triton_ms']:.3f} | {sp} | "
+                              f"{r['triton_pct_copy']:.0f}% | {r['rel_error']:.1e} |", flush=True)
+                        torch.cuda.empty_cache()
+        print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "dequantize": rows}))
+        return 0 if all(r["correct"] for r in rows) else 1
     print("| batch | kv heads | context | bits | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy | SDPA % copy | rel err |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []

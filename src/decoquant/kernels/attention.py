@@ -1,11 +1,12 @@
-"""Decode attention over [compressed blocks | exact window]: backend choice and partial merging."""
+"""Decode attention over [compressed blocks | exact window] and block dequantization: backend choice
+and partial merging."""
 
 from __future__ import annotations
 
 import torch
 
 from .layout import PackedKV
-from .reference import decode_attention_reference
+from .reference import decode_attention_reference, dequantize_packed
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -63,3 +64,17 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
         wo, wm, wl = window_partials(q, window_k, window_v, sm_scale, window_valid)
         o, m, l_ = torch.cat([o, wo], 2), torch.cat([m, wm], 2), torch.cat([l_, wl], 2)
     return merge_partials(o, m, l_)
+
+
+def dequantize(p: PackedKV, dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:
+    """Dense [B, KVH, T, D] K or V from packed blocks (prefill and multi-token steps). backend:
+    "triton", "torch" (the reference) or "auto" (triton on CUDA, torch elsewhere)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if p.codes.is_cuda else "torch"
+    if backend == "torch":
+        return dequantize_packed(p).to(dtype)
+    from .triton.dequantize import dequantize_packed_triton
+
+    return dequantize_packed_triton(p, dtype)
