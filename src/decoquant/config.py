@@ -132,6 +132,19 @@ class DecoQuantConfig:
         return self.method in ("decoquant", "rtn")
 
     @property
+    def head_local(self) -> bool:
+        """Whether every kv head is compressed on its own (no scale or T_S shared across heads), so
+        a tensor-parallel rank holding some of the heads compresses them exactly as one GPU would."""
+        if self.method in ("none", "kivi", "rotation"):
+            return True
+        if self.method == "rtn":
+            return False  # one scale per token over all heads
+        if self.layout == "channel":
+            return False
+        local = ("token_head", "channel", "group")
+        return self.ts_sharing == "head" and self.granularity("key") in local and self.granularity("value") in local
+
+    @property
     def site_factors(self) -> tuple[int, ...]:
         """Column factors j_2..j_n of the small local tensors (product = group_size)."""
         return _site_factors(self.group_size, self.num_sites) or (self.group_size,)

@@ -137,9 +137,20 @@ class DecoQuantCache(DynamicCache):
 
     @classmethod
     def from_model(cls, model, config: DecoQuantConfig | None = None, **fields) -> "DecoQuantCache":
-        """Build a cache for `model`; `fields` override the config (e.g. bits=2)."""
+        """Build a cache for `model`; `fields` override the config (e.g. bits=2).
+
+        Under tensor parallelism (`tp_plan="auto"`) each rank holds some of the kv heads and compresses
+        them with no communication; the config must then be head-local (`config.head_local`, e.g.
+        ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
         config = config or DecoQuantConfig(preset="paper")
-        return cls(config.replace(**fields) if fields else config, model.config)
+        config = config.replace(**fields) if fields else config
+        tp_size = getattr(model, "tp_size", None) or 1
+        if tp_size > 1 and not config.head_local:
+            raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares scales or "
+                             "T_S across kv heads, which the ranks would compute from different heads; use a "
+                             "head-local config, e.g. DecoQuantConfig(method='decoquant', ts_sharing='head', "
+                             "scale_granularity='token_head')")
+        return cls(config, model.config)
 
     @property
     def compressed_layers(self) -> list[int]:
