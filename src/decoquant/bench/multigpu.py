@@ -9,8 +9,9 @@ The model is a randomly initialised Llama-2-13B-shaped checkpoint (fp16), writte
 outlier-heavy K/V of `context` tokens on that layer's device (under tensor parallelism each rank
 holds num_key_value_heads / world_size heads and compresses them alone; the config is head-local:
 T_S and scales per head), then `steps` greedy decode steps are timed. Peak memory is reported per
-GPU. Correctness: the logits of a short real prefill + 8 greedy steps through each cache are saved
-by the device_map run (one logical model, the single-GPU math) and compared by the TP run.
+GPU. Correctness: the logits of a short real prefill + 8 teacher-forced decode steps through each
+cache are saved by the device_map run (one logical model, the single-GPU math) and compared by the
+TP run.
 """
 
 from __future__ import annotations
@@ -150,17 +151,19 @@ def run(model, mode, world, kind, bits, batch, context, steps) -> dict:
 
 @torch.no_grad()
 def reference_logits(model, kinds) -> dict:
-    """A 700-token prefill + 8 greedy steps through each cache (blocks compressed: block 128, residual 128)."""
+    """Logits of a 700-token prefill then 8 decode steps fed fixed tokens (teacher forcing, so a
+    near-tie in a random model cannot make the runs diverge), through each cache; block 128 and
+    residual 128, so the steps read 4 compressed blocks."""
     first = layer_devices(model)[0]
     gen = torch.Generator(device=first).manual_seed(3)
-    prompt = torch.randint(0, model.config.vocab_size, (2, 700), device=first, generator=gen)
+    ids = torch.randint(0, model.config.vocab_size, (2, 708), device=first, generator=gen)
     out = {}
     for kind, bits in kinds:
         cache = make_cache(model, kind, bits)
-        res = model.generate(input_ids=prompt, past_key_values=cache, max_new_tokens=8, do_sample=False,
-                             output_logits=True, return_dict_in_generate=True)
-        out["fp16" if kind == "fp16" else f"decoquant-{bits}b"] = (
-            res.sequences[:, 700:].cpu(), torch.stack(res.logits).float().cpu())
+        logits = [model(input_ids=ids[:, :700], past_key_values=cache, logits_to_keep=1).logits]
+        for t in range(700, 708):
+            logits.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+        out["fp16" if kind == "fp16" else f"decoquant-{bits}b"] = torch.cat(logits, 1).float().cpu()
     return out
 
 
@@ -200,13 +203,14 @@ def main(argv=None) -> int:
         torch.save(ref, args.write_reference)
     if args.check_reference:
         want = torch.load(args.check_reference)
-        for name, (tokens, logits) in ref.items():
-            w_tokens, w_logits = want[name]
-            check[name] = dict(tokens_equal=bool(torch.equal(tokens, w_tokens)),
-                               logits_rel_error=float((logits - w_logits).norm() / w_logits.norm()))
+        for name, logits in ref.items():
+            w = want[name]
+            check[name] = dict(logits_rel_error=float((logits - w).norm() / w.norm()),
+                               argmax_agreement=float((logits.argmax(-1) == w.argmax(-1)).float().mean()))
         if show:
             print(f"# vs the device_map (single-model) run: {check}", flush=True)
     rows = []
+    run(model, args.mode, world if args.mode == "tp" else 1, "fp16", 16, 1, 1024, 4)  # warm-up
     if show:
         print("| cache | batch | context | ms/step | tokens/s | peak GB per GPU |\n|---|---:|---:|---:|---:|---|", flush=True)
     for ctx in [int(c) for c in args.context.split(",")]:
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
                           "rows": rows, "largest_batch": fits}))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    ok = all(c["tokens_equal"] or c["logits_rel_error"] < 2e-2 for c in check.values())
+    ok = all(c["logits_rel_error"] < 2e-2 for c in check.values())
     return 0 if ok else 1
 
 
