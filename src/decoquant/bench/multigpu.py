@@ -207,6 +207,9 @@ def main(argv=None) -> int:
             w = want[name]
             check[name] = dict(logits_rel_error=float((logits - w).norm() / w.norm()),
                                argmax_agreement=float((logits.argmax(-1) == w.argmax(-1)).float().mean()))
+            if name != "fp16":  # what compression itself changes, in the single-model run
+                base = want["fp16"]
+                check[name]["compression_error"] = float((w - base).norm() / base.norm())
         if show:
             print(f"# vs the device_map (single-model) run: {check}", flush=True)
     rows = []
@@ -248,7 +251,9 @@ def main(argv=None) -> int:
                           "rows": rows, "largest_batch": fits}))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    ok = all(c["logits_rel_error"] < 2e-2 for c in check.values())
+    # TP must reproduce the single-model run up to fp16 reduction order: within 2e-2, or (compressed
+    # caches, where a rounding flip moves a code) well inside the change compression itself makes
+    ok = all(c["logits_rel_error"] < max(2e-2, 0.5 * c.get("compression_error", 0.0)) for c in check.values())
     return 0 if ok else 1
 
 
