@@ -267,3 +267,14 @@ def test_sweep_refuses_windows_that_compress_nothing():
 
     with pytest.raises(ValueError, match="no token would read a compressed block"):
         run_sweep(None, None, [DecoQuantConfig(method="rtn", bits=4)], window=256, chunk=128, max_windows=1)
+
+
+@pytest.mark.slow
+def test_icl_scorer_keeps_no_autograd_graph(smollm2):
+    """The scorer runs without autograd: cached K/V must not hold a graph (memory grew without bound)."""
+    from decoquant.eval.icl import _Scorer
+
+    model, tok = smollm2
+    scorer = _Scorer(model, tok, "Review: good film\nSentiment: positive\n\n", None)
+    scorer.option_probs("Review: bad\nSentiment:", [tok(" negative", add_special_tokens=False).input_ids])
+    assert not scorer.cache.layers[0].keys.requires_grad

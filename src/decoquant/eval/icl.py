@@ -79,6 +79,7 @@ def compress_cache_(cache, config: DecoQuantConfig | None) -> tuple[int, int]:
 class _Scorer:
     """Scores option continuations after a fixed (compressed) demonstration cache."""
 
+    @torch.no_grad()
     def __init__(self, model, tok, prefix: str, config: DecoQuantConfig | None):
         from transformers import DynamicCache
 
@@ -96,6 +97,7 @@ class _Scorer:
             self.bits = 8.0 * nbytes / numel
             self.prefix_len = ids.shape[1]
 
+    @torch.no_grad()
     def option_probs(self, query: str, options: list[list[int]]) -> torch.Tensor:
         """Normalised probabilities of the options from their mean token NLL after prefix + query."""
         special = self.prefix_len == 0  # BOS etc. only at the very start
@@ -116,6 +118,7 @@ class _Scorer:
         return torch.softmax(torch.stack(scores), 0)
 
 
+@torch.no_grad()
 def icl_accuracy(model, tok, data_dir, task: IclTask, shots: int, configs: list[DecoQuantConfig | None],
                  seeds: tuple[int, ...] = (0,), limit: int | None = 200, progress=None) -> list[IclResult]:
     """Accuracy of each config on `limit` test records (drawn with seed 1234), averaged over `seeds`
