@@ -387,10 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated methods from rtn,decoquant,kivi,rotation (decoquant = paper preset)")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("eval", help="the main job: perplexity through the cache and KV reconstruction, one report",
+    p = sub.add_parser("eval", help="the main job: perplexity through the cache, the paper's tasks, one report",
                        description="Run a real model (default: SmolLM2-135M from its pip package) on real text "
-                                   "through DecoQuantCache for each method and bit width, then compress its captured "
-                                   "KV; print the tables and write eval.md and eval.json to --out.")
+                                   "through DecoQuantCache for each method and bit width and compress its captured "
+                                   "KV (default tasks); with --tasks and --data-dir also LAMBADA (paper protocol and "
+                                   "lm-eval style) and in-context learning. Prints the tables and writes eval.md, "
+                                   "eval.json and PNG plots to --out.")
     _add_model_args(p)
     _add_cache_args(p, max_windows=8)
     p.add_argument("--tasks", default="perplexity,reconstruction",
