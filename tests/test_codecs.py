@@ -201,3 +201,16 @@ def test_value_scale_granularity_splits_keys_and_values():
         dq.DecoQuantConfig(value_scale_granularity="tokens")
     paper = dq.DecoQuantConfig(method="decoquant", preset="paper", value_scale_granularity="channel")
     assert paper.granularity("value") == "token"
+
+
+def test_kv_split_preset_pins_its_recipe():
+    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="kv-split", block_size=64, symmetric=True)
+    assert (c.granularity("key"), c.granularity("value"), c.is_symmetric, c.quant_group_size, c.ts_sharing) == (
+        "channel", "token_head", False, 64, "layer")
+    assert c.label() == "decoquant-kv-split-2b"
+    with pytest.raises(ValueError, match="preset='kv-split' applies to method='decoquant'"):
+        dq.DecoQuantConfig(method="kivi", preset="kv-split")
+    x = outlier_kv(1, 2, 64, 32, seed=2)
+    for kind in ("key", "value"):
+        rel = float((dq.decompress(dq.compress(x, c.replace(bits=4), kind)) - x).norm() / x.norm())
+        assert rel < 0.1

@@ -74,7 +74,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_configs(methods: list[str], bits: list[int], fields: dict) -> list:
+def _method_configs(methods: list[str], bits: list[int], fields: dict, preset: str = "paper") -> list:
     """fp16 (None = transformers' DynamicCache) and one config per method and bit width."""
     from .config import DecoQuantConfig
 
@@ -83,7 +83,7 @@ def _method_configs(methods: list[str], bits: list[int], fields: dict) -> list:
         for m in methods:
             if m == "fp16":
                 continue
-            extra = {"preset": "paper"} if m == "decoquant" else {}
+            extra = {"preset": preset} if m == "decoquant" else {}
             out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
     return out
 
@@ -114,7 +114,7 @@ def _run_perplexities(args: argparse.Namespace):
 
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
-    configs = _method_configs(methods, bits, _cache_fields(args))
+    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
     source, text = _text(args)
     model, tok = load_model(args.model)
     ids = tok(text, return_tensors="pt").input_ids
@@ -142,15 +142,15 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
 
 
-def _accuracy_configs(methods: list[str], bits: list[int], layout: str) -> list:
-    """fp16 (None) and one config per method and bit width; decoquant = the paper preset in `layout`."""
+def _accuracy_configs(methods: list[str], bits: list[int], layout: str, preset: str = "paper") -> list:
+    """fp16 (None) and one config per method and bit width; decoquant = `preset` (the paper's in `layout`)."""
     from .config import DecoQuantConfig
 
     out = [None] if "fp16" in methods else []
     for b in bits:
         for m in methods:
             if m != "fp16":
-                extra = {"preset": "paper", "layout": layout} if m == "decoquant" else {}
+                extra = {"preset": preset, **({"layout": layout} if preset == "paper" else {})} if m == "decoquant" else {}
                 out.append(DecoQuantConfig(method=m, bits=b, **extra))
     return out
 
@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     shots = [int(s) for s in args.shots.split(",") if s]
-    configs = _method_configs(methods, bits, _cache_fields(args))
+    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
     if any(t in tasks for t in ("lambada", "lambada-openai", "icl")) and args.data_dir is None:
         raise ValueError("the lambada and icl tasks need --data-dir (a folder with lambada/ and the ICL sets)")
     source, text = _text(args)  # checked before the model loads
@@ -228,7 +228,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "## Perplexity through the cache",
             f"Text: {source}, {ppl[0].windows * args.window} tokens ({ppl[0].windows} windows of {args.window}, fed "
             f"in chunks of {args.chunk} through the cache; block_size={args.block_size}, residual_length="
-            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = the paper preset. Bytes/token "
+            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = preset {args.preset}. Bytes/token "
             "count exact tokens as fp16.", perplexity_table(ppl)]
         payload["perplexity"] = [r.__dict__ for r in ppl]
     for variant in ("paper", "openai"):
@@ -237,32 +237,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .eval.lambada import lambada
 
         layout = "channel" if variant == "paper" else "group"
-        acc_configs = _accuracy_configs(acc_methods, bits, layout)
+        acc_configs = _accuracy_configs(acc_methods, bits, layout, args.preset)
         prog = lambda it: _progress(it, f"lambada-{variant}")  # noqa: E731
         results = lambada(model, tok, args.data_dir, variant, acc_configs, limit=args.lambada_limit, progress=prog)
         for wb in weight_bits:
-            wa = _accuracy_configs([m for m in ("rtn", "decoquant") if m in acc_methods], [wb], layout)
+            wa = _accuracy_configs([m for m in ("rtn", "decoquant") if m in acc_methods], [wb], layout, args.preset)
             results += lambada(model, tok, args.data_dir, variant, wa, weight_bits=wb, limit=args.lambada_limit,
                                progress=prog)
         what = ("last-token accuracy on the validation passages (the paper's Table 2 protocol)" if variant == "paper"
                 else "last-word accuracy on the OpenAI test set (lm-eval's lambada_openai scoring)")
         sections += [f"## LAMBADA ({variant})",
                      f"{what}; first {results[0].total} passages. Key/value projection outputs fake-quantized over "
-                     f"the whole sequence (keys before RoPE), every layer; DecoQuant = paper preset, {layout} layout. "
+                     f"the whole sequence (keys before RoPE), every layer; DecoQuant = preset {args.preset} "
+                     f"({layout if args.preset == 'paper' else 'group'} layout). "
                      "W-A rows with W < 16 also quantize the k_proj/v_proj weights with per-channel RTN.",
                      lambada_table(results)]
         payload[f"lambada_{variant}"] = [r.__dict__ for r in results]
     if "icl" in tasks:
         from .eval.icl import icl_accuracy
 
-        acc_configs = _accuracy_configs(acc_methods, bits, "group")
+        acc_configs = _accuracy_configs(acc_methods, bits, "group", args.preset)
         seeds = tuple(int(s) for s in args.seeds.split(","))
         results = [r for k in shots for d in _progress(datasets, f"icl {k}-shot")
                    for r in icl_accuracy(model, tok, args.data_dir, d, k, acc_configs, seeds, args.icl_limit)]
         sections += ["## In-context learning",
                      f"{args.icl_limit} test records per dataset (fixed draw), demonstrations drawn with seeds "
                      f"{list(seeds)}; the demonstrations' KV cache (every layer) is compressed with the packed codec "
-                     "(DecoQuant = paper preset, group layout, one block); options scored by mean token NLL with "
+                     f"(DecoQuant = preset {args.preset}, group layout, one block); options scored by mean token NLL with "
                      "contextual calibration.", icl_table(results)]
         payload["icl"] = [r.__dict__ for r in results]
     if "reconstruction" in tasks:
@@ -362,7 +363,9 @@ def _args_dict(args: argparse.Namespace) -> dict:
 
 def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
     p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
-                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = paper preset)")
+                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = --preset)")
+    p.add_argument("--preset", default="paper", choices=("paper", "kv-split"),
+                   help="DecoQuant's recipe: the paper's (default) or kv-split (best of our sweep)")
     p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (fresh cache each)")
     p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")

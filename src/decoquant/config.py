@@ -22,7 +22,7 @@ TS_SHARING = ("layer", "head")
 #   channel     one scale per channel over groups of `quant_group_size` tokens (KIVI keys)
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
-PRESETS = (None, "paper")
+PRESETS = (None, "paper", "kv-split")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -44,9 +44,11 @@ class DecoQuantConfig:
     ------------
     method: "decoquant" | "rtn" | "kivi" | "rotation" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
-    preset: None or "paper". "paper" forces DecoQuant's published recipe: group layout, g=16,
-        one g x g fp16 T_S per block shared by all heads, T_L quantized symmetrically with one
-        absmax scale per token over all heads.
+    preset: None, "paper" or "kv-split". "paper" forces DecoQuant's published recipe: group
+        layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized symmetrically
+        with one absmax scale per token over all heads. "kv-split" is the best DecoQuant setting
+        of our quality-per-bit sweep: the same T_S, then asymmetric scales per T_L channel over
+        each block for keys and per token and head for values (not read by the fused kernel).
     group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
         holds (DecoQuant, group layout). Must divide head_dim.
     layout: "group" (the paper's memory-saving layout) or "channel" (the paper's LAMBADA layout,
@@ -103,11 +105,16 @@ class DecoQuantConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("residual_length", self.residual_length, 0)
         _positive_int("sink_tokens", self.sink_tokens, 0)
-        if self.preset == "paper":
+        if self.preset is not None:
             if self.method != "decoquant":
-                raise ValueError(f"preset='paper' applies to method='decoquant', got method={self.method!r}")
-            pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token", value_scale_granularity=None,
-                          symmetric=True, num_sites=2)
+                raise ValueError(f"preset={self.preset!r} applies to method='decoquant', got method={self.method!r}")
+            if self.preset == "paper":
+                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token",
+                              value_scale_granularity=None, symmetric=True, num_sites=2)
+            else:  # "kv-split": the best DecoQuant setting of the quality-per-bit sweep (docs/results/frontier.md)
+                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
+                              value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
+                              quant_group_size=self.block_size)
             for name, value in pinned.items():
                 object.__setattr__(self, name, value)
         if self.num_sites > 2 and self.layout == "channel":
@@ -171,8 +178,8 @@ class DecoQuantConfig:
         if self.method == "none":
             return "none"
         if self.method == "decoquant":
-            tag = "paper" if self.preset == "paper" else f"g{self.group_size}-{self.scale_granularity}"
-            if self.preset != "paper" and self.value_scale_granularity not in (None, self.scale_granularity):
+            tag = self.preset or f"g{self.group_size}-{self.scale_granularity}"
+            if self.preset is None and self.value_scale_granularity not in (None, self.scale_granularity):
                 tag += f"-v{self.value_scale_granularity}"
             if self.layout == "channel":
                 tag += "-channel"
