@@ -124,3 +124,18 @@ def test_dequantize_kernel_matches_reference(case):
     assert half.dtype == torch.float16 and rel(half, dequantize(k, torch.float32, backend="torch")) < 1e-3
     with pytest.raises(ValueError, match="backend='cuda'"):
         dequantize(k, backend="cuda")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs more than 2**31 output elements on a GPU")
+def test_dequantize_kernel_offsets_past_int32():
+    """A [B, H, T, D] output of more than 2**31 elements (the last batch rows sit past int32 offsets)."""
+    from decoquant.kernels.attention import dequantize
+    from decoquant.kernels.layout import PackedKV
+
+    k, _ = packed(1, 8, 128, 128, 2, 128, seed=11)
+    b = 2**31 // (8 * 128 * 128) + 2  # rows beyond 2**31 output elements
+    big = PackedKV(k.codes.expand(b, -1, -1, -1), k.scales.expand(b, -1, -1), k.ts.expand(b, -1, -1, -1, -1),
+                   k.bits, k.block_size, k.group_size)
+    out = dequantize(big, torch.float16, backend="triton")
+    ref = dequantize(k, torch.float16, backend="torch")
+    assert rel(out[-1:], ref) < 1e-3 and rel(out[:1], ref) < 1e-3

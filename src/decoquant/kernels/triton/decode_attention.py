@@ -76,8 +76,8 @@ def _decode_blocks_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // KV_HEADS
-    h = pid % KV_HEADS
+    b = (pid // KV_HEADS).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
+    h = (pid % KV_HEADS).to(tl.int64)
     PACKED: tl.constexpr = D * BITS // 8
     P: tl.constexpr = 8 // BITS  # codes per byte = bit planes
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32

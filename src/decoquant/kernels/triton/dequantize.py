@@ -26,8 +26,8 @@ def _dequantize_kernel(
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)  # 64-bit offsets: a [B, H, T, D] output passes 2**31 elements
+    h = (bh % H).to(tl.int64)
     t0 = tile * ROWS
     nb = t0 // BLOCK
     P: tl.constexpr = 8 // BITS
