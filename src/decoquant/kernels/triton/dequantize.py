@@ -24,8 +24,8 @@ def _dequantize_kernel(
     BLOCK: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BITS: tl.constexpr, QMAX: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on the grid's x axis (up to 2**31 - 1 programs)
+    tile = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # 64-bit offsets: a [B, H, T, D] output passes 2**31 elements
     h = (bh % H).to(tl.int64)
     t0 = tile * ROWS
@@ -71,7 +71,7 @@ def dequantize_packed_triton(p: PackedKV, dtype: torch.dtype = torch.float16) ->
         return out
     ts = p.ts.contiguous()
     codes = p.codes if p.codes.stride(-1) == 1 else p.codes.contiguous()
-    grid = (t // rows, b * h)
+    grid = (b * h, t // rows)
     _dequantize_kernel[grid](
         codes, p.scales, ts, out,
         codes.stride(0), codes.stride(1), codes.stride(2),
