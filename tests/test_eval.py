@@ -143,26 +143,28 @@ def _full_forward_probs(model, tok, prefix, query, options):
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
 def test_icl_scorer_matches_full_forward_and_rolls_back(request, fixture):
-    """Exact demonstrations: the cached scorer (query once, options appended and cropped) gives
-    the probabilities of a fresh full forward; Gemma-3's 600-token prefix overflows its 512-token
-    sliding window, so the crop must restore the sliding layers too."""
+    """Exact demonstrations: the cached scorer (forwards cropped back to the prefix) gives the
+    probabilities of a fresh full forward. Gemma-3's sliding window is 512 tokens: one prefix
+    overflows it, the other is shorter but the query pushes past it; the crops must restore the
+    sliding layers in both."""
     from decoquant.eval.icl import _Scorer, demonstration_prompt
 
     model, tok = request.getfixturevalue(fixture)
     task = ICL_TASKS["ag_news"]
-    demos = [{"text": ("Stocks rose on Monday as markets rallied. " * (12 if fixture == "gemma3" else 3)), "label": 2},
-             {"text": "The team won the final in extra time.", "label": 1}]
-    prefix = demonstration_prompt(task, demos)
     options = [tok(" " + o, add_special_tokens=False).input_ids for o in task.options]
     assert any(len(o) > 1 for o in options)  # multi-token options exercise the crop
-    scorer = _Scorer(model, tok, prefix, None)
-    with torch.no_grad():
-        for text in ("Oil prices fell sharply.", "A new phone was released."):
-            query = task.prompt({"text": text})
-            got = scorer.option_probs(query, options)
-            torch.testing.assert_close(got, _full_forward_probs(model, tok, prefix, query, options),
-                                       atol=2e-4, rtol=1e-3)
-    assert scorer.cache.get_seq_length() == scorer.prefix_len
+    for repeats in ((64, 55) if fixture == "gemma3" else (3,)):  # Gemma-3: ~540 and ~466 tokens
+        demos = [{"text": "Stocks rose on Monday as markets rallied. " * repeats, "label": 2},
+                 {"text": "The team won the final in extra time.", "label": 1}]
+        prefix = demonstration_prompt(task, demos)
+        scorer = _Scorer(model, tok, prefix, None)
+        with torch.no_grad():
+            for text in ("Oil prices fell sharply. " * 12, "A new phone was released.", "Rain in Spain."):
+                query = task.prompt({"text": text})
+                got = scorer.option_probs(query, options)
+                torch.testing.assert_close(got, _full_forward_probs(model, tok, prefix, query, options),
+                                           atol=2e-4, rtol=1e-3)
+        assert scorer.cache.get_seq_length() == scorer.prefix_len
 
 
 @pytest.mark.slow

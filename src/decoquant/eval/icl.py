@@ -99,22 +99,26 @@ class _Scorer:
 
     @torch.no_grad()
     def option_probs(self, query: str, options: list[list[int]]) -> torch.Tensor:
-        """Normalised probabilities of the options from their mean token NLL after prefix + query."""
+        """Normalised probabilities of the options from their mean token NLL after prefix + query.
+        Every forward is cropped straight back to the prefix (sliding-window layers cannot undo
+        nested crops): one forward of the query serves all single-token options, each longer
+        option gets one forward of query + option[:-1]."""
         special = self.prefix_len == 0  # BOS etc. only at the very start
-        q = self.tok(query, add_special_tokens=special, return_tensors="pt").input_ids.to(self.device)
-        out = self.model(input_ids=q, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        first = F.log_softmax(out.logits[0, -1].float(), -1)
+        q = self.tok(query, add_special_tokens=special).input_ids
+        first = None
         scores = []
         for opt in options:
-            logp = [first[opt[0]]]
-            if len(opt) > 1:
-                rest = torch.tensor([opt[:-1]], device=self.device)
-                lo = self.model(input_ids=rest, past_key_values=self.cache, use_cache=True).logits[0].float()
-                lp = F.log_softmax(lo, -1)
-                logp += [lp[i, opt[i + 1]] for i in range(len(opt) - 1)]
-                self.cache.crop(-(len(opt) - 1))
-            scores.append(torch.stack(logp).mean())
-        self.cache.crop(-q.shape[1])
+            if len(opt) == 1 and first is not None:
+                scores.append(first[opt[0]])
+                continue
+            ids = torch.tensor([q + opt[:-1]], device=self.device)
+            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=len(opt)).logits[0].float()
+            self.cache.crop(-ids.shape[1])
+            logp = F.log_softmax(logits, -1)
+            if first is None:
+                first = logp[0]
+            scores.append(torch.stack([logp[i, t] for i, t in enumerate(opt)]).mean())
         return torch.softmax(torch.stack(scores), 0)
 
 
