@@ -1,0 +1,146 @@
+"""The `reconstruct`, `perplexity`, `sweep` and `weights` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import BITS, METHODS
+from .common import _args_dict, _parse_list, _progress, _run_perplexities, _text
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import DecoQuantConfig
+    from ..eval.capture import capture_kv
+    from ..eval.reconstruction import evaluate_config, format_table
+    from ..eval.text import load_text
+    from ..integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, [m for m in METHODS if m != "none"])
+    model, tok = load_model(args.model)
+    text = load_text("wikitext2" if args.data_dir else "gensim-wiki", args.data_dir)
+    ids = tok(text[: args.tokens * 12], return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise SystemExit(f"error: the text gives only {ids.shape[1]} tokens, fewer than --tokens {args.tokens}")
+    kv = capture_kv(model, ids)
+    configs = [DecoQuantConfig(method=m, bits=b, preset="paper" if m == "decoquant" else None)
+               for b in bits for m in methods]
+    rows = [evaluate_config(kv, c) for c in _progress(configs, "codecs")]
+    layers, (k0, _) = len(kv), kv[0]
+    header = (f"Reconstruction of real post-RoPE KV: {args.model}, {ids.shape[1]} tokens, {layers} layers, "
+              f"{k0.shape[1]} kv heads x head_dim {k0.shape[3]} (mean relative Frobenius error over layers)")
+    table = format_table(rows)
+    print(header)
+    print(table)
+    if args.out:
+        from ..eval.report import write_report
+
+        payload = {"model": args.model, "tokens": int(ids.shape[1]), "layers": layers,
+                   "rows": [r.__dict__ for r in rows], "torch": torch.__version__}
+        write_report(args.out, "reconstruction", f"{header}\n\n{table}\n", payload)
+    if args.json:
+        print(json.dumps({"rows": [{k: v for k, v in r.__dict__.items() if not k.startswith("per_layer")}
+                                   for r in rows]}))
+    return 0
+
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from ..eval.report import perplexity_table, write_report
+
+    _, source, _, _, results = _run_perplexities(args)
+    header = (f"Perplexity through the cache: {args.model}, {source}, {results[0].windows} windows of {args.window} "
+              f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
+              f"{args.residual_length}, sink_tokens={args.sink_tokens}")
+    table = perplexity_table(results)
+    print(header)
+    print(table)
+    if args.out:
+        write_report(args.out, "perplexity", f"{header}\n\n{table}\n",
+                     {"args": _args_dict(args), "results": [r.__dict__ for r in results]})
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    return 0
+
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Quality per effective bit: many codec settings through the real cache, with the frontier."""
+    from ..eval.report import write_report
+    from ..eval.sweep import budget_table, matched_budgets, run_sweep, sweep_grid, sweep_table
+    from ..integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    configs = sweep_grid(bits, args.grid, args.block_size)
+    configs = [c.replace(residual_length=args.residual_length, sink_tokens=args.sink_tokens) for c in configs]
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    base, points = run_sweep(model, ids, configs, args.window, args.chunk, args.max_windows,
+                             progress=lambda it: _progress(it, "settings"))
+    out = Path(args.out or "decoquant-results")
+    sections = [f"# decoquant sweep: {args.model}",
+                f"Perplexity through the cache on {source} ({args.max_windows} windows of {args.window}, chunks of "
+                f"{args.chunk}; block_size={args.block_size}, residual_length={args.residual_length}, sink_tokens="
+                f"{args.sink_tokens}); fp16 perplexity {base:.3f}. Effective bits = stored bits per element of the "
+                "compressed blocks, metadata included. * = on the Pareto frontier.",
+                sweep_table(points), "## Best setting of each method at matched budgets",
+                budget_table(matched_budgets(points, budgets))]
+    if args.plots:
+        from ..eval.plots import plot_frontier
+
+        out.mkdir(parents=True, exist_ok=True)
+        png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "delta_pct": p.delta_pct} for p in points],
+                            out / "frontier.png", f"{args.model}: perplexity delta vs effective bits")
+        sections.append(f"![frontier]({png.name})")
+    sections.append(f"Command: `decoquant sweep {' '.join(args.argv)}`".rstrip())
+    markdown = "\n\n".join(sections) + "\n"
+    print(markdown)
+    write_report(out, "sweep", markdown, {"args": _args_dict(args), "fp16_perplexity": base,
+                                          "points": [p.__dict__ for p in points]})
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """WxA16: perplexity with every decoder Linear weight quantized (KV cache left exact)."""
+    from ..eval.perplexity import perplexity
+    from ..eval.report import write_report
+    from ..integrations.models import load_model
+    from ..weights import quantize_weights
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["rtn", "decoquant"])
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    run = lambda m: perplexity(m, ids, None, args.window, args.chunk, args.max_windows)  # noqa: E731
+    base = run(model)
+    rows = [{"weights": "fp16", "perplexity": base.perplexity, "delta_pct": 0.0, "memory": None}]
+    for b in bits:
+        for method in _progress(methods, f"{b}-bit weights"):
+            model, _ = load_model(args.model)  # a fresh copy: quantization is in place
+            mem = quantize_weights(model, method, b, group_size=args.group_size, symmetric=not args.asymmetric)
+            r = run(model)
+            rows.append({"weights": f"{method}-{b}b", "perplexity": r.perplexity,
+                         "delta_pct": 100 * (r.perplexity / base.perplexity - 1), "memory": mem})
+    lines = ["| weights | perplexity | delta vs fp16 | Linear weight MB | vs fp16 | bits/weight |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mem = r["memory"]
+        cells = (f"{mem['quantized_bytes'] / 2**20:.1f} | {mem['ratio']:.3f}x | {mem['bits_per_weight']:.3f}" if mem
+                 else "- | 1.000x | 16")
+        lines.append(f"| {r['weights']} | {r['perplexity']:.3f} | {r['delta_pct']:+.2f}% | {cells} |")
+    markdown = "\n\n".join([
+        f"# decoquant weights: {args.model}",
+        f"WxA16: every Linear inside the decoder layers quantized per output channel (embeddings and LM head "
+        f"exact, KV cache exact); {'asymmetric' if args.asymmetric else 'symmetric'} RTN, DecoQuant with "
+        f"g={args.group_size}. Perplexity on {source}, {base.windows} windows of {args.window}.",
+        "\n".join(lines), f"Command: `decoquant weights {' '.join(args.argv)}`".rstrip()]) + "\n"
+    print(markdown)
+    if args.out:
+        write_report(args.out, "weights", markdown, {"args": _args_dict(args), "rows": rows})
+    return 0

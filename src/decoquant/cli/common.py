@@ -1,0 +1,106 @@
+"""Shared pieces of the `decoquant` commands: argument groups, list parsing, progress bars,
+configs per method, the text source and the perplexity runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import BITS
+
+def _progress(iterable, desc: str, total: int | None = None):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
+
+
+def _parse_list(text: str, allowed, cast=str) -> list:
+    values = [cast(v) for v in text.split(",") if v]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise SystemExit(f"error: {bad} not allowed; choose from {list(allowed)}")
+    return values
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in alias (smollm2-135m, gemma3-270m), a local transformers folder, or a hub id")
+    p.add_argument("--data-dir", default=None,
+                   help="folder laid out like the shared data folder (wikitext2/wiki.test.raw, lambada/, ...); "
+                        "without it the text is the Wikipedia articles shipped in gensim's test data")
+    p.add_argument("--out", default=None, help="write the JSON results and a markdown report to this folder")
+    p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
+
+
+def _method_configs(methods: list[str], bits: list[int], fields: dict, preset: str = "paper") -> list:
+    """fp16 (None = transformers' DynamicCache) and one config per method and bit width."""
+    from ..config import DecoQuantConfig
+
+    out = [None] if "fp16" in methods else []
+    for b in bits:
+        for m in methods:
+            if m == "fp16":
+                continue
+            extra = {"preset": preset} if m == "decoquant" else {}
+            out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
+    return out
+
+
+def _text(args) -> tuple[str, str]:
+    """(source name, text); checked before the model loads so a bad data folder fails fast."""
+    from ..eval.text import load_text
+
+    source = "wikitext2" if args.data_dir else "gensim-wiki"
+    return source, load_text(source, args.data_dir)
+
+
+def _perplexities(model, ids, args, configs) -> list:
+    from ..eval.perplexity import perplexity
+
+    return [perplexity(model, ids, cfg, window=args.window, chunk=args.chunk, max_windows=args.max_windows,
+                       progress=lambda it: _progress(it, "windows"))
+            for cfg in _progress(configs, "caches")]
+
+
+def _cache_fields(args) -> dict:
+    return {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
+
+
+def _run_perplexities(args: argparse.Namespace):
+    """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
+    from ..integrations.models import load_model
+
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
+    source, text = _text(args)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    return configs, source, model, ids, _perplexities(model, ids, args, configs)
+
+
+
+def _args_dict(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
+    p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
+                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = --preset)")
+    p.add_argument("--preset", default="paper", choices=("paper", "kv-split"),
+                   help="DecoQuant's recipe: the paper's (default) or kv-split (best of our sweep)")
+    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
+    _add_window_args(p, max_windows)
+
+
+def _add_window_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
+    """How text is fed through the cache, and the cache's block layout."""
+    p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window (fresh cache each)")
+    p.add_argument("--chunk", type=int, default=128, help="tokens fed per forward call")
+    p.add_argument("--max-windows", type=int, default=max_windows,
+                   help=f"evaluate at most this many windows (default: {max_windows or 'all'})")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per compressed block")
+    p.add_argument("--residual-length", type=int, default=128, help="recent tokens kept exact")
+    p.add_argument("--sink-tokens", type=int, default=0, help="first tokens kept exact")

@@ -1,0 +1,149 @@
+"""`decoquant eval`, the main job: the selected tasks on one model, one report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import BITS
+from .common import _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _progress, _text
+
+TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
+
+
+def _accuracy_configs(methods: list[str], bits: list[int], layout: str, preset: str = "paper") -> list:
+    """fp16 (None) and one config per method and bit width; decoquant = `preset` (the paper's in `layout`)."""
+    from ..config import DecoQuantConfig
+
+    out = [None] if "fp16" in methods else []
+    for b in bits:
+        for m in methods:
+            if m != "fp16":
+                extra = {"preset": preset, **({"layout": layout} if preset == "paper" else {})} if m == "decoquant" else {}
+                out.append(DecoQuantConfig(method=m, bits=b, **extra))
+    return out
+
+
+def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict]:
+    """The reconstruction table, value-range table and (optionally) the PNG plots."""
+    from ..eval.analysis import error_sweep, sites_configs, two_site_tensors, value_ranges, range_table
+    from ..eval.capture import capture_kv
+    from ..eval.reconstruction import evaluate_config, format_table
+
+    kv = capture_kv(model, ids[:, : args.window])
+    recon = [evaluate_config(kv, c) for c in _progress([c for c in configs if c is not None], "reconstruction")]
+    mid = len(kv) // 2
+    ranges = value_ranges(kv, layers=[0, mid, len(kv) - 1])
+    sections = [f"## KV reconstruction (first window, {kv[0][0].shape[2]} tokens, {len(kv)} layers, post-RoPE)",
+                format_table(recon),
+                "Value ranges of the paper's group-layout decomposition (M = 16-channel chunks = T_L @ T_S; "
+                "max abs / IQR is how far the extremes sit from the bulk, lower is easier for RTN):",
+                range_table(ranges)]
+    payload = {"reconstruction": [r.__dict__ for r in recon], "value_ranges": [r.__dict__ for r in ranges]}
+    if args.plots:
+        from ..eval.plots import plot_densities, plot_error_vs, plot_layer_errors
+
+        from ..config import DecoQuantConfig
+
+        out = Path(args.out or "decoquant-results")
+        out.mkdir(parents=True, exist_ok=True)
+        sweep = error_sweep(kv, [DecoQuantConfig(method=m, bits=b, **({"preset": "paper"} if m == "decoquant" else {}))
+                                 for m in ("rtn", "decoquant", "kivi", "rotation") for b in (2, 3, 4, 8)])
+        sites = error_sweep(kv, sites_configs())
+        m, t_l, t_s = two_site_tensors(kv[mid][0])
+        pngs = [plot_layer_errors(recon, out / "recon_layers.png", f"{args.model}: per-layer error"),
+                plot_densities(m, t_l, t_s, out / "densities.png", f"{args.model}: layer {mid} keys"),
+                plot_error_vs(sweep, "bits", out / "error_vs_bits.png", f"{args.model}: error vs bits"),
+                plot_error_vs(sweep, "effective_bits", out / "error_vs_effective_bits.png",
+                              f"{args.model}: error vs effective bits (metadata included)"),
+                plot_error_vs(sites, "num_sites", out / "error_vs_sites.png",
+                              f"{args.model}: DecoQuant error vs number of local tensors", group="bits")]
+        sections.append("Plots: " + ", ".join(f"![{p.stem}]({p.name})" for p in pngs))
+        payload["error_sweep"], payload["sites_sweep"] = sweep, sites
+    return sections, payload
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """The main job: the selected tasks on one model, one report."""
+    import torch
+
+    from ..eval.report import icl_table, lambada_table, perplexity_table, write_report
+    from ..integrations.models import load_model
+
+    tasks = _parse_list(args.tasks, TASKS)
+    bits = _parse_list(args.bits, BITS, int)
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    weight_bits = _parse_list(args.weight_bits, BITS, int)
+    shots = [int(s) for s in args.shots.split(",") if s]
+    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
+    if any(t in tasks for t in ("lambada", "lambada-openai", "icl")) and args.data_dir is None:
+        raise ValueError("the lambada and icl tasks need --data-dir (a folder with lambada/ and the ICL sets)")
+    source, text = _text(args)  # checked before the model loads
+    datasets = []
+    if "icl" in tasks:
+        from ..eval.data import icl_split, icl_task
+
+        datasets = [icl_task(d) for d in args.icl_datasets.split(",") if d]
+        for d in datasets:  # check the files before the model loads
+            for split in ("train", "test"):
+                icl_split(args.data_dir, d, split)
+    model, tok = load_model(args.model)
+    ids = tok(text, return_tensors="pt").input_ids
+    sections = [f"# decoquant eval: {args.model}"]
+    payload: dict = {"args": _args_dict(args), "torch": torch.__version__}
+    if "perplexity" in tasks:
+        ppl = _perplexities(model, ids, args, configs)
+        sections += [
+            "## Perplexity through the cache",
+            f"Text: {source}, {ppl[0].windows * args.window} tokens ({ppl[0].windows} windows of {args.window}, fed "
+            f"in chunks of {args.chunk} through the cache; block_size={args.block_size}, residual_length="
+            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = preset {args.preset}. Bytes/token "
+            "count exact tokens as fp16.", perplexity_table(ppl)]
+        payload["perplexity"] = [r.__dict__ for r in ppl]
+    for variant in ("paper", "openai"):
+        if ("lambada" if variant == "paper" else "lambada-openai") not in tasks:
+            continue
+        from ..eval.lambada import lambada
+
+        layout = "channel" if variant == "paper" else "group"
+        acc_configs = _accuracy_configs(acc_methods, bits, layout, args.preset)
+        prog = lambda it: _progress(it, f"lambada-{variant}")  # noqa: E731
+        results = lambada(model, tok, args.data_dir, variant, acc_configs, limit=args.lambada_limit, progress=prog)
+        for wb in weight_bits:
+            wa = _accuracy_configs([m for m in ("rtn", "decoquant") if m in acc_methods], [wb], layout, args.preset)
+            results += lambada(model, tok, args.data_dir, variant, wa, weight_bits=wb, limit=args.lambada_limit,
+                               progress=prog)
+        what = ("last-token accuracy on the validation passages (the paper's Table 2 protocol)" if variant == "paper"
+                else "last-word accuracy on the OpenAI test set (lm-eval's lambada_openai scoring)")
+        sections += [f"## LAMBADA ({variant})",
+                     f"{what}; first {results[0].total} passages. Key/value projection outputs fake-quantized over "
+                     f"the whole sequence (keys before RoPE), every layer; DecoQuant = preset {args.preset} "
+                     f"({layout if args.preset == 'paper' else 'group'} layout). "
+                     "W-A rows with W < 16 also quantize the k_proj/v_proj weights with per-channel RTN.",
+                     lambada_table(results)]
+        payload[f"lambada_{variant}"] = [r.__dict__ for r in results]
+    if "icl" in tasks:
+        from ..eval.icl import icl_accuracy
+
+        acc_configs = _accuracy_configs(acc_methods, bits, "group", args.preset)
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        results = [r for k in shots for d in _progress(datasets, f"icl {k}-shot")
+                   for r in icl_accuracy(model, tok, args.data_dir, d, k, acc_configs, seeds, args.icl_limit)]
+        sections += ["## In-context learning",
+                     f"{args.icl_limit} test records per dataset (fixed draw), demonstrations drawn with seeds "
+                     f"{list(seeds)}; the demonstrations' KV cache (every layer) is compressed with the packed codec "
+                     f"(DecoQuant = preset {args.preset}, group layout, one block); options scored by mean token NLL with "
+                     "contextual calibration.", icl_table(results)]
+        payload["icl"] = [r.__dict__ for r in results]
+    if "reconstruction" in tasks:
+        extra_sections, extra = _reconstruction_sections(model, ids, configs, args)
+        sections += extra_sections
+        payload.update(extra)
+    sections.append(f"Command: `decoquant eval {' '.join(args.argv)}`".rstrip())
+    markdown = "\n\n".join(sections) + "\n"
+    print(markdown)
+    write_report(args.out or "decoquant-results", "eval", markdown, payload)
+    print(f"report: {Path(args.out or 'decoquant-results') / 'eval.md'} (and eval.json)", file=sys.stderr)
+    return 0
