@@ -101,6 +101,34 @@ def test_projection_hooks_change_outputs_and_restore_weights(smollm2):
     assert 0 < err8 < 0.05 < err2
 
 
+@pytest.mark.slow
+def test_smoothquant_scales_balance_and_reduce_error(smollm2):
+    """Calibrated channel divisors: positive, tied across rotary pairs for keys, and SmoothQuant's
+    per-token RTN of y / s beats plain per-token RTN on a key projection with outlier channels."""
+    from decoquant.eval.projection import kv_projections, quantize_projection_output
+    from decoquant.eval.smoothquant import smoothing_scales
+    from decoquant.eval.text import load_text
+
+    model, tok = smollm2
+    ids = tok(load_text("gensim-wiki")[:8000], return_tensors="pt").input_ids[:, :1024]
+    scales = smoothing_scales(model, ids, alpha=0.5, window=256, max_windows=2)
+    projections = kv_projections(model)
+    assert set(scales) == {n for n, _, _ in projections}
+    name, module, _ = projections[0]  # layer 0 k_proj
+    s = scales[name]
+    assert s.shape == (module.out_features,) and bool((s > 0).all())
+    pairs = s.reshape(-1, 2, 32)
+    torch.testing.assert_close(pairs[:, 0], pairs[:, 1])
+    with torch.no_grad():
+        y = module(model.model.embed_tokens(ids[:, 256:512]))  # held-out tokens
+    cfg = DecoQuantConfig(method="rtn", bits=4)
+    plain = quantize_projection_output(y, cfg, "key", 64)
+    smooth = quantize_projection_output(y, cfg, "key", 64, s)
+    assert float((smooth - y).norm()) < float((plain - y).norm())
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        smoothing_scales(model, ids, alpha=1.5)
+
+
 # ---------------------------------------------------------------------------------- LAMBADA
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["paper", "openai"])
@@ -262,6 +290,28 @@ def test_sweep_grid_frontier_and_budgets():
     assert [p.frontier for p in pts] == [True, True, False, True]
     rows = matched_budgets(pts, [2.5, 3.0])
     assert rows[0]["kivi"] is None and rows[0]["decoquant"].label == "b" and rows[1]["kivi"].label == "a"
+
+
+@pytest.mark.slow
+def test_frontier_preset_and_sink_bits_in_the_sweep(smollm2):
+    """channel64-token pins its fields; the sweep charges fp16 sinks to the effective bits."""
+    from decoquant.eval.perplexity import perplexity
+
+    c = DecoQuantConfig(preset="channel64-token", bits=2, quant_group_size=8, symmetric=True)
+    assert (c.granularity("key"), c.granularity("value"), c.quant_group_size, c.is_symmetric) == ("channel", "token", 64, False)
+    with pytest.raises(ValueError, match="block_size=96 must be a multiple of 64"):
+        DecoQuantConfig(preset="channel64-token", block_size=96)
+    model, tok = smollm2
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 80, return_tensors="pt").input_ids[:, :512]
+    base = perplexity(model, ids, c.replace(block_size=64, residual_length=64), window=512, chunk=128, max_windows=1)
+    sink = perplexity(model, ids, c.replace(block_size=64, residual_length=64, sink_tokens=4), window=512, chunk=128,
+                      max_windows=1)
+    assert base.history_bits == pytest.approx(base.block_bits)
+    assert sink.block_bits < sink.history_bits < 16  # the 4 fp16 sinks cost bits
+    expected_sinks = 4 * 2 * 30 * 3 * 64  # tokens x (k, v) x layers x kv heads x head_dim
+    blocks_elems = 384 * 2 * 30 * 3 * 64  # 6 blocks of 64 tokens are compressed after the sinks
+    want = (sink.block_bits * blocks_elems + 16 * expected_sinks) / (blocks_elems + expected_sinks)
+    assert sink.history_bits == pytest.approx(want, rel=1e-3)
 
 
 def test_sweep_refuses_windows_that_compress_nothing():

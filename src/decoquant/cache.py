@@ -273,6 +273,7 @@ class CompressedKVStore:
         per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]
         return {"compressed_blocks": blocks, "exact_tokens": exact, "total": blocks + exact,
                 "exact_elements": sum(0 if t is None else t.numel() for t in exact_parts),
+                "sink_elements": sum(0 if t is None else t.numel() for t in exact_parts[:2]),
                 "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
                 "fp16_equivalent": per_token * self.length, "tokens": self.length,
                 "compressed_tokens": sum(b.length for b in self.blocks)}

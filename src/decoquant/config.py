@@ -22,7 +22,7 @@ TS_SHARING = ("layer", "head")
 #   channel     one scale per channel over groups of `quant_group_size` tokens (KIVI keys)
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
-PRESETS = (None, "paper", "kv-split")
+PRESETS = (None, "paper", "kv-split", "channel64-token")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -44,11 +44,14 @@ class DecoQuantConfig:
     ------------
     method: "decoquant" | "rtn" | "kivi" | "rotation" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
-    preset: None, "paper" or "kv-split". "paper" forces DecoQuant's published recipe: group
-        layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized symmetrically
-        with one absmax scale per token over all heads. "kv-split" is the best DecoQuant setting
-        of our quality-per-bit sweep: the same T_S, then asymmetric scales per T_L channel over
-        each block for keys and per token and head for values (not read by the fused kernel).
+    preset: None, "paper", "kv-split" or "channel64-token". "paper" forces DecoQuant's published
+        recipe: group layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized
+        symmetrically with one absmax scale per token over all heads. The other two keep that T_S
+        and quantize T_L asymmetrically with KIVI's split: keys per T_L channel, values per token.
+        "kv-split": key scales over the whole block, value scales per token and head.
+        "channel64-token" (the frontier's choice, docs/results/frontier.md): key scales over
+        64-token groups, value scales per token over all heads; block_size must be a multiple of
+        64. Neither is read by the fused kernel.
     group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
         holds (DecoQuant, group layout). Must divide head_dim.
     layout: "group" (the paper's memory-saving layout) or "channel" (the paper's LAMBADA layout,
@@ -111,10 +114,17 @@ class DecoQuantConfig:
             if self.preset == "paper":
                 pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token",
                               value_scale_granularity=None, symmetric=True, num_sites=2)
-            else:  # "kv-split": the best DecoQuant setting of the quality-per-bit sweep (docs/results/frontier.md)
+            elif self.preset == "kv-split":
                 pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
                               value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
                               quant_group_size=self.block_size)
+            else:  # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md)
+                if self.block_size % 64:
+                    raise ValueError(f"preset='channel64-token' groups keys by 64 tokens: block_size={self.block_size} "
+                                     "must be a multiple of 64")
+                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
+                              value_scale_granularity="token", symmetric=False, num_sites=2, layout="group",
+                              quant_group_size=64)
             for name, value in pinned.items():
                 object.__setattr__(self, name, value)
         if self.num_sites > 2 and self.layout == "channel":

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="perplexity,reconstruction",
                    help=f"comma-separated from {','.join(TASKS)} (lambada and icl need --data-dir)")
     p.add_argument("--accuracy-methods", default="fp16,rtn,decoquant",
-                   help="methods for the lambada and icl tasks (default: the paper's rows fp16,rtn,decoquant)")
+                   help="methods for the lambada and icl tasks (default: the paper's rows fp16,rtn,decoquant; "
+                        "smoothquant adds calibrated SmoothQuant rows to LAMBADA)")
     p.add_argument("--weight-bits", default="",
                    help="also run LAMBADA with k_proj/v_proj weights per-channel RTN at these widths, KV at the "
                         "same width (the paper's W&A rows), e.g. 8,4,2")
@@ -56,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the best setting of each method at matched budgets; write sweep.md/.json/frontier.png.")
     _add_model_args(p)
     p.add_argument("--bits", default="2,3,4", help="comma-separated code widths from 2,3,4,8")
-    p.add_argument("--grid", default="quick", help="quick (curated DecoQuant variants) or full (every combination)")
+    p.add_argument("--grid", default="quick", help="presets (baselines and DecoQuant presets), quick (+ curated variants) or full (every combination)")
     p.add_argument("--budgets", default="2.5,3,4.5", help="effective-bit budgets for the matched comparison")
+    p.add_argument("--lambada-limit", type=int, default=0,
+                   help="also score every setting on this many LAMBADA validation passages (paper protocol; needs "
+                        "--data-dir; 0 = skip)")
     _add_window_args(p, max_windows=4)
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write frontier.png")
     p.set_defaults(func=cmd_sweep)

@@ -75,6 +75,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     bits = _parse_list(args.bits, BITS, int)
     budgets = [float(b) for b in args.budgets.split(",") if b]
+    if args.lambada_limit and args.data_dir is None:
+        raise ValueError("--lambada-limit needs --data-dir (a folder with lambada/)")
     configs = sweep_grid(bits, args.grid, args.block_size)
     configs = [c.replace(residual_length=args.residual_length, sink_tokens=args.sink_tokens) for c in configs]
     source, text = _text(args)
@@ -82,12 +84,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     ids = tok(text, return_tensors="pt").input_ids
     base, points = run_sweep(model, ids, configs, args.window, args.chunk, args.max_windows,
                              progress=lambda it: _progress(it, "settings"))
+    lambada_note = ""
+    if args.lambada_limit:
+        from ..eval.data import lambada_passages
+        from ..eval.lambada import lambada_items
+        from ..eval.sweep import add_lambada
+
+        items = lambada_items(tok, lambada_passages(args.data_dir, "paper")[:args.lambada_limit], "paper")
+        acc = add_lambada(model, items, points, progress=lambda it: _progress(it, "lambada"))
+        lambada_note = (f" LAMBADA delta = last-token accuracy on the first {len(items)} validation passages minus "
+                        f"fp16's ({100 * acc:.1f}%), in points; k_proj/v_proj outputs fake-quantized over each "
+                        "passage (the paper's protocol, group layout, no window or sinks).")
     out = Path(args.out or "decoquant-results")
     sections = [f"# decoquant sweep: {args.model}",
                 f"Perplexity through the cache on {source} ({args.max_windows} windows of {args.window}, chunks of "
                 f"{args.chunk}; block_size={args.block_size}, residual_length={args.residual_length}, sink_tokens="
-                f"{args.sink_tokens}); fp16 perplexity {base:.3f}. Effective bits = stored bits per element of the "
-                "compressed blocks, metadata included. * = on the Pareto frontier.",
+                f"{args.sink_tokens}); fp16 perplexity {base:.3f}. Effective bits = stored bits per element older than "
+                "the residual window: compressed blocks with their metadata, and fp16 sink tokens. * = on the Pareto "
+                "frontier." + lambada_note,
                 sweep_table(points), "## Best setting of each method at matched budgets",
                 budget_table(matched_budgets(points, budgets))]
     if args.plots:
@@ -97,6 +111,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "delta_pct": p.delta_pct} for p in points],
                             out / "frontier.png", f"{args.model}: perplexity delta vs effective bits")
         sections.append(f"![frontier]({png.name})")
+        if args.lambada_limit:
+            png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "accuracy_loss_points": -p.lambada_delta}
+                                 for p in points], out / "frontier_lambada.png",
+                                f"{args.model}: LAMBADA accuracy loss (points) vs effective bits", y="accuracy_loss_points")
+            sections.append(f"![LAMBADA frontier]({png.name})")
     sections.append(f"Command: `decoquant sweep {' '.join(args.argv)}`".rstrip())
     markdown = "\n\n".join(sections) + "\n"
     print(markdown)

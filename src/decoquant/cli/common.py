@@ -89,8 +89,8 @@ def _args_dict(args: argparse.Namespace) -> dict:
 def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
     p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
                    help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = --preset)")
-    p.add_argument("--preset", default="paper", choices=("paper", "kv-split"),
-                   help="DecoQuant's recipe: the paper's (default) or kv-split (best of our sweep)")
+    p.add_argument("--preset", default="paper", choices=("paper", "kv-split", "channel64-token"),
+                   help="DecoQuant's recipe: the paper's (default), kv-split or channel64-token (the frontier's choice)")
     p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
     _add_window_args(p, max_windows)
 

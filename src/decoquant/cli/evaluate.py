@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import BITS
+from ..config import BITS, DecoQuantConfig
 from .common import _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _progress, _text
 
 TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
@@ -23,6 +23,15 @@ def _accuracy_configs(methods: list[str], bits: list[int], layout: str, preset: 
                 extra = {"preset": preset, **({"layout": layout} if preset == "paper" else {})} if m == "decoquant" else {}
                 out.append(DecoQuantConfig(method=m, bits=b, **extra))
     return out
+
+
+def _smoothquant_scales(model, tok, args) -> dict:
+    """SmoothQuant's channel divisors, calibrated on WikiText-2 validation (never evaluated here)."""
+    from ..eval.smoothquant import smoothing_scales
+    from ..eval.text import wikitext2_validation
+
+    ids = tok(wikitext2_validation(args.data_dir), return_tensors="pt").input_ids
+    return smoothing_scales(model, ids, alpha=0.5, window=512, max_windows=8)
 
 
 def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict]:
@@ -74,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = _parse_list(args.tasks, TASKS)
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
-    acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant"])
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     shots = [int(s) for s in args.shots.split(",") if s]
     configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
@@ -108,15 +117,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from ..eval.lambada import lambada
 
         layout = "channel" if variant == "paper" else "group"
-        acc_configs = _accuracy_configs(acc_methods, bits, layout, args.preset)
+        plain = [m for m in acc_methods if m != "smoothquant"]
+        acc_configs = _accuracy_configs(plain, bits, layout, args.preset)
         prog = lambda it: _progress(it, f"lambada-{variant}")  # noqa: E731
-        results = lambada(model, tok, args.data_dir, variant, acc_configs, limit=args.lambada_limit, progress=prog)
+        smoothing = _smoothquant_scales(model, tok, args) if "smoothquant" in acc_methods else None
+
+        def run(cfgs, wb=None, smooth=None):
+            return lambada(model, tok, args.data_dir, variant, cfgs, weight_bits=wb, limit=args.lambada_limit,
+                           progress=prog, smoothing=smooth)
+
+        smooth_rows = lambda widths: [DecoQuantConfig(method="rtn", bits=b) for b in widths]  # noqa: E731
+        results = run(acc_configs)
+        if smoothing is not None:
+            results += run(smooth_rows(bits), None, smoothing)
         for wb in weight_bits:
-            wa = _accuracy_configs([m for m in ("rtn", "decoquant") if m in acc_methods], [wb], layout, args.preset)
-            results += lambada(model, tok, args.data_dir, variant, wa, weight_bits=wb, limit=args.lambada_limit,
-                               progress=prog)
+            results += run(_accuracy_configs([m for m in ("rtn", "decoquant") if m in plain], [wb], layout, args.preset), wb)
+            if smoothing is not None:
+                results += run(smooth_rows([wb]), wb, smoothing)
         what = ("last-token accuracy on the validation passages (the paper's Table 2 protocol)" if variant == "paper"
                 else "last-word accuracy on the OpenAI test set (lm-eval's lambada_openai scoring)")
+        if smoothing is not None:
+            what += ("; SmoothQuant (alpha 0.5) = per-token RTN of k/s and v/s with channel scales s calibrated on "
+                     "WikiText-2's validation split (SmoothQuant needs data, DecoQuant does not)")
         sections += [f"## LAMBADA ({variant})",
                      f"{what}; first {results[0].total} passages. Key/value projection outputs fake-quantized over "
                      f"the whole sequence (keys before RoPE), every layer; DecoQuant = preset {args.preset} "
@@ -127,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "icl" in tasks:
         from ..eval.icl import icl_accuracy
 
-        acc_configs = _accuracy_configs(acc_methods, bits, "group", args.preset)
+        acc_configs = _accuracy_configs([m for m in acc_methods if m != "smoothquant"], bits, "group", args.preset)
         seeds = tuple(int(s) for s in args.seeds.split(","))
         results = [r for k in shots for d in _progress(datasets, f"icl {k}-shot")
                    for r in icl_accuracy(model, tok, args.data_dir, d, k, acc_configs, seeds, args.icl_limit)]

@@ -52,8 +52,9 @@ def lambada_items(tok, passages: list[str], variant: str) -> list[tuple[list[int
 @torch.no_grad()
 def lambada_accuracy(model, items: list[tuple[list[int], int]], config: DecoQuantConfig | None,
                      weight_bits: int | None = None, batch_size: int = 32, task: str = "lambada",
-                     progress=None) -> AccuracyResult:
-    """Greedy accuracy on `items` with k/v projection outputs quantized by `config` (None: exact)."""
+                     progress=None, smoothing: dict | None = None) -> AccuracyResult:
+    """Greedy accuracy on `items` with k/v projection outputs quantized by `config` (None: exact);
+    `smoothing` (SmoothQuant's channel divisors) turns an RTN config into the SmoothQuant baseline."""
     by_length: dict[int, list[tuple[list[int], int]]] = defaultdict(list)
     for ids, n in items:
         if len(ids) < n + 1:
@@ -63,7 +64,7 @@ def lambada_accuracy(model, items: list[tuple[list[int], int]], config: DecoQuan
                for i in range(0, len(group), batch_size)]
     device = next(model.parameters()).device
     correct = 0
-    with quantized_projections(model, config, weight_bits):
+    with quantized_projections(model, config, weight_bits, smoothing):
         for batch in (progress(batches) if progress else batches):
             ids = torch.tensor([b[0] for b in batch], device=device)
             keep = max(n for _, n in batch) + 1
@@ -72,16 +73,18 @@ def lambada_accuracy(model, items: list[tuple[list[int], int]], config: DecoQuan
             for row, (_, n) in enumerate(batch):
                 correct += int(torch.equal(pred[row, keep - 1 - n:], ids[row, -n:]))
     label = "fp16" if config is None else config.label()
+    if smoothing is not None and config is not None:
+        label = f"smoothquant-{config.bits}b"
     return AccuracyResult(task, label, weight_bits, correct / len(items), correct, len(items))
 
 
 def lambada(model, tok, data_dir, variant: str, configs: list[DecoQuantConfig | None],
             weight_bits: int | None = None, limit: int | None = None, batch_size: int = 32,
-            progress=None) -> list[AccuracyResult]:
+            progress=None, smoothing: dict | None = None) -> list[AccuracyResult]:
     """Accuracy for each config on the first `limit` passages of the chosen LAMBADA variant."""
     if variant not in LAMBADA_VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; allowed values: {LAMBADA_VARIANTS}")
     passages = lambada_passages(data_dir, variant)[:limit]
     items = lambada_items(tok, passages, variant)
     task = f"lambada-{variant}"
-    return [lambada_accuracy(model, items, c, weight_bits, batch_size, task, progress) for c in configs]
+    return [lambada_accuracy(model, items, c, weight_bits, batch_size, task, progress, smoothing) for c in configs]

@@ -26,6 +26,7 @@ class PerplexityResult:
     bytes_per_token: float  # cache bytes at the end of a window / tokens, exact tokens counted as fp16
     fp16_bytes_per_token: float  # the same cache entirely in fp16
     block_bits: float  # stored bits per element of the compressed blocks alone (nan if none)
+    history_bits: float  # the same over everything older than the window: blocks and fp16 sinks
 
 
 def make_cache(model, config: DecoQuantConfig | None):
@@ -39,16 +40,17 @@ def make_cache(model, config: DecoQuantConfig | None):
     return DecoQuantCache(config, model.config)
 
 
-def _cache_bytes(cache) -> tuple[int, int, int, int]:
-    """(bytes with exact tokens as fp16, fp16 bytes, compressed block bytes, compressed block elements).
+def _cache_bytes(cache) -> tuple[int, int, int, int, int]:
+    """(bytes with exact tokens as fp16, fp16 bytes, compressed block bytes, compressed block elements,
+    sink elements).
     Exact tokens count 2 bytes per element whatever dtype the (CPU, fp32) model ran in, so the
     numbers are those of the same cache in an fp16 model."""
     if hasattr(cache, "memory_report"):
         mem = cache.memory_report()
         total = mem["compressed_blocks"] + 2 * mem["exact_elements"]
-        return total, mem["fp16_equivalent"], mem["compressed_blocks"], mem["compressed_elements"]
+        return total, mem["fp16_equivalent"], mem["compressed_blocks"], mem["compressed_elements"], mem["sink_elements"]
     fp16 = sum(layer.keys.numel() * 2 * 2 for layer in cache.layers if layer.is_initialized)
-    return fp16, fp16, 0, 0
+    return fp16, fp16, 0, 0, 0
 
 
 @torch.no_grad()
@@ -65,7 +67,7 @@ def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, w
     if n_windows == 0:
         raise ValueError(f"the text has {input_ids.shape[1]} tokens, fewer than one window of {window}")
     device = next(model.parameters()).device
-    nll_sum, count, bpt, fp16_bpt, block_bytes, block_elems = 0.0, 0, 0.0, 0.0, 0, 0
+    nll_sum, count, bpt, fp16_bpt, block_bytes, block_elems, sink_elems = 0.0, 0, 0.0, 0.0, 0, 0, 0
     windows = range(n_windows) if progress is None else progress(range(n_windows))
     for w in windows:
         ids = input_ids[:, w * window:(w + 1) * window].to(device)
@@ -77,12 +79,14 @@ def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, w
             logits = logits[:, : targets.shape[1]]
             nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
             count += targets.numel()
-        total, fp16, blocks, elems = _cache_bytes(cache)
+        total, fp16, blocks, elems, sinks = _cache_bytes(cache)
         bpt += total / window
         fp16_bpt += fp16 / window
         block_bytes += blocks
         block_elems += elems
+        sink_elems += sinks if elems else 0
     label = "fp16" if config is None else config.label()
     nll = nll_sum / count
     return PerplexityResult(label, math.exp(nll), nll, count, n_windows, bpt / n_windows, fp16_bpt / n_windows,
-                            8.0 * block_bytes / block_elems if block_elems else float("nan"))
+                            8.0 * block_bytes / block_elems if block_elems else float("nan"),
+                            (8.0 * block_bytes + 16.0 * sink_elems) / (block_elems + sink_elems) if block_elems else float("nan"))

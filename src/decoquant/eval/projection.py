@@ -38,8 +38,12 @@ def _head_dim(model) -> int:
     return int(head_dim or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def quantize_projection_output(y: torch.Tensor, config: DecoQuantConfig, kind: str, head_dim: int) -> torch.Tensor:
-    """y [batch, tokens, kv_heads * head_dim] -> the same, fake-quantized per batch row over all tokens."""
+def quantize_projection_output(y: torch.Tensor, config: DecoQuantConfig, kind: str, head_dim: int,
+                               smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """y [batch, tokens, kv_heads * head_dim] -> the same, fake-quantized per batch row over all tokens.
+    smooth [kv_heads * head_dim]: SmoothQuant's channel divisors (y / s is quantized, then times s)."""
+    if smooth is not None:
+        return quantize_projection_output(y / smooth, config, kind, head_dim) * smooth
     b, t, d = y.shape
     x = y.view(b, t, d // head_dim, head_dim).transpose(1, 2)  # [B, H, T, hd]
     return fake_quantize(x, config, kind).transpose(1, 2).reshape(b, t, d)
@@ -51,9 +55,11 @@ def rtn_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def quantized_projections(model, config: DecoQuantConfig | None, weight_bits: int | None = None) -> Iterator[None]:
+def quantized_projections(model, config: DecoQuantConfig | None, weight_bits: int | None = None,
+                          smoothing: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
     """Within the block, k_proj/v_proj outputs are fake-quantized with `config` (None: left exact) and,
-    if `weight_bits` is set, their weights are per-channel RTN at that width. Restored on exit."""
+    if `weight_bits` is set, their weights are per-channel RTN at that width. Restored on exit.
+    smoothing: {module name: channel divisors} from `smoothquant.smoothing_scales` (SmoothQuant)."""
     if config is None and weight_bits is None:
         yield
         return
@@ -63,12 +69,14 @@ def quantized_projections(model, config: DecoQuantConfig | None, weight_bits: in
         config.check_head_dim(head_dim)
     handles, saved = [], []
     try:
-        for _, module, kind in projections:
+        for name, module, kind in projections:
             if weight_bits is not None:
                 saved.append((module, module.weight.data))
                 module.weight.data = rtn_weight(module.weight.data, weight_bits)
             if config is not None:
-                hook = (lambda kind_: lambda _m, _i, out: quantize_projection_output(out, config, kind_, head_dim))(kind)
+                smooth = None if smoothing is None else smoothing[name]
+                hook = (lambda kind_, s_: lambda _m, _i, out: quantize_projection_output(out, config, kind_, head_dim, s_))(
+                    kind, smooth)
                 handles.append(module.register_forward_hook(hook))
         yield
     finally:

@@ -13,19 +13,25 @@ from typing import Sequence
 
 from ..config import DecoQuantConfig
 
-GRIDS = ("quick", "full")
+GRIDS = ("presets", "quick", "full")
 
 
-def _decoquant_variants(bits: int, block_size: int, full: bool) -> list[DecoQuantConfig]:
-    """(T_S sharing, key granularity, value granularity, symmetric) combinations."""
-    out = [DecoQuantConfig(method="decoquant", bits=bits, preset="paper")]
+def _decoquant_variants(bits: int, block_size: int, grid: str) -> list[DecoQuantConfig]:
+    """The presets, then (T_S sharing, key granularity, value granularity, symmetric) combinations."""
+    out = [DecoQuantConfig(method="decoquant", bits=bits, preset=p, block_size=block_size)
+           for p in ("paper", "kv-split", "channel64-token") if p != "channel64-token" or block_size % 64 == 0]
+    if block_size % 32 == 0:  # keys per channel over 32-token groups: more metadata, finer key scales
+        out.append(DecoQuantConfig(method="decoquant", bits=bits, scale_granularity="channel", quant_group_size=32,
+                                   value_scale_granularity="token", symmetric=False))
+    if grid == "presets":
+        return out
     grans = ("token", "token_head", "channel")
-    if full:
+    if grid == "full":
         space = [(ts, k, v, sym) for ts, k, v, sym in itertools.product(("layer", "head"), grans, grans, (True, False))]
     else:
         space = [("layer", "token", "token", False), ("layer", "token_head", "token_head", False),
                  ("layer", "channel", "channel", False), ("head", "channel", "channel", False),
-                 ("layer", "channel", "channel", True), ("layer", "channel", "token_head", False)]
+                 ("layer", "channel", "channel", True)]
     for ts, key_gran, value_gran, sym in space:
         out.append(DecoQuantConfig(method="decoquant", bits=bits, ts_sharing=ts, scale_granularity=key_gran,
                                    value_scale_granularity=value_gran, symmetric=sym, quant_group_size=block_size))
@@ -33,24 +39,28 @@ def _decoquant_variants(bits: int, block_size: int, full: bool) -> list[DecoQuan
 
 
 def sweep_grid(bits: Sequence[int] = (2, 3, 4), grid: str = "quick", block_size: int = 128) -> list[DecoQuantConfig]:
-    """Baselines (rtn, rotation, KIVI at groups 32/64/128) and DecoQuant variants at each width.
-    DecoQuant's "channel" scales are per T_L column over one block (quant_group_size = block_size)."""
+    """Baselines (rtn, rotation, KIVI at groups 32/64/128) and DecoQuant variants at each width:
+    "presets" = the presets and 32-token key groups, "quick" adds a curated set of granularities,
+    "full" every combination. DecoQuant's "channel" scales of those variants are per T_L column
+    over one block (quant_group_size = block_size)."""
     if grid not in GRIDS:
         raise ValueError(f"grid={grid!r} is not supported; allowed values: {GRIDS}")
     configs = []
     for b in bits:
         configs += [DecoQuantConfig(method="rtn", bits=b), DecoQuantConfig(method="rotation", bits=b)]
         configs += [DecoQuantConfig(method="kivi", bits=b, quant_group_size=g) for g in (32, 64, 128)]
-        configs += _decoquant_variants(b, block_size, grid == "full")
+        configs += _decoquant_variants(b, block_size, grid)
     return [c.replace(block_size=block_size) for c in configs]
 
 
 def describe(config: DecoQuantConfig) -> str:
     """A label that tells the sweep's DecoQuant variants apart."""
-    if config.method != "decoquant" or config.preset == "paper":
+    if config.method != "decoquant" or config.preset is not None:
         return config.label()
     sym = "sym" if config.is_symmetric else "asym"
     grans = config.granularity("key")
+    if grans in ("channel", "group") and config.quant_group_size != config.block_size:
+        grans += str(config.quant_group_size)
     if config.granularity("value") != grans:
         grans += f"/v{config.granularity('value')}"
     return f"decoquant-{grans}-{sym}-ts{config.ts_sharing}-{config.bits}b"
@@ -61,11 +71,12 @@ class SweepPoint:
     label: str
     method: str
     bits: int
-    effective_bits: float  # stored bits per element of the compressed blocks
+    effective_bits: float  # stored bits per element older than the window: blocks (metadata included), fp16 sinks
     quality: float  # perplexity (lower is better)
     delta_pct: float  # vs fp16, in percent
     frontier: bool = False
     config: dict | None = None
+    lambada_delta: float | None = None  # LAMBADA accuracy minus fp16's, points (paper protocol), if run
 
 
 def mark_frontier(points: Sequence[SweepPoint]) -> None:
@@ -88,11 +99,13 @@ def matched_budgets(points: Sequence[SweepPoint], budgets: Sequence[float], slac
 
 
 def sweep_table(points: Sequence[SweepPoint]) -> str:
-    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | frontier |",
-             "|---|---:|---:|---:|---:|:---:|"]
+    acc = any(p.lambada_delta is not None for p in points)
+    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | frontier |" + (" LAMBADA delta |" if acc else ""),
+             "|---|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
     for p in sorted(points, key=lambda p: (p.effective_bits, p.delta_pct)):
+        extra = "" if not acc else (" - |" if p.lambada_delta is None else f" {p.lambada_delta:+.1f} |")
         lines.append(f"| {p.label} | {p.bits} | {p.effective_bits:.3f} | {p.quality:.3f} | {p.delta_pct:+.2f}% | "
-                     f"{'*' if p.frontier else ''} |")
+                     f"{'*' if p.frontier else ''} |" + extra)
     return "\n".join(lines)
 
 
@@ -104,6 +117,17 @@ def budget_table(rows: Sequence[dict]) -> str:
                  for m in methods]
         lines.append(f"| {row['budget']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def add_lambada(model, items, points: Sequence[SweepPoint], progress=None) -> float:
+    """LAMBADA accuracy (the paper's projection protocol) of every point's config, as a delta in
+    points against fp16 on the same items; returns fp16's accuracy."""
+    from .lambada import lambada_accuracy
+
+    base = lambada_accuracy(model, items, None).accuracy
+    for p in (progress(points) if progress else points):
+        p.lambada_delta = 100 * (lambada_accuracy(model, items, DecoQuantConfig.from_dict(p.config)).accuracy - base)
+    return base
 
 
 def run_sweep(model, ids, configs: Sequence[DecoQuantConfig], window: int, chunk: int, max_windows: int | None,
@@ -120,7 +144,7 @@ def run_sweep(model, ids, configs: Sequence[DecoQuantConfig], window: int, chunk
     points = []
     for c in (progress(configs) if progress else configs):
         r = perplexity(model, ids, c, window, chunk, max_windows)
-        points.append(SweepPoint(describe(c), c.method, c.bits, r.block_bits, r.perplexity,
+        points.append(SweepPoint(describe(c), c.method, c.bits, r.history_bits, r.perplexity,
                                  100 * (r.perplexity / base - 1), config=c.to_dict()))
     mark_frontier(points)
     return base, points

@@ -39,6 +39,14 @@ def wikitext2_test(data_dir: str | Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def wikitext2_validation(data_dir: str | Path) -> str:
+    """WikiText-2's validation split (the tokenized release): calibration text kept apart from the test."""
+    path = Path(data_dir) / "wikitext2" / "wiki.valid.tokens"
+    if not path.exists():
+        raise ValueError(f"expected WikiText-2 validation at {path} (a data folder with wikitext2/wiki.valid.tokens)")
+    return path.read_text(encoding="utf-8")
+
+
 def load_text(source: str = "gensim-wiki", data_dir: str | Path | None = None) -> str:
     """source: "gensim-wiki" or "wikitext2" (needs data_dir)."""
     if source == "gensim-wiki":

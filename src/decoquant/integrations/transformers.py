@@ -160,7 +160,7 @@ class DecoQuantCache(DynamicCache):
         """Bytes held by part: compressed blocks, exact tokens (sinks, windows, uncompressed sliding
         layers), the total, the fp16 bytes of the same tokens, and element counts of both parts."""
         out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "fp16_equivalent": 0,
-               "exact_elements": 0, "compressed_elements": 0}
+               "exact_elements": 0, "compressed_elements": 0, "sink_elements": 0}
         for layer in self.layers:
             if isinstance(layer, DecoQuantLayer):
                 mem = layer.store.memory()
