@@ -1,5 +1,7 @@
 """Weight quantization: codec error per bit width, the packed QuantLinear, quantize_weights on real models."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,23 @@ def test_quantize_weights_on_gemma3(gemma3):
         quantize_weights(model, "decoquant", 8, modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         q8 = model(input_ids=ids).logits
     assert float((q8 - base).norm() / base.norm()) < 0.05
+
+
+@pytest.mark.slow
+def test_weights_command_labels_quantizer_variants(tmp_path):
+    pytest.importorskip("transformers")
+    from decoquant.cli import main
+
+    try:
+        from decoquant.integrations.models import load_model
+
+        load_model("smollm2-135m")
+    except ValueError as err:
+        pytest.skip(str(err))
+    assert main(["weights", "--model", "smollm2-135m", "--methods", "rtn,decoquant-sym", "--bits", "8",
+                 "--window", "256", "--chunk", "256", "--max-windows", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "weights.json").read_text())["rows"]
+    assert [r["weights"] for r in rows] == ["fp16", "rtn-sym-8b", "decoquant-sym-8b"]
+    assert all(abs(r["delta_pct"]) < 5 for r in rows)
+    with pytest.raises(SystemExit, match="'gptq'.*rtn-asym"):
+        main(["weights", "--methods", "gptq"])

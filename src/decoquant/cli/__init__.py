@@ -71,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or DecoQuant's MPO with a shared g x g fp16 T_S), store packed codes and run "
                                    "with on-the-fly dequantization; print perplexity and weight memory.")
     _add_model_args(p)
-    p.add_argument("--methods", default="rtn,decoquant", help="comma-separated from rtn,decoquant")
+    p.add_argument("--methods", default="rtn,rtn-asym,decoquant",
+                   help="comma-separated from rtn, decoquant, and their quantizer variants rtn-sym, rtn-asym, "
+                        "decoquant-sym, decoquant-asym (plain names use the method's default: RTN symmetric, "
+                        "DecoQuant asymmetric)")
     p.add_argument("--bits", default="8,4", help="comma-separated weight widths from 2,3,4,8")
-    p.add_argument("--group-size", type=int, default=16, help="DecoQuant's chunk width g (must divide in_features)")
-    p.add_argument("--asymmetric", action="store_true", help="min/max quantizer with zero point for both methods")
+    p.add_argument("--group-size", type=int, default=32, help="DecoQuant's chunk width g (must divide in_features)")
     p.add_argument("--window", type=int, default=1024, help="tokens per evaluation window")
     p.add_argument("--chunk", type=int, default=1024, help="tokens fed per forward call")
     p.add_argument("--max-windows", type=int, default=8, help="windows to evaluate (default 8)")

@@ -129,10 +129,10 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from ..eval.perplexity import perplexity
     from ..eval.report import write_report
     from ..integrations.models import load_model
-    from ..weights import quantize_weights
+    from ..weights import default_symmetric, quantize_weights
 
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["rtn", "decoquant"])
+    methods = _parse_list(args.methods, [f"{m}{v}" for m in ("rtn", "decoquant") for v in ("", "-sym", "-asym")])
     source, text = _text(args)
     model, tok = load_model(args.model)
     ids = tok(text, return_tensors="pt").input_ids
@@ -142,9 +142,12 @@ def cmd_weights(args: argparse.Namespace) -> int:
     for b in bits:
         for method in _progress(methods, f"{b}-bit weights"):
             model, _ = load_model(args.model)  # a fresh copy: quantization is in place
-            mem = quantize_weights(model, method, b, group_size=args.group_size, symmetric=not args.asymmetric)
+            base_method, _, variant = method.partition("-")
+            symmetric = default_symmetric(base_method) if not variant else variant == "sym"
+            mem = quantize_weights(model, base_method, b, group_size=args.group_size, symmetric=symmetric)
             r = run(model)
-            rows.append({"weights": f"{method}-{b}b", "perplexity": r.perplexity,
+            label = f"{base_method}-{'sym' if symmetric else 'asym'}-{b}b"
+            rows.append({"weights": label, "perplexity": r.perplexity,
                          "delta_pct": 100 * (r.perplexity / base.perplexity - 1), "memory": mem})
     lines = ["| weights | perplexity | delta vs fp16 | Linear weight MB | vs fp16 | bits/weight |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -156,8 +159,9 @@ def cmd_weights(args: argparse.Namespace) -> int:
     markdown = "\n\n".join([
         f"# decoquant weights: {args.model}",
         f"WxA16: every Linear inside the decoder layers quantized per output channel (embeddings and LM head "
-        f"exact, KV cache exact); {'asymmetric' if args.asymmetric else 'symmetric'} RTN, DecoQuant with "
-        f"g={args.group_size}. Perplexity on {source}, {base.windows} windows of {args.window}.",
+        f"exact, KV cache exact); sym = absmax scale, asym = min/max scale and zero point; DecoQuant with "
+        f"g={args.group_size} (one g x g fp16 T_S per matrix). Perplexity on {source}, {base.windows} windows of "
+        f"{args.window}.",
         "\n".join(lines), f"Command: `decoquant weights {' '.join(args.argv)}`".rstrip()]) + "\n"
     print(markdown)
     if args.out:

@@ -9,7 +9,7 @@ import torch
 from .codec import WEIGHT_METHODS, decode_weight, encode_weight
 from .linear import QuantLinear
 
-__all__ = ["QuantLinear", "quantize_weights", "weight_memory", "encode_weight", "decode_weight", "WEIGHT_METHODS"]
+__all__ = ["QuantLinear", "quantize_weights", "default_symmetric", "weight_memory", "encode_weight", "decode_weight", "WEIGHT_METHODS"]
 
 
 def _select(model, modules: Sequence[str] | None) -> list[tuple[str, torch.nn.Linear]]:
@@ -29,16 +29,28 @@ def _select(model, modules: Sequence[str] | None) -> list[tuple[str, torch.nn.Li
     return [(n, linears[n]) for n in chosen]
 
 
+DEFAULT_GROUP_SIZE = 32
+
+
+def default_symmetric(method: str) -> bool:
+    """The quantizer each method uses unless told otherwise: RTN symmetric (the paper's baseline, and
+    the better RTN on our models), DecoQuant asymmetric (its T_L is not centred; docs/results/weights.md)."""
+    return method == "rtn"
+
+
 def quantize_weights(model, method: str = "decoquant", bits: int = 4, modules: Sequence[str] | None = None,
-                     group_size: int = 16, symmetric: bool = True) -> dict:
+                     group_size: int = DEFAULT_GROUP_SIZE, symmetric: bool | None = None) -> dict:
     """Replace the selected `nn.Linear` modules of `model` by `QuantLinear`, in place.
 
     method: "decoquant" (2-site MPO, T_L per-output-channel RTN, T_S fp16) or "rtn" (per-output-channel
     RTN, the baseline). modules: None = every Linear in the decoder layers, or names / name suffixes
-    such as ["k_proj", "v_proj"]. Returns `weight_memory(model)`.
+    such as ["k_proj", "v_proj"]. group_size: DecoQuant's chunk width g (one g x g T_S per matrix).
+    symmetric: None = the method's default (`default_symmetric`). Returns `weight_memory(model)`.
     """
     if method not in WEIGHT_METHODS:
         raise ValueError(f"method={method!r} is not supported; allowed values: {WEIGHT_METHODS}")
+    if symmetric is None:
+        symmetric = default_symmetric(method)
     from ..packing import SUPPORTED_BITS
 
     if bits not in SUPPORTED_BITS:
