@@ -129,6 +129,7 @@ def test_bad_models_and_configs_are_clear_errors(smollm2):
         dq.DecoQuantCache(dq.DecoQuantConfig(), odd)
     cache = dq.DecoQuantCache.from_model(model, bits=2)
     assert cache.config.bits == 2 and len(cache.layers) == model.config.num_hidden_layers
+    assert (cache.config.preset, cache.config.sink_tokens) == ("channel64-token", 4)  # the frontier's default
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
@@ -146,6 +147,7 @@ def test_fused_decode_path_matches_the_decompressing_path(request, which):
     previous = model.config._attn_implementation
     try:
         dq.enable_fused_attention(model)
+        assert dq.DecoQuantCache.from_model(model).config.preset == "paper"  # the default the kernel reads
         cache = dq.DecoQuantCache(cfg, model.config)
         assert cache.fused
         out = generate(model, tok, 3, cache, max_new_tokens=32)
