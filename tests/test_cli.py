@@ -27,6 +27,7 @@ def test_eval_writes_a_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| decoquant-paper-4b |" in printed and "| rtn-4b |" in printed
     data = json.loads((out / "eval.json").read_text())
-    assert [r["label"] for r in data["perplexity"]] == ["fp16", "decoquant-paper-4b", "rtn-4b"]
+    assert [r["label"] for r in data["perplexity"]] == ["fp16", "decoquant-paper-4b", "decoquant-channel64-token-4b",
+                                                        "rtn-4b"]  # default presets: the paper's and the frontier's
     assert (out / "eval.md").read_text().startswith("# decoquant eval")
     assert not list(out.glob("*.tmp"))

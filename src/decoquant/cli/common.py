@@ -34,8 +34,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
 
 
-def _method_configs(methods: list[str], bits: list[int], fields: dict, preset: str = "paper") -> list:
-    """fp16 (None = transformers' DynamicCache) and one config per method and bit width."""
+PRESET_CHOICES = ("paper", "kv-split", "channel64-token")
+
+
+def _presets(args: argparse.Namespace) -> list[str]:
+    return _parse_list(args.preset, PRESET_CHOICES)
+
+
+def _method_configs(methods: list[str], bits: list[int], fields: dict, presets: list[str] = ("paper",)) -> list:
+    """fp16 (None = transformers' DynamicCache) and one config per method and bit width (DecoQuant:
+    one per preset)."""
     from ..config import DecoQuantConfig
 
     out = [None] if "fp16" in methods else []
@@ -43,8 +51,8 @@ def _method_configs(methods: list[str], bits: list[int], fields: dict, preset: s
         for m in methods:
             if m == "fp16":
                 continue
-            extra = {"preset": preset} if m == "decoquant" else {}
-            out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
+            for extra in ([{"preset": p} for p in presets] if m == "decoquant" else [{}]):
+                out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
     return out
 
 
@@ -74,7 +82,7 @@ def _run_perplexities(args: argparse.Namespace):
 
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
-    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
+    configs = _method_configs(methods, bits, _cache_fields(args), _presets(args))
     source, text = _text(args)
     model, tok = load_model(args.model)
     ids = tok(text, return_tensors="pt").input_ids
@@ -89,8 +97,9 @@ def _args_dict(args: argparse.Namespace) -> dict:
 def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
     p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
                    help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = --preset)")
-    p.add_argument("--preset", default="paper", choices=("paper", "kv-split", "channel64-token"),
-                   help="DecoQuant's recipe: the paper's (default), kv-split or channel64-token (the frontier's choice)")
+    p.add_argument("--preset", default="paper,channel64-token",
+                   help="DecoQuant's recipes, comma-separated from paper, kv-split, channel64-token (default: the "
+                        "paper's and the frontier's choice)")
     p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
     _add_window_args(p, max_windows)
 

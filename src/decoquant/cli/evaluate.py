@@ -7,20 +7,21 @@ import sys
 from pathlib import Path
 
 from ..config import BITS, DecoQuantConfig
-from .common import _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _progress, _text
+from .common import _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _presets, _progress, _text
 
 TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
 
 
-def _accuracy_configs(methods: list[str], bits: list[int], layout: str, preset: str = "paper") -> list:
-    """fp16 (None) and one config per method and bit width; decoquant = `preset` (the paper's in `layout`)."""
-    from ..config import DecoQuantConfig
-
+def _accuracy_configs(methods: list[str], bits: list[int], layout: str, presets: list[str] = ("paper",)) -> list:
+    """fp16 (None) and one config per method and bit width; decoquant: one per preset (the paper's in
+    `layout`, the others in the group layout)."""
     out = [None] if "fp16" in methods else []
     for b in bits:
         for m in methods:
-            if m != "fp16":
-                extra = {"preset": preset, **({"layout": layout} if preset == "paper" else {})} if m == "decoquant" else {}
+            if m == "fp16":
+                continue
+            for extra in ([{"preset": p, **({"layout": layout} if p == "paper" else {})} for p in presets]
+                          if m == "decoquant" else [{}]):
                 out.append(DecoQuantConfig(method=m, bits=b, **extra))
     return out
 
@@ -53,8 +54,6 @@ def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict
     if args.plots:
         from ..eval.plots import plot_densities, plot_error_vs, plot_layer_errors
 
-        from ..config import DecoQuantConfig
-
         out = Path(args.out or "decoquant-results")
         out.mkdir(parents=True, exist_ok=True)
         sweep = error_sweep(kv, [DecoQuantConfig(method=m, bits=b, **({"preset": "paper"} if m == "decoquant" else {}))
@@ -85,8 +84,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
     acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant"])
     weight_bits = _parse_list(args.weight_bits, BITS, int)
+    presets = _presets(args)
     shots = [int(s) for s in args.shots.split(",") if s]
-    configs = _method_configs(methods, bits, _cache_fields(args), args.preset)
+    configs = _method_configs(methods, bits, _cache_fields(args), presets)
     if any(t in tasks for t in ("lambada", "lambada-openai", "icl")) and args.data_dir is None:
         raise ValueError("the lambada and icl tasks need --data-dir (a folder with lambada/ and the ICL sets)")
     source, text = _text(args)  # checked before the model loads
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "## Perplexity through the cache",
             f"Text: {source}, {ppl[0].windows * args.window} tokens ({ppl[0].windows} windows of {args.window}, fed "
             f"in chunks of {args.chunk} through the cache; block_size={args.block_size}, residual_length="
-            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = preset {args.preset}. Bytes/token "
+            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = presets {args.preset}. Bytes/token "
             "count exact tokens as fp16.", perplexity_table(ppl)]
         payload["perplexity"] = [r.__dict__ for r in ppl]
     for variant in ("paper", "openai"):
@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         layout = "channel" if variant == "paper" else "group"
         plain = [m for m in acc_methods if m != "smoothquant"]
-        acc_configs = _accuracy_configs(plain, bits, layout, args.preset)
+        acc_configs = _accuracy_configs(plain, bits, layout, presets)
         prog = lambda it: _progress(it, f"lambada-{variant}")  # noqa: E731
         smoothing = _smoothquant_scales(model, tok, args) if "smoothquant" in acc_methods else None
 
@@ -131,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if smoothing is not None:
             results += run(smooth_rows(bits), None, smoothing)
         for wb in weight_bits:
-            results += run(_accuracy_configs([m for m in ("rtn", "decoquant") if m in plain], [wb], layout, args.preset), wb)
+            results += run(_accuracy_configs([m for m in ("rtn", "decoquant") if m in plain], [wb], layout, presets), wb)
             if smoothing is not None:
                 results += run(smooth_rows([wb]), wb, smoothing)
         what = ("last-token accuracy on the validation passages (the paper's Table 2 protocol)" if variant == "paper"
@@ -141,22 +141,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      "WikiText-2's validation split (SmoothQuant needs data, DecoQuant does not)")
         sections += [f"## LAMBADA ({variant})",
                      f"{what}; first {results[0].total} passages. Key/value projection outputs fake-quantized over "
-                     f"the whole sequence (keys before RoPE), every layer; DecoQuant = preset {args.preset} "
-                     f"({layout if args.preset == 'paper' else 'group'} layout). "
+                     f"the whole sequence (keys before RoPE), every layer; DecoQuant = presets {args.preset} "
+                     f"(the paper's in the {layout} layout, others in the group layout). "
                      "W-A rows with W < 16 also quantize the k_proj/v_proj weights with per-channel RTN.",
                      lambada_table(results)]
         payload[f"lambada_{variant}"] = [r.__dict__ for r in results]
     if "icl" in tasks:
         from ..eval.icl import icl_accuracy
 
-        acc_configs = _accuracy_configs([m for m in acc_methods if m != "smoothquant"], bits, "group", args.preset)
+        acc_configs = _accuracy_configs([m for m in acc_methods if m != "smoothquant"], bits, "group", presets)
         seeds = tuple(int(s) for s in args.seeds.split(","))
         results = [r for k in shots for d in _progress(datasets, f"icl {k}-shot")
                    for r in icl_accuracy(model, tok, args.data_dir, d, k, acc_configs, seeds, args.icl_limit)]
         sections += ["## In-context learning",
                      f"{args.icl_limit} test records per dataset (fixed draw), demonstrations drawn with seeds "
                      f"{list(seeds)}; the demonstrations' KV cache (every layer) is compressed with the packed codec "
-                     f"(DecoQuant = preset {args.preset}, group layout, one block); options scored by mean token NLL with "
+                     f"(DecoQuant = presets {args.preset}, group layout, one block); options scored by mean token NLL with "
                      "contextual calibration.", icl_table(results)]
         payload["icl"] = [r.__dict__ for r in results]
     if "reconstruction" in tasks:
