@@ -132,25 +132,34 @@ def test_bad_models_and_configs_are_clear_errors(smollm2):
     assert (cache.config.preset, cache.config.sink_tokens) == ("channel64-token", 4)  # the frontier's default
 
 
+FUSED_CONFIGS = {
+    "paper": dict(preset="paper", block_size=16, residual_length=8),
+    # the frontier's recipe at a small block: keys per channel over 32 tokens, asymmetric, 2 sinks (which
+    # are left padding in the shorter rows of the batch)
+    "channel-token-sinks": dict(scale_granularity="channel", quant_group_size=32, value_scale_granularity="token",
+                                symmetric=False, block_size=32, residual_length=8, sink_tokens=2),
+}
+
+
+@pytest.mark.parametrize("config", list(FUSED_CONFIGS))
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
-def test_fused_decode_path_matches_the_decompressing_path(request, which):
+def test_fused_decode_path_matches_the_decompressing_path(request, which, config):
     """With the fused attention enabled, decode steps read the packed blocks (on the CPU through the
     kernels' torch reference): greedy tokens equal those of the decompress-then-SDPA path."""
     import decoquant.integrations.attention as attention
 
     model, tok = request.getfixturevalue(which)
-    cfg = dq.DecoQuantConfig(preset="paper", block_size=16, residual_length=8)
-    ref = generate(model, tok, 3, dq.DecoQuantCache(cfg, model.config), max_new_tokens=32)
+    cfg = dq.DecoQuantConfig(**FUSED_CONFIGS[config])
+    ref = generate(model, tok, 3, dq.DecoQuantCache(cfg, model.config), max_new_tokens=48)
     calls = []
     original = attention.decode_attention
     attention.decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
     previous = model.config._attn_implementation
     try:
         dq.enable_fused_attention(model)
-        assert dq.DecoQuantCache.from_model(model).config.preset == "paper"  # the default the kernel reads
         cache = dq.DecoQuantCache(cfg, model.config)
         assert cache.fused
-        out = generate(model, tok, 3, cache, max_new_tokens=32)
+        out = generate(model, tok, 3, cache, max_new_tokens=48)
     finally:
         attention.decode_attention = original
         model.set_attn_implementation(previous)

@@ -109,27 +109,31 @@ def test_memory_counts_blocks_and_window():
     assert blocks / (2 * 2 * mem["compressed_elements"] / 2) <= 0.27
 
 
-def test_fused_store_serves_the_same_history_as_decoding():
+@pytest.mark.parametrize("fields", [{}, dict(preset=None, scale_granularity="channel", quant_group_size=32, block_size=32, symmetric=False,
+                                             value_scale_granularity="token", sink_tokens=3)],
+                         ids=["paper-like", "channel-token-sinks"])
+def test_fused_store_serves_the_same_history_as_decoding(fields):
     """A fused store keeps blocks in growing packed buffers (blocks are views into them) and answers
     single-token steps with a FusedKV; attention over it equals attention over the decoded history,
-    also after a beam reorder and a crop."""
+    also after a beam reorder and a crop. With sinks, the FusedKV's exact tokens start with them."""
     from decoquant.cache import FusedKV
     from decoquant.kernels.attention import decode_attention
     from decoquant.kernels.reference import attention_reference
 
     x = outlier_kv(batch=2, heads=2, tokens=220)
-    plain, fused = CompressedKVStore(cfg()), CompressedKVStore(cfg(), fused=True)
+    config = cfg(**fields)
+    plain, fused = CompressedKVStore(config), CompressedKVStore(config, fused=True)
     for store in (plain, fused):
-        store.append(x[..., :40, :], x[..., :40, :] * 0.5)
+        store.append(x[..., :80, :], x[..., :80, :] * 0.5)
     q = torch.randn(2, 4, 64)
-    for t in range(40, 220):
+    for t in range(80, 220):
         if t == 150:
             for store in (plain, fused):
                 store.select_batch(torch.tensor([1, 0]))
             x = x[[1, 0]]
         k_ref, v_ref = plain.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
         out = fused.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)[0]
-        assert isinstance(out, FusedKV)
+        assert isinstance(out, FusedKV) and out.sink_tokens == fields.get("sink_tokens", 0)
         got = decode_attention(q, out.keys, out.values, 0.125, window_k=out.window_keys, window_v=out.window_values)
         assert torch.allclose(got, attention_reference(q, k_ref, v_ref, 0.125), atol=1e-5, rtol=1e-4)
     assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks)

@@ -7,6 +7,7 @@ import torch
 import decoquant as dq
 from decoquant.kernels.attention import decode_attention
 from decoquant.kernels.layout import PackedKV
+from decoquant.kernels.reference import dequantize_packed
 
 triton = pytest.importorskip("triton")
 CUDA = torch.cuda.is_available()
@@ -19,17 +20,7 @@ def rel(a, b):
 
 def packed(batch, kv_heads, tokens, head_dim, bits, block, seed, **cfg_fields):
     """Compress `tokens` of random outlier-heavy K and V block by block."""
-    gen = torch.Generator().manual_seed(seed)
-    cfg = dq.DecoQuantConfig(method="decoquant", bits=bits, **(cfg_fields or {"preset": "paper"}))
-    ks, vs = [], []
-    for _ in range(tokens // block):
-        k = torch.randn(batch, kv_heads, block, head_dim, generator=gen)
-        k[..., 3] *= 25
-        k[:, 0, :, head_dim - 2] += 10
-        v = torch.randn(batch, kv_heads, block, head_dim, generator=gen)
-        v[..., 7] *= 8
-        ks.append(dq.compress(k.to(DEVICE), cfg, "key"))
-        vs.append(dq.compress(v.to(DEVICE), cfg, "value"))
+    ks, vs = _blocks(batch, kv_heads, tokens, head_dim, bits, block, seed, cfg_fields or {"preset": "paper"})
     return PackedKV.from_blocks(ks), PackedKV.from_blocks(vs)
 
 
@@ -75,6 +66,51 @@ def test_per_head_scales_and_ts():
     ref = decode_attention(q, k, v, 0.125, backend="torch")
     out = decode_attention(q, k, v, 0.125, backend="triton", num_splits=2, tile=32)
     assert rel(out, ref) < tolerance(True)
+
+
+@pytest.mark.parametrize("fields", [
+    {"preset": "channel64-token", "block_size": 128},  # keys per T_L channel over 64 tokens, asymmetric
+    {"preset": "kv-split", "block_size": 64},  # one key group per block, values per token and head
+    {"scale_granularity": "token_head", "symmetric": False},  # asymmetric per-token keys and values
+], ids=["channel64-token", "kv-split", "asym-token-head"])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_asymmetric_and_channel_scales(fields, bits):
+    """Asymmetric codes and per-channel key scales: the kernel folds channel scales into the query per
+    tile and adds the zero points; ragged lengths, left padding and a window as in the main test."""
+    block = fields.get("block_size", 64)
+    k, v = packed(2, 2, 2 * block, 64, bits, block, seed=11 + bits, **fields)
+    assert k.zeros is not None and v.zeros is not None
+    assert k.channel_group == (fields.get("quant_group_size") or (64 if fields.get("preset") == "channel64-token"
+                                                                  else block if "preset" in fields else 0))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
+    kv_len = torch.tensor([2 * block - 7, block + 3], device=DEVICE)
+    kv_start = torch.tensor([0, 2], device=DEVICE)
+    wk, wv = (torch.randn(2, 2, 3, 64, generator=gen).to(DEVICE) for _ in range(2))
+    ref = decode_attention(q, k, v, 0.125, kv_start, kv_len, wk, wv, backend="torch")
+    for low_precision in (False, True):  # fp16 dots also round the channel-scaled query: a little looser
+        out = decode_attention(q, k, v, 0.125, kv_start, kv_len, wk, wv, backend="triton", num_splits=2,
+                               low_precision=low_precision)
+        assert rel(out, ref) < tolerance(low_precision) * (2.5 if low_precision and not CUDA else 1)
+    # the reference itself decodes what the codec decodes
+    keys = torch.cat([dq.decompress(c) for c in _blocks(2, 2, 2 * block, 64, bits, block, 11 + bits, fields)[0]], 2)
+    assert rel(dequantize_packed(k), keys) < 1e-3
+
+
+def _blocks(batch, kv_heads, tokens, head_dim, bits, block, seed, fields):
+    """The same blocks as `packed`, unpacked (lists of CompressedKV for keys and values)."""
+    gen = torch.Generator().manual_seed(seed)
+    cfg = dq.DecoQuantConfig(method="decoquant", bits=bits, **fields)
+    ks, vs = [], []
+    for _ in range(tokens // block):
+        k = torch.randn(batch, kv_heads, block, head_dim, generator=gen)
+        k[..., 3] *= 25
+        k[:, 0, :, head_dim - 2] += 10
+        v = torch.randn(batch, kv_heads, block, head_dim, generator=gen)
+        v[..., 7] *= 8
+        ks.append(dq.compress(k.to(DEVICE), cfg, "key"))
+        vs.append(dq.compress(v.to(DEVICE), cfg, "value"))
+    return ks, vs
 
 
 def test_reference_matches_decompress():

@@ -70,8 +70,9 @@ class FusedKV:
 
     keys: PackedKV
     values: PackedKV
-    window_keys: torch.Tensor  # [B, KVH, W, D]: the exact tokens, the new one included
+    window_keys: torch.Tensor  # [B, KVH, S + W, D]: the exact tokens (sinks, then the window with the new one)
     window_values: torch.Tensor
+    sink_tokens: int = 0  # S: how many of the exact tokens are sinks (they precede the blocks)
 
     @property
     def compressed_tokens(self) -> int:
@@ -83,15 +84,16 @@ class CompressedKVStore:
 
     fused: keep the blocks in contiguous packed buffers (each Block's tensors are views into them)
     and answer single-token steps with a `FusedKV` for the fused attention kernel instead of
-    decoding the history. Needs a fused-compatible config and no sink tokens; steps that cannot be
-    served that way (several new tokens, a cropped or exact-row block) fall back to decoding.
+    decoding the history. Needs a fused-compatible config (`kernels.layout.fused_compatible`); steps
+    that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
+    decoding.
     """
 
     def __init__(self, config: DecoQuantConfig, fused: bool = False):
-        if fused and not (fused_compatible(config) and config.sink_tokens == 0):
-            raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, symmetric "
-                             f"per-token scales, bits in (2, 4, 8), group_size 16 or 32 and sink_tokens=0; got "
-                             f"{config.label()}")
+        if fused and not fused_compatible(config):
+            raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, "
+                             f"bits in (2, 4, 8), group_size 16 or 32, value scales per token (or token and head) and "
+                             f"key scales per token or per channel over 32/64/128-token groups; got {config.label()}")
         self.config = config
         self.fused = fused
         self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
@@ -109,7 +111,11 @@ class CompressedKVStore:
             self.window_keys = _cat(self.window_keys, keys)
             self.window_values = _cat(self.window_values, values)
             self.length += keys.shape[-2]
-            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), self.window_keys, self.window_values)
+            exact_k, exact_v, sinks = self.window_keys, self.window_values, 0
+            if self.sink_keys is not None:
+                exact_k, exact_v = torch.cat([self.sink_keys, exact_k], -2), torch.cat([self.sink_values, exact_v], -2)
+                sinks = self.sink_keys.shape[-2]
+            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), exact_k, exact_v, sinks)
             self._flush()
             return view, view
         parts_k, parts_v = [], []

@@ -2,7 +2,7 @@
 
     python -m decoquant.bench.kernel_decode [--batch 1,8,32] [--kv-heads 8,32] [--context 4096,16384,32768]
 
-For each shape: random fp16 K/V with outlier channels are compressed block by block (paper preset),
+For each shape: random fp16 K/V with outlier channels are compressed block by block (`--preset`, default the paper's),
 the fused kernel reads the packed blocks, and torch's scaled_dot_product_attention reads the fp16
 K/V that the blocks decode to (so both attend over the same values). A row reports a speedup only
 if the kernel matches SDPA (relative error < 1e-2). Bandwidth = bytes read + written / time, next
@@ -26,12 +26,12 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed):
+def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed, preset="paper"):
     """Compressed blocks of random outlier-heavy KV, built in chunks of blocks to bound memory."""
     import decoquant as dq
     from decoquant.kernels.layout import PackedKVBuffer
 
-    cfg = dq.DecoQuantConfig(preset="paper", bits=bits)
+    cfg = dq.DecoQuantConfig(preset=preset, bits=bits, block_size=block_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     n_blocks = tokens // block_size
     k_buf, v_buf = PackedKVBuffer(), PackedKVBuffer()
@@ -55,17 +55,19 @@ def dequantize_fp16(p, chunk: int = 1) -> torch.Tensor:
     for b in range(0, p.codes.shape[0], chunk):
         sl = slice(b, b + chunk)
         outs.append(dequantize_packed(PackedKV(p.codes[sl], p.scales[sl], p.ts[sl], p.bits, p.block_size,
-                                               p.group_size)).half())
+                                               p.group_size, None if p.zeros is None else p.zeros[sl],
+                                               p.channel_group)).half())
     return torch.cat(outs)
 
 
-def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, **kernel_options):
+def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, preset="paper",
+             **kernel_options):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
     from decoquant.kernels.attention import decode_attention
 
-    k, v = random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed=tokens + bits)
+    k, v = random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed=tokens + bits, preset=preset)
     q = torch.randn(batch, q_heads, head_dim, device=device, dtype=torch.float16)
     scale = head_dim ** -0.5
     k16, v16 = dequantize_fp16(k), dequantize_fp16(v)
@@ -119,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="4,2")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--preset", default="paper", choices=("paper", "channel64-token", "kv-split"),
+                   help="DecoQuant preset of the compressed blocks (default: the paper's)")
     p.add_argument("--tile", type=int, default=128, help="tokens per kernel tile")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=3)
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
                     if fp16_gb > args.max_fp16_gb:
                         continue
                     r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
-                                 tile=args.tile, num_warps=args.num_warps, num_stages=args.num_stages,
+                                 preset=args.preset, tile=args.tile, num_warps=args.num_warps, num_stages=args.num_stages,
                                  low_precision=not args.fp32_dots)
                     rows.append(r)
                     sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"

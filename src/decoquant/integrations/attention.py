@@ -23,11 +23,11 @@ def _validity(attention_mask: torch.Tensor | None, kv: FusedKV, batch: int):
     mask = attention_mask[:, 0, -1, :]  # [B, kv_len]: the (single) query row
     if mask.dtype != torch.bool:
         mask = mask == 0  # additive float mask: 0 = attend
-    t_c = kv.compressed_tokens
-    blocks = mask[:, :t_c]
+    s, t_c = kv.sink_tokens, kv.compressed_tokens  # token order: [sinks | blocks | window]
+    blocks = mask[:, s:s + t_c]
     # left padding: valid compressed tokens are a suffix of the blocks
     kv_start = (t_c - blocks.sum(1)).to(torch.int32)
-    return kv_start, mask[:, t_c:]
+    return kv_start, torch.cat([mask[:, :s], mask[:, s + t_c:]], 1)  # the exact tokens: sinks, then the window
 
 
 def decoquant_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -121,7 +121,7 @@ class DecoQuantCache(DynamicCache):
 
         wanted = getattr(model_config, "_attn_implementation", None) == "decoquant"
         if fused == "auto":
-            fused = wanted and fused_compatible(config) and config.sink_tokens == 0
+            fused = wanted and fused_compatible(config)
             if wanted and not fused:
                 warnings.warn(f"{config.label()} cannot be read by the fused attention kernel; decode steps "
                               "decompress the history and use SDPA instead", stacklevel=2)
@@ -140,16 +140,12 @@ class DecoQuantCache(DynamicCache):
         """Build a cache for `model`; `fields` override the config (e.g. bits=2).
 
         config None picks the default: the frontier's preset, `DecoQuantConfig(preset="channel64-token",
-        sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md), or, when the model runs
-        the fused attention (`decoquant.enable_fused_attention`), the paper preset that the fused kernel
-        reads (`preset="paper"`).
+        sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it).
 
         Under tensor parallelism (`tp_plan="auto"`) each rank holds some of the kv heads and compresses
         them with no communication; the config must then be head-local (`config.head_local`, e.g.
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
-        if config is None:
-            fused = getattr(model.config, "_attn_implementation", None) == "decoquant"
-            config = DecoQuantConfig(preset="paper") if fused else DecoQuantConfig(preset="channel64-token", sink_tokens=4)
+        config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
         config = config.replace(**fields) if fields else config
         tp_size = getattr(model, "tp_size", None) or 1
         if tp_size > 1 and not config.head_local:

@@ -71,10 +71,13 @@ def dequantize(p: PackedKV, dtype: torch.dtype = torch.float16, backend: str = "
     "triton", "torch" (the reference) or "auto" (triton on CUDA, torch elsewhere)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
-    if backend == "auto":
-        backend = "triton" if p.codes.is_cuda else "torch"
+    if backend == "auto":  # the Triton kernel reads symmetric per-token scales (the paper preset)
+        backend = "triton" if p.codes.is_cuda and p.symmetric and not p.channel_group else "torch"
     if backend == "torch":
         return dequantize_packed(p).to(dtype)
+    if not p.symmetric or p.channel_group:
+        raise ValueError("the Triton dequantize kernel reads symmetric per-token scales; use backend='torch' or "
+                         "'auto' for asymmetric or per-channel blocks")
     from .triton.dequantize import dequantize_packed_triton
 
     return dequantize_packed_triton(p, dtype)

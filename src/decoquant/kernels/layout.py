@@ -1,11 +1,15 @@
-"""`PackedKV`: the contiguous GPU layout of a layer's compressed blocks (DecoQuant group layout,
-symmetric codes), read directly by the decode-attention kernels.
+"""`PackedKV`: the contiguous GPU layout of a layer's compressed blocks (DecoQuant group layout),
+read directly by the decode-attention kernels.
 
     codes   uint8  [B, KVH, T, D * bits / 8]   packed per token row (packing.py bit order)
-    scales  fp16   [B, S_H, T]                 one scale per token (S_H = 1: shared by all heads,
-                                               the paper; S_H = KVH: per token and head)
+    scales  fp16   [B, S_H, T]                 per-token scales (channel_group = 0; S_H = 1: shared
+                                               by all heads, the paper; S_H = KVH: per token and head)
+            fp16   [B, KVH, T / cg, D]         or per T_L channel over groups of cg = channel_group
+                                               tokens (the keys of preset "channel64-token")
+    zeros   fp16   like scales, or None        asymmetric codes: T_L = codes * s + z; symmetric
+                                               (None): T_L = (codes - qmax) * s
     ts      fp16   [B, TS_H, NB, G, G]         T_S of each block (TS_H = 1: shared, or KVH)
-T = NB * block_size. Token t of head h decodes as x[t, c*G:(c+1)*G] = s[t] * (codes[t, c] - qmax) @ T_S[t // block_size].
+T = NB * block_size. Token t of head h decodes as x[t, c*G:(c+1)*G] = T_L[t, c*G:(c+1)*G] @ T_S[t // block_size].
 """
 
 from __future__ import annotations
@@ -22,10 +26,23 @@ from ..quant import qmax_symmetric
 FUSED_BITS = (2, 4, 8)
 
 
+CHANNEL_GROUPS = (32, 64, 128)
+
+
+def _granularity_ok(config, kind: str) -> bool:
+    gran = config.granularity(kind)
+    if gran in ("token", "token_head"):
+        return True
+    return (kind == "key" and gran == "channel" and config.quant_group_size in CHANNEL_GROUPS
+            and config.block_size % config.quant_group_size == 0)
+
+
 def fused_compatible(config) -> bool:
-    """Whether blocks made with `config` can be read by the fused decode kernels."""
+    """Whether blocks made with `config` can be read by the fused decode kernels: DecoQuant, group
+    layout, 2 sites, g 16 or 32, 2/4/8 bits; scales per token or per token and head (keys also per
+    T_L channel over 32/64/128-token groups that tile the block); symmetric or asymmetric."""
     return (config.method == "decoquant" and config.layout == "group" and config.num_sites == 2
-            and config.is_symmetric and {config.granularity("key"), config.granularity("value")} <= {"token", "token_head"}
+            and _granularity_ok(config, "key") and _granularity_ok(config, "value")
             and config.bits in FUSED_BITS and config.group_size in (16, 32))
 
 
@@ -37,6 +54,8 @@ class PackedKV:
     bits: int
     block_size: int
     group_size: int
+    zeros: torch.Tensor | None = None  # asymmetric codes (see the module docstring)
+    channel_group: int = 0  # 0: per-token scales; else per-channel scales over this many tokens
 
     @property
     def tokens(self) -> int:
@@ -44,42 +63,61 @@ class PackedKV:
 
     @property
     def qmax(self) -> int:
-        return qmax_symmetric(self.bits)
+        """The code offset: qmax for symmetric codes, 0 for asymmetric ones (their zero is explicit)."""
+        return qmax_symmetric(self.bits) if self.zeros is None else 0
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.codes, self.scales, self.zeros, self.ts) if t is not None)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.ts))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @classmethod
     def from_blocks(cls, blocks: Sequence[CompressedKV]) -> "PackedKV":
-        """Concatenate equally sized compressed blocks (decoquant, group layout, 2 sites, symmetric,
-        scale_granularity token or token_head, no exact rows)."""
+        """Concatenate equally sized compressed blocks (a config `fused_compatible` accepts, one kind,
+        no exact rows)."""
         if not blocks:
             raise ValueError("blocks must hold at least one CompressedKV")
-        cfg = blocks[0].config
-        if (cfg.method != "decoquant" or cfg.layout != "group" or cfg.num_sites != 2 or not cfg.is_symmetric
-                or not {cfg.granularity("key"), cfg.granularity("value")} <= {"token", "token_head"}):
-            raise ValueError("the fused kernels read decoquant blocks with layout='group', num_sites=2, symmetric "
-                             f"scales per token or per token and head; got {cfg.label()} "
-                             f"(granularities {cfg.granularity('key')!r}/{cfg.granularity('value')!r}, symmetric={cfg.is_symmetric})")
+        cfg, kind = blocks[0].config, blocks[0].kind
+        if not fused_compatible(cfg):
+            raise ValueError("the fused kernels read decoquant blocks with layout='group', num_sites=2, g 16 or 32, "
+                             "2/4/8 bits, scales per token or per token and head (keys also per channel over "
+                             f"32/64/128-token groups); got {cfg.label()} (granularities {cfg.granularity('key')!r}/"
+                             f"{cfg.granularity('value')!r}, quant_group_size={cfg.quant_group_size})")
         if any(c.num_exact for c in blocks):
             raise ValueError("blocks with exact rows cannot be read by the fused kernels")
-        b, h, t, _ = blocks[0].shape
+        b, h, t, d = blocks[0].shape
         g = cfg.group_size
+        channel = cfg.granularity(kind) == "channel"
+        cg = cfg.quant_group_size if channel else 0
+        shape = (lambda: (b, h, t // cg, d)) if channel else (lambda: (b, -1, t))
         codes = torch.cat([c.codes for c in blocks], dim=2)
-        scales = torch.cat([c.params["scale"].reshape(b, -1, t) for c in blocks], dim=2)
+        scales = torch.cat([c.params["scale"].reshape(shape()) for c in blocks], dim=2)
+        zeros = None
+        if "zero" in blocks[0].params:
+            zeros = torch.cat([c.params["zero"].reshape(shape()) for c in blocks], dim=2)
         ts = torch.stack([c.params["site2"].reshape(b, -1, g, g) for c in blocks], dim=2)
-        return cls(codes, scales, ts, cfg.bits, t, g)
+        return cls(codes, scales, ts, cfg.bits, t, g, zeros, cg)
 
 
 class PackedKVBuffer:
     """A growing PackedKV (capacity grows by 25%): blocks are appended in place, never rewritten."""
 
     def __init__(self):
-        self.codes = self.scales = self.ts = None
+        self.codes = self.scales = self.zeros = self.ts = None
         self.tokens = 0
         self.blocks = 0
         self.bits = self.block_size = self.group_size = None
+        self.channel_group = 0
+
+    def _scale_rows(self, tokens: int) -> int:
+        """Rows of the scales (dim 2) that `tokens` tokens take."""
+        return tokens // self.channel_group if self.channel_group else tokens
 
     def append(self, block: CompressedKV, n: int = 1) -> None:
         """Append `n` blocks given folded into the batch dim ([n * B, ...], block-major, as the
@@ -88,17 +126,24 @@ class PackedKVBuffer:
         b = p.codes.shape[0] // n
         unfold = lambda t: t.reshape(n, b, *t.shape[1:]).movedim(0, 2)  # noqa: E731  [b, H, n, ...]
         codes = unfold(p.codes).reshape(b, p.codes.shape[1], n * p.tokens, -1)
-        scales = unfold(p.scales).reshape(b, p.scales.shape[1], n * p.tokens)
+        params = [unfold(t).reshape(b, t.shape[1], n * t.shape[2], *t.shape[3:]) for t in (p.scales, p.zeros)
+                  if t is not None]
         ts = unfold(p.ts.squeeze(2))  # [b, TS_H, n, G, G]
         if self.codes is None:
             self.bits, self.block_size, self.group_size = p.bits, p.block_size, p.group_size
-            self.codes, self.scales, self.ts = codes.contiguous(), scales.contiguous(), ts.contiguous()
+            self.channel_group = p.channel_group
+            self.codes, self.ts = codes.contiguous(), ts.contiguous()
+            self.scales = params[0].contiguous()
+            self.zeros = params[1].contiguous() if len(params) > 1 else None
         else:
             if self.tokens + codes.shape[2] > self.codes.shape[2]:
                 self._grow(self.tokens + codes.shape[2])
             t, k = self.tokens, codes.shape[2]
             self.codes[:, :, t:t + k] = codes
-            self.scales[:, :, t:t + k] = scales
+            r0, r1 = self._scale_rows(t), self._scale_rows(t + k)
+            self.scales[:, :, r0:r1] = params[0]
+            if self.zeros is not None:
+                self.zeros[:, :, r0:r1] = params[1]
             self.ts[:, :, self.blocks:self.blocks + n] = ts
         self.tokens += codes.shape[2]
         self.blocks += n
@@ -114,7 +159,9 @@ class PackedKVBuffer:
             out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
         self.codes = grown(self.codes, 2, cap)
-        self.scales = grown(self.scales, 2, cap)
+        self.scales = grown(self.scales, 2, self._scale_rows(cap))
+        if self.zeros is not None:
+            self.zeros = grown(self.zeros, 2, self._scale_rows(cap))
         self.ts = grown(self.ts, 2, cap // self.block_size)
 
     def block(self, i: int, like: CompressedKV) -> CompressedKV:
@@ -122,16 +169,24 @@ class PackedKVBuffer:
         from dataclasses import replace
 
         t0, t1 = i * self.block_size, (i + 1) * self.block_size
+        r0, r1 = self._scale_rows(t0), self._scale_rows(t1)
         b = self.codes.shape[0]
-        params = {"scale": self.scales[:, :, t0:t1].unsqueeze(-1),
+        # back to the codec's parameter shapes ([B, S_H, T, 1] per token, [B, H, T / cg, 1, D] per channel)
+        as_param = ((lambda t: t[:, :, r0:r1].unsqueeze(3)) if self.channel_group
+                    else (lambda t: t[:, :, r0:r1].unsqueeze(-1)))
+        params = {"scale": as_param(self.scales).reshape(like.params["scale"].shape),
                   "site2": self.ts[:, :, i].reshape(like.params["site2"].shape)}
+        if self.zeros is not None:
+            params["zero"] = as_param(self.zeros).reshape(like.params["zero"].shape)
         return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
                        exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None)
 
     def view(self) -> PackedKV:
         """The blocks appended so far (slices: later appends do not change them)."""
-        return PackedKV(self.codes[:, :, :self.tokens], self.scales[:, :, :self.tokens],
-                        self.ts[:, :, :self.blocks], self.bits, self.block_size, self.group_size)
+        rows = self._scale_rows(self.tokens)
+        return PackedKV(self.codes[:, :, :self.tokens], self.scales[:, :, :rows], self.ts[:, :, :self.blocks],
+                        self.bits, self.block_size, self.group_size,
+                        None if self.zeros is None else self.zeros[:, :, :rows], self.channel_group)
 
     def truncate(self, blocks: int) -> None:
         """Forget blocks past the first `blocks` (after a crop); their space is reused."""
@@ -142,10 +197,12 @@ class PackedKVBuffer:
         if self.codes is not None:
             self.codes, self.scales, self.ts = (t.index_select(0, index.to(t.device))
                                                 for t in (self.codes, self.scales, self.ts))
+            if self.zeros is not None:
+                self.zeros = self.zeros.index_select(0, index.to(self.zeros.device))
 
     @property
     def nbytes(self) -> int:
         """Bytes of the capacity actually allocated."""
         if self.codes is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.ts))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.ts) if t is not None)

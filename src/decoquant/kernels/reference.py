@@ -13,7 +13,13 @@ def dequantize_packed(p: PackedKV) -> torch.Tensor:
     b, h, t, _ = p.codes.shape
     d = p.codes.shape[-1] * 8 // p.bits
     codes = unpack_codes(p.codes, p.bits, d).float() - p.qmax  # [B, H, T, D]
-    t_l = codes * p.scales.float().unsqueeze(-1).expand(b, h, t, 1)  # scales [B, S_H, T]
+    if p.channel_group:  # [B, H, T / cg, D] -> one row per token
+        expand = lambda x: x.float().repeat_interleave(p.channel_group, dim=2)  # noqa: E731
+    else:  # [B, S_H, T] -> [B, H, T, 1]
+        expand = lambda x: x.float().unsqueeze(-1).expand(b, h, t, 1)  # noqa: E731
+    t_l = codes * expand(p.scales)
+    if p.zeros is not None:
+        t_l = t_l + expand(p.zeros)
     g = p.group_size
     nb = t // p.block_size
     t_l = t_l.reshape(b, h, nb, p.block_size * d // g, g)

@@ -3,6 +3,9 @@
 For one kv head h, cache block n (T_S_k, T_S_v) and the g-channel chunk c of the query:
     scores[t]  = s_k[t] * sum_c (q_c @ T_S_k^T) . (codes_k[t, c] - qmax)
     out        = sum_blocks ( sum_t p[t] s_v[t] (codes_v[t] - qmax) ) @ T_S_v     (per chunk)
+Asymmetric codes (T_L = codes * s + z) add z_k[t] * sum(q~) to the scores and sum_t p[t] z_v[t] to
+every code column of the block's value sum. Keys with scales per T_L channel over groups of TILE
+tokens scale the transformed query instead, once per tile: scores = (q~ * s_k) . codes + q~ . z_k.
 The query is transformed once per block, scores and the value sum stay in the code basis, and T_S_v
 is applied once per block. Programs split the blocks of a sequence (flash-decoding); their partial
 (max, sum, output) triples are merged with the exact residual window by `merge_partials`.
@@ -59,10 +62,10 @@ def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _decode_blocks_kernel(
-    Q, KC, KS, KT, VC, VS, VT, START, LEN, O, M, L,
+    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, O, M, L,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kch, stride_kct,
-    stride_ksb, stride_ksh,
+    stride_ksb, stride_ksh, stride_ksg,
     stride_ktb, stride_kth, stride_ktn,
     stride_vcb, stride_vch, stride_vct,
     stride_vsb, stride_vsh,
@@ -71,8 +74,9 @@ def _decode_blocks_kernel(
     stride_mb, stride_mh,
     sm_scale, blocks_per_split,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    G: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
+    TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+    KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -105,6 +109,9 @@ def _decode_blocks_kernel(
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
         q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
+        if K_ASYM and not KEY_CHANNEL:
+            qsum = tl.sum(qt, 1)  # per-token zero points: z_k[t] * sum(q~)
+        zacc = tl.zeros([GROUP_PAD], tl.float32)  # sum_t p[t] z_v[t] of this block
         # this block's value sum in the code basis, one accumulator per bit plane
         a0 = tl.zeros([GROUP_PAD, D // P], tl.float32)
         a1 = tl.zeros([GROUP_PAD, D // P], tl.float32)
@@ -115,15 +122,29 @@ def _decode_blocks_kernel(
             ok = (toks >= start) & (toks < length)
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
                          mask=ok[:, None], other=0).to(tl.int16)  # [TILE, D / P]
-            ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
+            if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
+                grp = blk_ts * (BLOCK // TILE) + j  # past-the-end blocks read a valid group; all masked
+                ks_c = tl.load(KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
+                q0, q1, q2, q3 = _planes((qt * ks_c[None, :]).to(DOT), P, GROUP_PAD, D)
+            else:
+                ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
-            scores = tl.dot(q0, tl.trans(_plane(kp, 0, BITS, QMAX, LOW_PRECISION)))
+            scores = tl.dot(q0, tl.trans(_plane(kp, 0, BITS, KQMAX, LOW_PRECISION)))
             if P > 1:
-                scores += tl.dot(q1, tl.trans(_plane(kp, 1, BITS, QMAX, LOW_PRECISION)))
+                scores += tl.dot(q1, tl.trans(_plane(kp, 1, BITS, KQMAX, LOW_PRECISION)))
             if P > 2:
-                scores += tl.dot(q2, tl.trans(_plane(kp, 2, BITS, QMAX, LOW_PRECISION)))
-                scores += tl.dot(q3, tl.trans(_plane(kp, 3, BITS, QMAX, LOW_PRECISION)))
-            scores = tl.where(ok[None, :], scores * ks[None, :], float("-inf"))  # [GP, TILE]
+                scores += tl.dot(q2, tl.trans(_plane(kp, 2, BITS, KQMAX, LOW_PRECISION)))
+                scores += tl.dot(q3, tl.trans(_plane(kp, 3, BITS, KQMAX, LOW_PRECISION)))
+            if KEY_CHANNEL:
+                if K_ASYM:
+                    kz_c = tl.load(KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
+                    scores += tl.sum(qt * kz_c[None, :], 1)[:, None]
+            else:
+                scores = scores * ks[None, :]
+                if K_ASYM:
+                    kz = tl.load(KZ + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
+                    scores += qsum[:, None] * kz[None, :]
+            scores = tl.where(ok[None, :], scores, float("-inf"))  # [GP, TILE]
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
@@ -133,16 +154,21 @@ def _decode_blocks_kernel(
             vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
-            a0 = a0 * alpha[:, None] + tl.dot(pw, _plane(vp, 0, BITS, QMAX, LOW_PRECISION))
+            if V_ASYM:
+                vz = tl.load(VZ + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
+                zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
+            a0 = a0 * alpha[:, None] + tl.dot(pw, _plane(vp, 0, BITS, VQMAX, LOW_PRECISION))
             if P > 1:
-                a1 = a1 * alpha[:, None] + tl.dot(pw, _plane(vp, 1, BITS, QMAX, LOW_PRECISION))
+                a1 = a1 * alpha[:, None] + tl.dot(pw, _plane(vp, 1, BITS, VQMAX, LOW_PRECISION))
             if P > 2:
-                a2 = a2 * alpha[:, None] + tl.dot(pw, _plane(vp, 2, BITS, QMAX, LOW_PRECISION))
-                a3 = a3 * alpha[:, None] + tl.dot(pw, _plane(vp, 3, BITS, QMAX, LOW_PRECISION))
+                a2 = a2 * alpha[:, None] + tl.dot(pw, _plane(vp, 2, BITS, VQMAX, LOW_PRECISION))
+                a3 = a3 * alpha[:, None] + tl.dot(pw, _plane(vp, 3, BITS, VQMAX, LOW_PRECISION))
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         # back to the real basis once per block: [GP * D/G, G] @ T_S_v
         acc_code = _unplanes(a0, a1, a2, a3, P, GROUP_PAD, D)
+        if V_ASYM:
+            acc_code += zacc[:, None]
         acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
     hq = h * GROUP + rows
     tl.store(O + b * stride_ob + hq[:, None] * stride_oh + split * stride_os + dims[None, :], acc, mask=row_ok[:, None])
@@ -164,7 +190,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
-    rounded), else fp32 (tf32) dots.
+    rounded), else fp32 (tf32) dots. Keys with per-channel scales use tiles of their scale group.
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """
     b, hq, d = q.shape
@@ -173,11 +199,13 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {kvh}")
     if k.bits not in (2, 4, 8) or v.bits != k.bits:
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
-    if k.block_size % min(tile, k.block_size) or k.group_size != 16 and k.group_size != 32:
-        raise ValueError(f"block_size={k.block_size} must be a multiple of the tile, group_size 16 or 32")
+    if v.channel_group:
+        raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
+    tile = k.channel_group or min(tile, k.block_size)
+    if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
+        raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
-    tile = min(tile, k.block_size)
     n_blocks = k.tokens // k.block_size
     group = hq // kvh
     splits = num_splits or _num_splits(b * kvh, n_blocks, q.device)
@@ -186,20 +214,28 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     kt, vt = k.ts, v.ts
+    for p in (k, v):
+        if p.zeros is not None and p.zeros.stride() != p.scales.stride():
+            raise ValueError("zeros and scales of a PackedKV must share one memory layout (strides)")
+    kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
+    vz = v.zeros if v.zeros is not None else v.scales
+    head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * kvh, splits)](
-        q, k.codes, k.scales, kt, v.codes, v.scales, vt, kv_start, kv_len, o, m, l_,
+        q, k.codes, k.scales, kz, kt, v.codes, v.scales, vz, vt, kv_start, kv_len, o, m, l_,
         q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
-        k.scales.stride(0), k.scales.stride(1) if k.scales.shape[1] > 1 else 0,
-        kt.stride(0), kt.stride(1) if kt.shape[1] > 1 else 0, kt.stride(2),
+        k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
+        kt.stride(0), head_stride(kt), kt.stride(2),
         v.codes.stride(0), v.codes.stride(1), v.codes.stride(2),
-        v.scales.stride(0), v.scales.stride(1) if v.scales.shape[1] > 1 else 0,
-        vt.stride(0), vt.stride(1) if vt.shape[1] > 1 else 0, vt.stride(2),
+        v.scales.stride(0), head_stride(v.scales),
+        vt.stride(0), head_stride(vt), vt.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
         sm_scale, per_split,
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-        G=k.group_size, BITS=k.bits, QMAX=k.qmax, BLOCK=k.block_size, TILE=tile, LOW_PRECISION=low_precision,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
+        LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
+        KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
+        num_warps=num_warps,
     )
     return o, m, l_
