@@ -134,8 +134,9 @@ class CompressedKVStore:
         room = self.config.sink_tokens - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
         if room > 0 and not self.blocks and self.window_keys is None:
             take = min(room, keys.shape[-2])
-            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :])
-            self.sink_values = _cat(self.sink_values, values[..., :take, :])
+            # copies: a view would pin the whole incoming chunk (a prefill) for the sequence's lifetime
+            self.sink_keys = _cat(self.sink_keys, keys[..., :take, :].clone())
+            self.sink_values = _cat(self.sink_values, values[..., :take, :].clone())
             keys, values = keys[..., take:, :], values[..., take:, :]
             parts_k.append(self.sink_keys[..., -take:, :])
             parts_v.append(self.sink_values[..., -take:, :])
@@ -188,12 +189,16 @@ class CompressedKVStore:
         if (self.fused and len(self.blocks) == self.buffers[0].blocks
                 and not bool((ck.exact_mask | cv.exact_mask).any())):
             # the packed buffers take all n blocks at once; the blocks become views into them
+            storage = [None if buf.codes is None else buf.codes.data_ptr() for buf in self.buffers]
             self.buffers[0].append(ck, n)
             self.buffers[1].append(cv, n)
             first = torch.arange(b, device=ks.device)
             like_k, like_v = select_batch(ck, first), select_batch(cv, first)
             self.blocks += [Block(like_k, like_v, cfg.block_size) for _ in range(n)]
-            self._repoint()
+            regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
+            # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
+            # step that compresses a block stays O(1) in the number of blocks)
+            self._repoint(0 if regrown else len(self.blocks) - n)
         else:
             for i in range(n):
                 rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
@@ -219,9 +224,9 @@ class CompressedKVStore:
             return torch.empty(shape, device="meta")
         return None
 
-    def _repoint(self) -> None:
-        """Make every buffered block's tensors views into the (possibly regrown) packed buffers."""
-        for i in range(self.buffers[0].blocks):
+    def _repoint(self, first: int = 0) -> None:
+        """Make the buffered blocks from `first` on views into the (possibly regrown) packed buffers."""
+        for i in range(first, self.buffers[0].blocks):
             block = self.blocks[i]
             block.keys = self.buffers[0].block(i, block.keys)
             block.values = self.buffers[1].block(i, block.values)

@@ -89,7 +89,22 @@ def label(kind: str, bits: int) -> str:
         return "fp16"
     if kind in QUANTIZED_BACKENDS:
         return f"QuantizedCache-{kind}-{bits}b"
-    return f"decoquant-{bits}b"
+    preset = _preset(kind)
+    return f"decoquant-{bits}b" if preset == "paper" else f"decoquant-{preset}-{bits}b"
+
+
+def _preset(kind: str) -> str:
+    """"decoquant" (the paper preset) or "decoquant:<preset>"."""
+    return kind.partition(":")[2] or "paper"
+
+
+def decoquant_config(kind: str, bits: int):
+    """The cache config of a decoquant kind; the frontier preset comes with its 4 sink tokens, as in
+    `DecoQuantCache.from_model`'s default."""
+    import decoquant as dq
+
+    preset = _preset(kind)
+    return dq.DecoQuantConfig(preset=preset, bits=bits, sink_tokens=4 if preset == "channel64-token" else 0)
 
 
 def available_backends() -> list[str]:
@@ -122,7 +137,8 @@ def run(kind, bits, batch, context, steps, model, device):
                                residual_length=128)
     else:
         dq.enable_fused_attention(model)
-        cache = dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=bits), model.config)
+        cache = dq.DecoQuantCache(decoquant_config(kind, bits), model.config)
+        assert cache.fused
     fill(cache, model, batch, context, device)
     if hasattr(cache, "nbytes"):
         cache_bytes = cache.nbytes()
@@ -139,13 +155,13 @@ def run(kind, bits, batch, context, steps, model, device):
 
 
 @torch.no_grad()
-def check_fused(model, device, bits=4, batch=2, context=1024):
+def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
     """Logits of one decode step: fused kernel vs the torch reference over the same compressed cache."""
     import decoquant as dq
     import decoquant.integrations.attention as attention
 
     dq.enable_fused_attention(model)
-    cache = dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=bits), model.config)
+    cache = dq.DecoQuantCache(decoquant_config(kind, bits), model.config)
     fill(cache, model, batch, context, device)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     pos = torch.full((batch, 1), context, device=device)
@@ -194,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1,8,32")
     p.add_argument("--context", default="4096,16384")
     p.add_argument("--bits", default="4,2")
+    p.add_argument("--presets", default="paper", help="DecoQuant presets to run (paper, channel64-token with 4 sinks)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
     p.add_argument("--max-batch-context", type=int, default=16384,
@@ -210,9 +227,11 @@ def main(argv=None) -> int:
         rows = prefill_cost(model, device, [int(c) for c in args.prefill.split(",")])
         print(json.dumps({"device": torch.cuda.get_device_name(), "prefill": rows}))
         return 0
-    err = check_fused(model, device)
+    presets = [p for p in args.presets.split(",") if p]
+    errs = {p: check_fused(model, device, kind="decoquant" if p == "paper" else f"decoquant:{p}") for p in presets}
+    err = max(errs.values())
     print(f"# {torch.cuda.get_device_name()}, random Llama-2-7B-shaped model ({args.layers} layers, fp16); "
-          f"fused vs reference logits rel. error {err:.1e}")
+          "fused vs reference logits rel. error " + ", ".join(f"{p} {e:.1e}" for p, e in errs.items()))
     ok = err < 2e-2
     rows = []
     run("fp16", 16, 1, 1024, 8, model, device)  # warm-up: CUDA context, SDPA kernels, allocator
@@ -221,7 +240,8 @@ def main(argv=None) -> int:
     print(f"# transformers' QuantizedCache backends: {backends or 'none installed'}")
     print("| cache | batch | context | ms/step | tokens/s | peak GB | cache GB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    kinds = [("fp16", 16)] + [("decoquant", b) for b in bits] + [(q, b) for q in backends for b in bits]
+    kinds = ([("fp16", 16)] + [("decoquant" if p == "paper" else f"decoquant:{p}", b) for p in presets for b in bits]
+             + [(q, b) for q in backends for b in bits])
     for ctx in [int(c) for c in args.context.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
             for kind, bits in kinds:

@@ -60,7 +60,9 @@ def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constex
         return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [ROWS, D])
 
 
-@triton.jit
+# blocks_per_split changes as the cache grows: specializing on it (== 1, divisible by 16) would
+# recompile the kernel in the middle of a generation (~0.5 s a step on an H100)
+@triton.jit(do_not_specialize=["blocks_per_split"])
 def _decode_blocks_kernel(
     Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, O, M, L,
     stride_qb, stride_qh, stride_qd,
