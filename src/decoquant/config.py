@@ -51,7 +51,7 @@ class DecoQuantConfig:
         "kv-split": key scales over the whole block, value scales per token and head.
         "channel64-token" (the frontier's choice, docs/results/frontier.md): key scales over
         64-token groups, value scales per token over all heads; block_size must be a multiple of
-        64. Neither is read by the fused kernel.
+        64. The fused kernel reads both (key scale groups of 32, 64 or 128 tokens).
     group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
         holds (DecoQuant, group layout). Must divide head_dim.
     layout: "group" (the paper's memory-saving layout) or "channel" (the paper's LAMBADA layout,
