@@ -13,17 +13,9 @@ TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
 
 
 def _accuracy_configs(methods: list[str], bits: list[int], layout: str, presets: list[str] = ("paper",)) -> list:
-    """fp16 (None) and one config per method and bit width; decoquant: one per preset (the paper's in
-    `layout`, the others in the group layout)."""
-    out = [None] if "fp16" in methods else []
-    for b in bits:
-        for m in methods:
-            if m == "fp16":
-                continue
-            for extra in ([{"preset": p, **({"layout": layout} if p == "paper" else {})} for p in presets]
-                          if m == "decoquant" else [{}]):
-                out.append(DecoQuantConfig(method=m, bits=b, **extra))
-    return out
+    """`_method_configs` for the accuracy tasks: the paper preset in `layout`, the others in the group layout."""
+    return [c.replace(layout=layout) if c is not None and c.preset == "paper" else c
+            for c in _method_configs(methods, bits, {}, presets)]
 
 
 def _smoothquant_scales(model, tok, args) -> dict:
