@@ -10,6 +10,8 @@ from decoquant.kernels.layout import PackedKV
 from decoquant.kernels.reference import dequantize_packed
 
 triton = pytest.importorskip("triton")
+tl = triton.language
+from decoquant.kernels.triton import fp16x2  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -95,6 +97,82 @@ def test_asymmetric_and_channel_scales(fields, bits):
     # the reference itself decodes what the codec decodes
     keys = torch.cat([dq.decompress(c) for c in _blocks(2, 2, 2 * block, 64, bits, block, 11 + bits, fields)[0]], 2)
     assert rel(dequantize_packed(k), keys) < 1e-3
+
+
+ROWS_CASES = [  # batch, kv heads (= query heads), compressed tokens, valid lengths, window, head_dim, block
+    (1, 1, 64, [63], 0, 64, 32),
+    (3, 2, 192, [100, 192, 65], 5, 64, 64),
+]
+if CUDA:
+    ROWS_CASES += [(4, 32, 1024, [1000, 1024, 517, 63], 17, 128, 128), (2, 8, 4096, [4096, 3001], 100, 128, 128)]
+
+
+@pytest.mark.parametrize("fields", [{"preset": "paper"}, {"preset": "channel64-token"},
+                                    {"scale_granularity": "token_head", "symmetric": False}],
+                         ids=["paper", "channel64-token", "asym-token-head"])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: "b{}-kv{}-t{}-d{}".format(c[0], c[1], c[2], c[5]))
+def test_rows_kernel_matches_reference(case, bits, fields):
+    """The one-row (MHA) kernel: fp16x2 unpacking on the GPU, its emulation (same pairs, same fp16
+    roundings) in the interpreter; symmetric and asymmetric codes, per-token and per-channel key
+    scales; ragged lengths, left padding, a window, a non-contiguous query, outlier channels."""
+    b, h, t, lengths, w, d, block = case
+    if fields.get("preset") == "channel64-token":
+        if block % 64:
+            pytest.skip("per-channel key scales over 64-token groups need blocks of a multiple of 64")
+        fields = dict(fields, block_size=block)
+    k, v = packed(b, h, t, d, bits, block, seed=t + bits + d, **fields)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(b, h, 2 * d, generator=gen)[..., ::2].to(DEVICE)
+    q[:, :, 5] *= 10  # an outlier query channel
+    kv_len = torch.tensor(lengths, device=DEVICE)
+    kv_start = torch.tensor([i % 3 for i in range(b)], device=DEVICE)
+    wk = torch.randn(b, h, w, d, generator=gen).to(DEVICE) if w else None
+    wv = torch.randn(b, h, w, d, generator=gen).to(DEVICE) if w else None
+    ref = decode_attention(q, k, v, d ** -0.5, kv_start, kv_len, wk, wv, backend="torch")
+    out = decode_attention(q, k, v, d ** -0.5, kv_start, kv_len, wk, wv, backend="triton", kernel="rows",
+                           num_splits=3)
+    assert out.shape == (b, h, d) and torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2  # fp16 query, weights and per-word partial sums, fp32 across words and tokens
+
+
+def test_rows_kernel_refuses_what_it_cannot_read():
+    from decoquant.kernels.triton.decode_attention import choose_kernel
+
+    k, v = packed(1, 2, 64, 64, 4, 32, seed=0)
+    assert choose_kernel(2, k, v) == "rows" and choose_kernel(4, k, v) == "mma"  # GQA goes to the tensor cores
+    assert choose_kernel(2, k, v, low_precision=False) == "mma"
+    with pytest.raises(ValueError, match="kernel='rows'"):
+        decode_attention(torch.randn(1, 4, 64).to(DEVICE), k, v, 1.0, backend="triton", kernel="rows")
+    with pytest.raises(ValueError, match="allowed values"):
+        decode_attention(torch.randn(1, 2, 64).to(DEVICE), k, v, 1.0, backend="triton", kernel="wgmma")
+    k8, v8 = packed(1, 2, 32, 32, 8, 16, seed=0)
+    assert choose_kernel(2, k8, v8) == "mma"  # 8-bit codes: the tensor-core kernel
+
+
+@triton.jit
+def _one_word_dot(W, Q, OUT, NW: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr):
+    x = tl.load(Q + tl.arange(0, NW * (32 // BITS)))
+    q0, q1, q2, q3, q4, q5, q6, q7 = fp16x2.query_pairs(x, NW, BITS)
+    s = fp16x2.word_dot(tl.load(W + tl.arange(0, NW))[None, :], q0[None, :], q1[None, :], q2[None, :],
+                        q3[None, :], q4[None, :], q5[None, :], q6[None, :], q7[None, :], BITS, CENTRE, "", False)
+    tl.store(OUT + tl.arange(0, 1), tl.sum(s, 1))
+
+
+def test_fp16x2_pair_order_matches_packing():
+    """query_pairs and the unpacking read the codes packing.py writes (pair p of a word = codes p and
+    W/2 + p, at m = 2**(k*B)): the emulated dot of one word of known codes, 2 and 4 bits."""
+    from decoquant.packing import pack_codes
+
+    for bits in (4, 2):
+        w = 32 // bits
+        codes = torch.arange(w) % (1 << bits)
+        word = pack_codes(codes[None].to(torch.uint8), bits).view(torch.int32).reshape(1).to(DEVICE)
+        q = torch.linspace(-1, 1, w).to(DEVICE)
+        want = float((q.cpu() * (codes.float() - fp16x2.centre(bits, 0))).sum())
+        out = torch.zeros(1, device=DEVICE)
+        _one_word_dot[(1,)](word, q, out, NW=1, BITS=bits, CENTRE=fp16x2.centre(bits, 0))
+        assert abs(float(out) - want) < 1e-2 * max(1.0, abs(want)), (bits, float(out), want)
 
 
 def _blocks(batch, kv_heads, tokens, head_dim, bits, block, seed, fields):

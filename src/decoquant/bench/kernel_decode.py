@@ -84,8 +84,11 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     io = q.numel() * 2 + batch * q_heads * head_dim * 2
     bytes_fp16 = k16.numel() * 2 * 2 + io
     bytes_fused = k.nbytes + v.nbytes + io
+    from decoquant.kernels.triton.decode_attention import choose_kernel
+
+    kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True), kernel_options.get("kernel", "auto"))
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
-               block_size=block_size, rel_error=err, correct=ok, sdpa_ms=t_sdpa, fused_ms=t_fused,
+               block_size=block_size, kernel=kernel, rel_error=err, correct=ok, sdpa_ms=t_sdpa, fused_ms=t_fused,
                speedup=(t_sdpa / t_fused) if ok else None,
                sdpa_gbps=bytes_fp16 / t_sdpa / 1e6, fused_gbps=bytes_fused / t_fused / 1e6,
                sdpa_pct_copy=100 * bytes_fp16 / (t_sdpa * 1e-3) / peak_bw,
@@ -134,9 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--preset", default="paper", choices=("paper", "channel64-token", "kv-split"),
                    help="DecoQuant preset of the compressed blocks (default: the paper's)")
-    p.add_argument("--tile", type=int, default=128, help="tokens per kernel tile")
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--num-stages", type=int, default=3)
+    p.add_argument("--tile", type=int, default=None, help="tokens per kernel tile (default: the kernel's)")
+    p.add_argument("--kernel", default="auto", choices=("auto", "mma", "rows"),
+                   help="mma: tensor cores; rows: one query row per kv head on fp16x2 CUDA-core math (MHA); "
+                        "auto: rows where it applies")
+    p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's (mma 4, rows 1)")
+    p.add_argument("--num-stages", type=int, default=None, help="default: the kernel's (mma 3, rows 2)")
     p.add_argument("--fp32-dots", action="store_true", help="tf32 dots instead of fp16/bf16")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
     p.add_argument("--dequantize", action="store_true",
@@ -161,16 +167,16 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "dequantize": rows}))
         return 0 if all(r["correct"] for r in rows) else 1
-    print("| batch | kv heads | context | bits | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy | SDPA % copy | rel err |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | kv heads | context | bits | kernel | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy | SDPA % copy | rel err |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K and V within the limit
         r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
                      preset=args.preset, tile=args.tile, num_warps=args.num_warps, num_stages=args.num_stages,
-                     low_precision=not args.fp32_dots)
+                     low_precision=not args.fp32_dots, kernel=args.kernel)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
-        print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "
+        print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['kernel']} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "
               f"{r['fused_gbps']:.0f} | {r['fused_pct_copy']:.0f}% | {r['sdpa_pct_copy']:.0f}% | "
               f"{r['rel_error']:.1e} |", flush=True)
         torch.cuda.empty_cache()

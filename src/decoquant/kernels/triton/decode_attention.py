@@ -178,32 +178,62 @@ def _decode_blocks_kernel(
     tl.store(L + b * stride_mb + hq * stride_mh + split, l_i, mask=row_ok)
 
 
-def _num_splits(programs: int, n_blocks: int, device: torch.device) -> int:
-    """Splits of each sequence's blocks: about 4 programs per SM, rounded up to a power of two (on an
-    H100, batch 8 x 8 kv heads x 32k: 5 splits 0.37 ms, 4 or 8 splits 0.28 ms)."""
+KERNELS = ("auto", "mma", "rows")
+
+
+def choose_kernel(q_heads: int, k: PackedKV, v: PackedKV, low_precision: bool = True, kernel: str = "auto") -> str:
+    """The kernel that `decode_blocks_partials` runs: "rows" or "mma" (see its `kernel` argument)."""
+    from .decode_rows import rows_kernel_supports
+
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not supported; allowed values: {KERNELS}")
+    rows_ok = rows_kernel_supports(q_heads, k.codes.shape[1], k, v, low_precision)
+    if kernel == "rows" and not rows_ok:
+        raise ValueError("kernel='rows' reads one query row per kv head, 2/4-bit codes, per-token value scales "
+                         "and low_precision=True; use kernel='mma' or 'auto'")
+    return "rows" if kernel == "rows" or kernel == "auto" and rows_ok else "mma"
+
+
+def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int = 4) -> int:
+    """Splits of each sequence's blocks: about `per_sm` programs per SM, rounded up to a power of two (on
+    an H100, batch 8 x 8 kv heads x 32k: 5 splits 0.37 ms, 4 or 8 splits 0.28 ms)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_blocks, triton.next_power_of_2(math.ceil(4 * sms / max(programs, 1)))))
+    return max(1, min(n_blocks, triton.next_power_of_2(math.ceil(per_sm * sms / max(programs, 1)))))
 
 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
-                           tile: int = 128, num_warps: int = 4, num_stages: int = 3, low_precision: bool = True):
+                           tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                           low_precision: bool = True, kernel: str = "auto"):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
-    rounded), else fp32 (tf32) dots. Keys with per-channel scales use tiles of their scale group.
+    rounded), else fp32 (tf32) dots. tile: tokens per step (default 128 mma, 64 rows; keys with per-channel
+    scales use tiles of their scale group). num_warps / num_stages: default 4 / 3 (mma), 1 / 2 (rows).
+    kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, fp16x2 CUDA-core math,
+    decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """
+    from .decode_rows import decode_rows_partials
+
     b, hq, d = q.shape
     kvh = k.codes.shape[1]
     if hq % kvh:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {kvh}")
+    if choose_kernel(hq, k, v, low_precision, kernel) == "rows":
+        if k.block_size % (k.channel_group or 4):
+            raise ValueError(f"block_size={k.block_size} must be a multiple of the key scale group")
+        # one-warp programs: ~16 per SM (H100, batch 8 x 32 heads x 32k: 4 splits 0.71 ms, 16 splits 0.66 ms)
+        splits = num_splits or _num_splits(b * kvh, k.tokens // k.block_size, q.device, per_sm=16)
+        return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, tile=min(tile or 64, k.block_size),
+                                    num_warps=num_warps or 1, num_stages=num_stages or 2)
+    num_warps, num_stages = num_warps or 4, num_stages or 3
     if k.bits not in (2, 4, 8) or v.bits != k.bits:
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
-    tile = k.channel_group or min(tile, k.block_size)
+    tile = k.channel_group or min(tile or 128, k.block_size)
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
