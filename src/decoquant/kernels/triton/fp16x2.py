@@ -4,9 +4,10 @@ A 32-bit word of packed codes holds W = 32 / B codes, code r in bits r*B..(r+1)*
 order). Pair p of a word is (code p, code W/2 + p): one in each 16-bit half, at the same bits. With
 p = byte * (8 / B) + k and m = 2**(k*B),
     lop3((word >> 8*byte) & mask_k | 0x6400 6400)  = the fp16 pair (1024 + m*code_lo, 1024 + m*code_hi)
-exactly (the codes land in the mantissa), and one f16x2 subtraction of 1024 + m*2**(B-1) centres both:
-m * (code - 2**(B-1)), small exact integers. The query (keys) is packed the same way, divided by m,
-so one f16x2 fma per pair accumulates two products; each word's sum leaves in fp32.
+exactly (the codes land in the mantissa), and one f16x2 subtraction of 1024 + m*centre centres both:
+m * (code - centre), small exact integers (`centre`: qmax of symmetric codes, else the middle code).
+The query (keys) is packed the same way, divided by m, so one f16x2 fma per pair accumulates two
+products; each word's sum leaves in fp32.
 
 `word_dot` (keys) and `word_axpy` (values, 4 tokens at a time) run PTX on the GPU; under Triton's
 interpreter (CI, no GPU) the same functions compute the same pairs with integer shifts and round every
