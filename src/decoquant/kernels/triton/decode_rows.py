@@ -27,7 +27,7 @@ from .fp16x2 import axpy_asm, centre, dot_asm, query_pairs, token_weights, word_
 def _query_setup(qs, NW: tl.constexpr, BITS: tl.constexpr, TARGET: tl.constexpr):
     # qs [D] fp32 -> (1 / its normalisation, its sum, the 8 packed pairs of qs normalised to max |.| = TARGET)
     amax = tl.max(tl.abs(qs), 0)
-    norm = tl.where(amax > 0, TARGET / amax, 1.0)
+    norm = TARGET / tl.where(amax > 0, amax, TARGET)
     qn = (qs * norm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query the dots see
     q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
     return (1.0 / norm, tl.sum(qn, 0) / norm, q0[None, :], q1[None, :], q2[None, :], q3[None, :], q4[None, :], q5[None, :],
@@ -165,7 +165,7 @@ def _decode_rows_kernel(
             w3 = p3 * _per_token(vs_ptr, tok3, ok3)
             # per row: code-basis constant of its 4 tokens (centre, zero points); weights normalised to WTARGET
             wmax = tl.maximum(tl.maximum(tl.abs(w0), tl.abs(w1)), tl.maximum(tl.abs(w2), tl.abs(w3)))
-            wnorm = tl.where(wmax > 0, WTARGET / wmax, 1.0)
+            wnorm = WTARGET / tl.where(wmax > 0, wmax, WTARGET)
             w0 = (w0 * wnorm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded weights
             w1 = (w1 * wnorm).to(tl.float16).to(tl.float32)
             w2 = (w2 * wnorm).to(tl.float16).to(tl.float32)
