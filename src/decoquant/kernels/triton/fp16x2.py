@@ -196,22 +196,17 @@ def _dot_emulated(w, q0, q1, q2, q3, q4, q5, q6, q7, BITS: tl.constexpr, CENTRE:
 
 
 @triton.jit
-def _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                   c30, c31, c32, c33, P: tl.constexpr, HI: tl.constexpr, BITS: tl.constexpr,
-                   CENTRE: tl.constexpr):
-    K: tl.constexpr = P % (8 // BITS)
-    if K == 0:
-        a0, a1, a2, a3 = c00, c10, c20, c30
-    elif K == 1:
-        a0, a1, a2, a3 = c01, c11, c21, c31
-    elif K == 2:
-        a0, a1, a2, a3 = c02, c12, c22, c32
-    else:
-        a0, a1, a2, a3 = c03, c13, c23, c33
-    s = _fma16(_pair(w0, P, HI, BITS, CENTRE), _half(a0, 0), 0.0)
-    s = _fma16(_pair(w1, P, HI, BITS, CENTRE), _half(a1, 0), s)
-    s = _fma16(_pair(w2, P, HI, BITS, CENTRE), _half(a2, 0), s)
-    return _fma16(_pair(w3, P, HI, BITS, CENTRE), _half(a3, 0), s)
+def _axpy_emulated(w0, w1, w2, w3, a0, a1, a2, a3, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr):
+    # (lo, hi) of pair P: one f16x2 chain over 4 tokens with their weights a_r for P's k, rounded as on the GPU
+    lo = _fma16(_pair(w0, P, 0, BITS, CENTRE), _half(a0, 0), 0.0)
+    hi = _fma16(_pair(w0, P, 1, BITS, CENTRE), _half(a0, 0), 0.0)
+    lo = _fma16(_pair(w1, P, 0, BITS, CENTRE), _half(a1, 0), lo)
+    hi = _fma16(_pair(w1, P, 1, BITS, CENTRE), _half(a1, 0), hi)
+    lo = _fma16(_pair(w2, P, 0, BITS, CENTRE), _half(a2, 0), lo)
+    hi = _fma16(_pair(w2, P, 1, BITS, CENTRE), _half(a2, 0), hi)
+    lo = _fma16(_pair(w3, P, 0, BITS, CENTRE), _half(a3, 0), lo)
+    hi = _fma16(_pair(w3, P, 1, BITS, CENTRE), _half(a3, 0), hi)
+    return lo, hi
 
 
 # ---- what the kernel calls --------------------------------------------------------------------------
@@ -262,42 +257,20 @@ def word_axpy(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, 
                 ASM, AXPY_CONSTRAINTS2, [w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
                                            c30, c31, c32, c33], dtype=(tl.float32,) * 16, is_pure=True, pack=1)
             return _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, R, NW, BITS)
-    else:
-        a0 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 0, 0, BITS, CENTRE)
-        a1 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 0, 1, BITS, CENTRE)
-        a2 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 1, 0, BITS, CENTRE)
-        a3 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 1, 1, BITS, CENTRE)
-        a4 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 2, 0, BITS, CENTRE)
-        a5 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 2, 1, BITS, CENTRE)
-        a6 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 3, 0, BITS, CENTRE)
-        a7 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                            c30, c31, c32, c33, 3, 1, BITS, CENTRE)
+    else:  # pair p = byte * (8 / BITS) + k takes the weights of its k
+        a0, a1 = _axpy_emulated(w0, w1, w2, w3, c00, c10, c20, c30, 0, BITS, CENTRE)
+        a2, a3 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 1, BITS, CENTRE)
         if BITS == 4:
+            a4, a5 = _axpy_emulated(w0, w1, w2, w3, c00, c10, c20, c30, 2, BITS, CENTRE)
+            a6, a7 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 3, BITS, CENTRE)
             return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a0, a0, a0, a0, a0, a0, a0, a0, R, NW, BITS)
         else:
-            a8 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                c30, c31, c32, c33, 4, 0, BITS, CENTRE)
-            a9 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                c30, c31, c32, c33, 4, 1, BITS, CENTRE)
-            a10 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 5, 0, BITS, CENTRE)
-            a11 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 5, 1, BITS, CENTRE)
-            a12 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 6, 0, BITS, CENTRE)
-            a13 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 6, 1, BITS, CENTRE)
-            a14 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 7, 0, BITS, CENTRE)
-            a15 = _axpy_emulated(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                                 c30, c31, c32, c33, 7, 1, BITS, CENTRE)
+            a4, a5 = _axpy_emulated(w0, w1, w2, w3, c02, c12, c22, c32, 2, BITS, CENTRE)
+            a6, a7 = _axpy_emulated(w0, w1, w2, w3, c03, c13, c23, c33, 3, BITS, CENTRE)
+            a8, a9 = _axpy_emulated(w0, w1, w2, w3, c00, c10, c20, c30, 4, BITS, CENTRE)
+            a10, a11 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 5, BITS, CENTRE)
+            a12, a13 = _axpy_emulated(w0, w1, w2, w3, c02, c12, c22, c32, 6, BITS, CENTRE)
+            a14, a15 = _axpy_emulated(w0, w1, w2, w3, c03, c13, c23, c33, 7, BITS, CENTRE)
             return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, R, NW, BITS)
 
 
