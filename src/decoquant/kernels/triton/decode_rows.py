@@ -17,6 +17,9 @@ Programs are one warp (no cross-warp reductions); ~16 of them per SM hide the me
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -219,10 +222,6 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     tile: tokens per step (default: the block, or the key scale group for per-channel key scales).
     Returns (o [B, H, S, D] fp32 unnormalised, m [B, H, S], l [B, H, S]) like decode_blocks_partials.
     """
-    import math
-
-    import torch
-
     b, hq, d = q.shape
     tile = k.channel_group or tile or k.block_size
     if k.block_size % tile or tile % 4 or (tile // 4) & (tile // 4 - 1):

@@ -17,6 +17,8 @@ the CPU, and the instructions themselves on the GPU.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import triton
 import triton.language as tl
 
@@ -39,6 +41,7 @@ def _unpack_lines(src: str, bits: int, centre: int, dest) -> list[str]:
     return lines
 
 
+@lru_cache(maxsize=None)  # built once per format: the launcher asks for it at every decode step
 def dot_asm(bits: int, centre: int) -> str:
     """$0 (fp32) = sum over the word's pairs of pair(code - centre) . $2.. (f16x2 query pairs); $1 = word."""
     pairs = 16 // bits
@@ -63,6 +66,7 @@ def dot_asm(bits: int, centre: int) -> str:
     return "\n".join(lines)
 
 
+@lru_cache(maxsize=None)
 def axpy_asm(bits: int, centre: int, tokens: int = 4) -> str:
     """Outputs $0..$(2P-1) (fp32): for pair p = byte * (8/B) + k, half h: sum over the tokens r of
     weight_(r,k) * pair_p(m * (code - centre)) of word_r (lo half -> $(2p), hi half -> $(2p+1)).
