@@ -153,9 +153,8 @@ def test_rows_kernel_refuses_what_it_cannot_read():
 @triton.jit
 def _one_word_dot(W, Q, OUT, NW: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr):
     x = tl.load(Q + tl.arange(0, NW * (32 // BITS)))
-    q0, q1, q2, q3, q4, q5, q6, q7 = fp16x2.query_pairs(x, NW, BITS)
-    s = fp16x2.word_dot(tl.load(W + tl.arange(0, NW))[None, :], q0[None, :], q1[None, :], q2[None, :],
-                        q3[None, :], q4[None, :], q5[None, :], q6[None, :], q7[None, :], BITS, CENTRE, "", False)
+    q0, q1, q2, q3, q4, q5, q6, q7 = fp16x2.query_pairs(x[None, :], NW, BITS)
+    s = fp16x2.word_dot(tl.load(W + tl.arange(0, NW))[None, :], q0, q1, q2, q3, q4, q5, q6, q7, BITS, CENTRE, "", False)
     tl.store(OUT + tl.arange(0, 1), tl.sum(s, 1))
 
 

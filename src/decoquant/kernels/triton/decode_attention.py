@@ -215,7 +215,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """
-    from .decode_rows import DEFAULT_TILE, decode_rows_partials
+    from .decode_rows import decode_rows_partials
 
     b, hq, d = q.shape
     kvh = k.codes.shape[1]
@@ -225,9 +225,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         # one-warp programs, ~16 per SM (H100, batch 8 x 32 heads x 32k, 4 / 16 splits: 0.71 / 0.69 ms at
         # 4 bits, 0.65 / 0.60 ms at 2 bits)
         splits = num_splits or _num_splits(b * kvh, k.tokens // k.block_size, q.device, per_sm=16)
-        return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits,
-                                    tile=min(tile or DEFAULT_TILE, k.block_size), num_warps=num_warps or 1,
-                                    num_stages=num_stages or 2)
+        return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, num_warps=num_warps or 1,
+                                    num_stages=num_stages or 1)
     num_warps, num_stages = num_warps or 4, num_stages or 3
     if k.bits not in (2, 4, 8) or v.bits != k.bits:
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")

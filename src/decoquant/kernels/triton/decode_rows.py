@@ -5,14 +5,21 @@ and stages every unpacked code through shared memory for the MMA; at one query r
 HBM, is the limit. Here each code is touched once, in registers, two at a time (fp16x2.py):
     scores[t] = s_k[t] * (sum_words word_dot(codes_k[t], q~) + (centre - qmax) * sum(q~))
     block sum = sum_t w[t] * (codes_v[t] - centre) + (centre - qmax) * sum_t w[t],  w[t] = p[t] * s_v[t]
-with q~ = q @ T_S_k^T per G-channel chunk (once per block), the block sum taken back to the real
-basis by T_S_v once per block, zero points and per-channel key scales as in decode_attention.py.
-centre = qmax for symmetric codes (no correction, nothing cancels), the middle code otherwise.
-Before fp16 rounding the query is normalised to a maximum of 256 (4-bit) / 1024 (2-bit) and the
-weights of every 4 tokens to 512 / 2048 (exact powers of two divide them by m, see fp16x2.py), so
-partial sums stay in fp16 range and well above its subnormals; each word's fp16 sum leaves in fp32.
-Sub-tile r of a tile holds its tokens 4a + r: one value chain reads one word of each of 4 tokens.
-Programs are one warp (no cross-warp reductions); ~16 of them per SM hide the memory latency.
+with q~ = q @ T_S_k^T per G-channel chunk, the block sum taken back to the real basis by T_S_v once
+per block, zero points and per-channel key scales as in decode_attention.py. centre = qmax for
+symmetric codes (no correction, nothing cancels), the middle code otherwise.
+
+Two kernels:
+- `_query_table_kernel` computes, for every (sequence, head, query group) - a block, or a key scale
+  group for per-channel key scales - the transformed query normalised to a maximum of 256 (4-bit) /
+  1024 (2-bit), rounded to fp16 and packed as the f16x2 pairs each word of codes meets, with its
+  normalisation, its sum and (asymmetric channel keys) q~ . z_k. All groups at once, in parallel.
+- `_decode_rows_kernel`: one warp per (sequence, head, split), one token per lane for the keys: a
+  lane reads its token's code words with 16-byte loads and the pairs of the query from the table
+  (the same address in every lane), so a token's dot never leaves its lane. The block's softmax
+  runs on those per-lane scores; the values are read with 4 words of 8 tokens per load (each lane
+  sums 4 tokens per f16x2 chain, see fp16x2.word_axpy), weights normalised to 512 / 2048 per block,
+  and their 8 rows are summed once per block before T_S_v.
 """
 
 from __future__ import annotations
@@ -25,51 +32,160 @@ import triton.language as tl
 
 from .fp16x2 import axpy_asm, centre, dot_asm, query_pairs, token_weights, word_axpy, word_dot
 
-
-@triton.jit
-def _query_setup(qs, NW: tl.constexpr, BITS: tl.constexpr, TARGET: tl.constexpr):
-    # qs [D] fp32 -> (1 / its normalisation, its sum, the 8 packed pairs of qs normalised to max |.| = TARGET)
-    amax = tl.max(tl.abs(qs), 0)
-    norm = TARGET / tl.where(amax > 0, amax, TARGET)
-    qn = (qs * norm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query the dots see
-    q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
-    return (1.0 / norm, tl.sum(qn, 0) / norm, q0[None, :], q1[None, :], q2[None, :], q3[None, :], q4[None, :], q5[None, :],
-            q6[None, :], q7[None, :])
+LANES = 32  # tokens per key step: one per lane of the program's single warp (written as 32 in the kernels)
 
 
 @triton.jit
-def _row_dot(k, q0, q1, q2, q3, q4, q5, q6, q7, BITS: tl.constexpr, CENTRE: tl.constexpr,
-             ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    # words [R, NW] -> [R]: each token's sum of (code - CENTRE) * q (normalised)
-    return tl.sum(word_dot(k, q0, q1, q2, q3, q4, q5, q6, q7, BITS, CENTRE, ASM, USE_ASM), 1)
-
-
-@triton.jit
-def _load_rows(ptr, toks, ok, words, NW: tl.constexpr):
-    # the words [R, NW] of tokens `toks` (a contiguous [T, NW] int32 row block)
-    return tl.load(ptr + toks[:, None] * NW + words[None, :], mask=ok[:, None], other=0)
-
-
-@triton.jit
-def _per_token(ptr, toks, ok):
-    return tl.load(ptr + toks, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["blocks_per_split"])
-def _decode_rows_kernel(
-    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, O, M, L,
+def _query_table_kernel(
+    Q, KT, KS, KZ, TAB, QF,
     stride_qb, stride_qh, stride_qd,
-    stride_kcb, stride_kch,
-    stride_ksb, stride_ksh, stride_ksg,
     stride_ktb, stride_kth, stride_ktn,
+    stride_ksb, stride_ksh, stride_ksg,
+    sm_scale, n_groups,
+    KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
+    BLOCK: tl.constexpr, GROUPS: tl.constexpr, KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr,
+):
+    # GROUPS query groups of one (sequence, head): their packed query pairs TAB[row, word, pair] and
+    # QF[row] = (1 / normalisation, sum of the rounded normalised query / normalisation, q~ . z_k, 0)
+    pid = tl.program_id(0)
+    b = (pid // KV_HEADS).to(tl.int64)
+    h = (pid % KV_HEADS).to(tl.int64)
+    NW: tl.constexpr = D * BITS // 32
+    P: tl.constexpr = 16 // BITS  # query pairs per word
+    TARGET: tl.constexpr = 256.0 if BITS == 4 else 1024.0  # a word's fp16 partial sums stay below ~2**14
+    grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    valid = grp < n_groups
+    gi = tl.arange(0, G)
+    chunks = tl.arange(0, D // G)
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (chunks[:, None] * G + gi[None, :]) * stride_qd)
+    q = q.to(tl.float32) * sm_scale  # [D/G, G]
+    blk = tl.where(valid, grp, 0) * QG // BLOCK
+    ts = tl.load(KT + b * stride_ktb + h * stride_kth + blk[:, None, None] * stride_ktn
+                 + (gi[:, None] * G + gi[None, :])[None, :, :]).to(tl.float32)  # [GROUPS, G, G]
+    qt = tl.sum(q[None, :, None, :] * ts[:, None, :, :], 3)  # q~_c = q_c @ T_S_k^T: [GROUPS, D/G, G]
+    qt = tl.reshape(qt, [GROUPS, D])
+    zk = tl.zeros([GROUPS], tl.float32)
+    if KEY_CHANNEL:  # fold each group's channel scales into its query
+        off = b * stride_ksb + h * stride_ksh + grp[:, None] * stride_ksg + dims[None, :]
+        if K_ASYM:
+            zk = tl.sum(qt * tl.load(KZ + off, mask=valid[:, None], other=0.0).to(tl.float32), 1)
+        qt = qt * tl.load(KS + off, mask=valid[:, None], other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(qt), 1)
+    norm = TARGET / tl.where(amax > 0, amax, TARGET)
+    qn = (qt * norm[:, None]).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query
+    q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
+    row = pid.to(tl.int64) * n_groups + grp
+    out = TAB + (row * (NW * P))[:, None] + tl.arange(0, NW)[None, :] * P
+    ok = valid[:, None]
+    tl.store(out, q0, mask=ok)
+    tl.store(out + 1, q1, mask=ok)
+    tl.store(out + 2, q2, mask=ok)
+    tl.store(out + 3, q3, mask=ok)
+    if BITS == 2:
+        tl.store(out + 4, q4, mask=ok)
+        tl.store(out + 5, q5, mask=ok)
+        tl.store(out + 6, q6, mask=ok)
+        tl.store(out + 7, q7, mask=ok)
+    four = tl.arange(0, 4)[None, :]
+    qsum = tl.sum(qn, 1) / norm
+    tl.store(QF + row[:, None] * 4 + four, tl.where(four == 0, 1.0 / norm[:, None], tl.where(
+        four == 1, qsum[:, None], tl.where(four == 2, zk[:, None], 0.0))), mask=ok)
+
+
+@triton.jit
+def _split4(x):
+    # [A, C, 4] -> its 4 columns, each [A, C] (the 4 sit in one lane: no data moves)
+    even, odd = tl.split(tl.reshape(x, [x.shape[0], x.shape[1], 2, 2]))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _pairs4(tab):
+    # 4 consecutive int32 of the query table at `tab` (a pointer, or [1, A, 1] pointers), the same in
+    # every lane (one broadcast 16-byte load) -> 4 x [32, 1 or A]
+    lane0 = tl.zeros([32, 1, 1], tl.int32)
+    return _split4(tl.load(tab + lane0 + tl.arange(0, 4)[None, None, :]))
+
+
+@triton.jit
+def _one_word(w, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    q0, q1, q2, q3 = _pairs4(tab)
+    if P == 8:
+        q4, q5, q6, q7 = _pairs4(tab + 4)
+    else:
+        q4, q5, q6, q7 = q0, q0, q0, q0  # unused at 4 bits
+    return word_dot(w, q0, q1, q2, q3, q4, q5, q6, q7, BITS, CENTRE, ASM, USE_ASM)
+
+
+@triton.jit
+def _key_dots(kc, toks, ok, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
+              ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    # tokens [32, A] (dim 0 over the lanes) -> each one's sum over its words of (code - CENTRE) * q~,
+    # q~ normalised; the table `tab` holds P pairs per word
+    c4 = tl.arange(0, 4)
+    dot = tl.zeros(toks.shape, tl.float32)
+    for i4 in tl.static_range(NW // 4):  # 16-byte loads: 4 words of the lane's token
+        kw = tl.load(kc + toks[:, :, None] * NW + (4 * i4 + c4)[None, None, :], mask=ok[:, :, None], other=0)
+        w0, w1, w2, w3 = _split4(kw)
+        dot += _one_word(w0, tab + (4 * i4) * P, P, BITS, CENTRE, ASM, USE_ASM)
+        dot += _one_word(w1, tab + (4 * i4 + 1) * P, P, BITS, CENTRE, ASM, USE_ASM)
+        dot += _one_word(w2, tab + (4 * i4 + 2) * P, P, BITS, CENTRE, ASM, USE_ASM)
+        dot += _one_word(w3, tab + (4 * i4 + 3) * P, P, BITS, CENTRE, ASM, USE_ASM)
+    return dot
+
+
+@triton.jit
+def _step_weights(wbuf, rows, BLOCK: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr):
+    # the f16x2 weights c_k (k < 8 / BITS) of block tokens `rows` [RV] as [NW, RV]: every lane of a row
+    # reads the same word (a broadcast load; the scratch holds one row of BLOCK weights per k)
+    idx = rows[None, :] + tl.zeros([NW, rows.shape[0]], tl.int32)
+    c0 = tl.load(wbuf + idx)
+    c1 = tl.load(wbuf + BLOCK + idx)
+    if BITS == 2:
+        c2 = tl.load(wbuf + 2 * BLOCK + idx)
+        c3 = tl.load(wbuf + 3 * BLOCK + idx)
+    else:
+        c2, c3 = c0, c0  # unused at 4 bits
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _value_step(vc, wbuf, t, t_rel, length, BLOCK: tl.constexpr, NW: tl.constexpr, RV: tl.constexpr,
+                BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    # tokens t + 4a + r (a < RV, r < 4; t_rel: t within the block), one word per lane (lane = (word, a))
+    # -> [NW, RV, W]: each row's sum over its 4 tokens of weight * (code - CENTRE), code basis
+    a = 4 * tl.arange(0, RV)
+    words = tl.arange(0, NW)
+    tok0 = t + a
+    v0 = tl.load(vc + words[:, None] + (tok0 * NW)[None, :], mask=(tok0 < length)[None, :], other=0)
+    v1 = tl.load(vc + words[:, None] + ((tok0 + 1) * NW)[None, :], mask=(tok0 + 1 < length)[None, :], other=0)
+    v2 = tl.load(vc + words[:, None] + ((tok0 + 2) * NW)[None, :], mask=(tok0 + 2 < length)[None, :], other=0)
+    v3 = tl.load(vc + words[:, None] + ((tok0 + 3) * NW)[None, :], mask=(tok0 + 3 < length)[None, :], other=0)
+    c00, c01, c02, c03 = _step_weights(wbuf, t_rel + a, BLOCK, NW, BITS)
+    c10, c11, c12, c13 = _step_weights(wbuf, t_rel + a + 1, BLOCK, NW, BITS)
+    c20, c21, c22, c23 = _step_weights(wbuf, t_rel + a + 2, BLOCK, NW, BITS)
+    c30, c31, c32, c33 = _step_weights(wbuf, t_rel + a + 3, BLOCK, NW, BITS)
+    return word_axpy(v0, v1, v2, v3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
+                     c30, c31, c32, c33, BITS, CENTRE, ASM, USE_ASM)
+
+
+@triton.jit(do_not_specialize=["blocks_per_split", "VC"])  # VC: 4-byte value loads, one word per lane
+def _decode_rows_kernel(
+    TAB, QF, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, O, M, L, WBUF,
+    stride_kcb, stride_kch,
+    stride_ksb, stride_ksh,
     stride_vcb, stride_vch,
     stride_vsb, stride_vsh,
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
-    sm_scale, blocks_per_split,
+    n_groups, blocks_per_split,
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
-    VQMAX: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, KEY_CHANNEL: tl.constexpr,
+    VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, KCENTRE: tl.constexpr, VCENTRE: tl.constexpr,
     K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -78,159 +194,121 @@ def _decode_rows_kernel(
     b = (pid // KV_HEADS).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
     h = (pid % KV_HEADS).to(tl.int64)
     NW: tl.constexpr = D * BITS // 32  # 32-bit words per token
-    R: tl.constexpr = TILE // 4  # tokens per sub-tile
-    # fp16 range: a word's partial sums stay below ~2**14 (16 / B pairs of |code - centre| <= 2**(B-1))
-    QTARGET: tl.constexpr = 256.0 if BITS == 4 else 1024.0
-    WTARGET: tl.constexpr = 512.0 if BITS == 4 else 2048.0
+    P: tl.constexpr = 16 // BITS  # query pairs per word
+    SUB: tl.constexpr = BLOCK // 32  # key steps (32 tokens, one per lane) per block
+    RV: tl.constexpr = 32 // NW  # value rows per step: one word per lane
+    WTARGET: tl.constexpr = 512.0 if BITS == 4 else 2048.0  # a value chain's fp16 sums stay below ~2**14
     kc = KC + b * stride_kcb + h * stride_kch
     vc = VC + b * stride_vcb + h * stride_vch
     ks_ptr = KS + b * stride_ksb + h * stride_ksh
     kz_ptr = KZ + b * stride_ksb + h * stride_ksh
     vs_ptr = VS + b * stride_vsb + h * stride_vsh
     vz_ptr = VZ + b * stride_vsb + h * stride_vsh
+    tab = TAB + pid.to(tl.int64) * n_groups * (NW * P)
+    qf = QF + pid.to(tl.int64) * n_groups * 4
+    wbuf = WBUF + (pid.to(tl.int64) * tl.num_programs(1) + split) * (4 * BLOCK)
     gi = tl.arange(0, G)
-    chunks = tl.arange(0, D // G)
-    dims = tl.arange(0, D)
-    words = tl.arange(0, NW)
-    a = 4 * tl.arange(0, R)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (chunks[:, None] * G + gi[None, :]) * stride_qd)
-    q = q.to(tl.float32) * sm_scale  # [D/G, G]
+    ts_off = gi[:, None] * G + gi[None, :]
+    sub = tl.arange(0, SUB)
+    lane = tl.arange(0, 32)
     start = tl.load(START + b)
     length = tl.load(LEN + b)
     last_block = tl.maximum((length + BLOCK - 1) // BLOCK - 1, 0)
     m_i = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
-    l_vec = tl.zeros([R], tl.float32)  # softmax denominators per sub-tile row, summed at the end
+    l_vec = tl.zeros([32, SUB], tl.float32)  # softmax denominators per lane, summed at the end
     acc = tl.zeros([D // G, G], tl.float32)  # output, real basis
     first = split * blocks_per_split
     for blk in tl.range(first, first + blocks_per_split, num_stages=NUM_STAGES):
-        # blocks past the end (last split) read a valid block's T_S; all their tokens are masked below
-        blk_ts = tl.minimum(blk, last_block)
-        ts_off = gi[:, None] * G + gi[None, :]
-        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk_ts * stride_ktn + ts_off).to(tl.float32)
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_ts * stride_vtn + ts_off).to(tl.float32)
-        qt = tl.reshape(tl.sum(q[:, None, :] * ts_k[None, :, :], 2), [D])  # q~_c = q_c @ T_S_k^T
-        if not KEY_CHANNEL:
-            qnorm, qsum, q0, q1, q2, q3, q4, q5, q6, q7 = _query_setup(qt, NW, BITS, QTARGET)
-        vacc = tl.zeros([R, D], tl.float32)  # this block's value sum per sub-tile row, code basis
-        for j in tl.static_range(BLOCK // TILE):
-            t0 = blk * BLOCK + j * TILE
-            tok0, tok1, tok2, tok3 = t0 + a, t0 + a + 1, t0 + a + 2, t0 + a + 3
-            ok0 = (tok0 >= start) & (tok0 < length)
-            ok1 = (tok1 >= start) & (tok1 < length)
-            ok2 = (tok2 >= start) & (tok2 < length)
-            ok3 = (tok3 >= start) & (tok3 < length)
-            k0 = _load_rows(kc, tok0, ok0, words, NW)
-            k1 = _load_rows(kc, tok1, ok1, words, NW)
-            k2 = _load_rows(kc, tok2, ok2, words, NW)
-            k3 = _load_rows(kc, tok3, ok3, words, NW)
-            v0 = _load_rows(vc, tok0, ok0, words, NW)
-            v1 = _load_rows(vc, tok1, ok1, words, NW)
-            v2 = _load_rows(vc, tok2, ok2, words, NW)
-            v3 = _load_rows(vc, tok3, ok3, words, NW)
-            if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
-                grp = blk_ts * (BLOCK // TILE) + j  # past-the-end blocks read a valid group; all masked
-                ks_c = tl.load(ks_ptr + grp * stride_ksg + dims).to(tl.float32)
-                qnorm, qsum, q0, q1, q2, q3, q4, q5, q6, q7 = _query_setup(qt * ks_c, NW, BITS, QTARGET)
-            base = (KCENTRE - KQMAX) * qsum
-            s0 = qnorm * _row_dot(k0, q0, q1, q2, q3, q4, q5, q6, q7, BITS, KCENTRE, K_ASM, USE_ASM) + base
-            s1 = qnorm * _row_dot(k1, q0, q1, q2, q3, q4, q5, q6, q7, BITS, KCENTRE, K_ASM, USE_ASM) + base
-            s2 = qnorm * _row_dot(k2, q0, q1, q2, q3, q4, q5, q6, q7, BITS, KCENTRE, K_ASM, USE_ASM) + base
-            s3 = qnorm * _row_dot(k3, q0, q1, q2, q3, q4, q5, q6, q7, BITS, KCENTRE, K_ASM, USE_ASM) + base
-            if KEY_CHANNEL:
-                if K_ASYM:  # zero points per channel: q~ . z_k, the same for every token of the tile
-                    zk = tl.sum(qt * tl.load(kz_ptr + grp * stride_ksg + dims).to(tl.float32), 0)
-                    s0, s1, s2, s3 = s0 + zk, s1 + zk, s2 + zk, s3 + zk
-            else:
-                s0 *= _per_token(ks_ptr, tok0, ok0)
-                s1 *= _per_token(ks_ptr, tok1, ok1)
-                s2 *= _per_token(ks_ptr, tok2, ok2)
-                s3 *= _per_token(ks_ptr, tok3, ok3)
-                if K_ASYM:
-                    s0 += qsum * _per_token(kz_ptr, tok0, ok0)
-                    s1 += qsum * _per_token(kz_ptr, tok1, ok1)
-                    s2 += qsum * _per_token(kz_ptr, tok2, ok2)
-                    s3 += qsum * _per_token(kz_ptr, tok3, ok3)
-            s0 = tl.where(ok0, s0, float("-inf"))  # [R] each
-            s1 = tl.where(ok1, s1, float("-inf"))
-            s2 = tl.where(ok2, s2, float("-inf"))
-            s3 = tl.where(ok3, s3, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p0 = tl.exp(s0 - m_safe)
-            p1 = tl.exp(s1 - m_safe)
-            p2 = tl.exp(s2 - m_safe)
-            p3 = tl.exp(s3 - m_safe)
-            l_vec = l_vec * alpha + ((p0 + p1) + (p2 + p3))
-            w0 = p0 * _per_token(vs_ptr, tok0, ok0)
-            w1 = p1 * _per_token(vs_ptr, tok1, ok1)
-            w2 = p2 * _per_token(vs_ptr, tok2, ok2)
-            w3 = p3 * _per_token(vs_ptr, tok3, ok3)
-            # per row: code-basis constant of its 4 tokens (centre, zero points); weights normalised to WTARGET
-            wmax = tl.maximum(tl.maximum(tl.abs(w0), tl.abs(w1)), tl.maximum(tl.abs(w2), tl.abs(w3)))
-            wnorm = WTARGET / tl.where(wmax > 0, wmax, WTARGET)
-            w0 = (w0 * wnorm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded weights
-            w1 = (w1 * wnorm).to(tl.float16).to(tl.float32)
-            w2 = (w2 * wnorm).to(tl.float16).to(tl.float32)
-            w3 = (w3 * wnorm).to(tl.float16).to(tl.float32)
-            corr = (VCENTRE - VQMAX) * ((w0 + w1) + (w2 + w3)) / wnorm
-            if V_ASYM:
-                corr += ((p0 * _per_token(vz_ptr, tok0, ok0) + p1 * _per_token(vz_ptr, tok1, ok1))
-                         + (p2 * _per_token(vz_ptr, tok2, ok2) + p3 * _per_token(vz_ptr, tok3, ok3)))
-            c00, c01, c02, c03 = token_weights(w0, BITS)
-            c10, c11, c12, c13 = token_weights(w1, BITS)
-            c20, c21, c22, c23 = token_weights(w2, BITS)
-            c30, c31, c32, c33 = token_weights(w3, BITS)
-            part = word_axpy(v0, v1, v2, v3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                             c30, c31, c32, c33, R, NW, BITS, VCENTRE, V_ASM, USE_ASM)  # [R, D]
-            part = part * (1.0 / wnorm)[:, None] + corr[:, None]
-            if BLOCK // TILE > 1:
-                vacc = vacc * alpha + part
-            else:
-                vacc = part
-            acc = acc * alpha
-            m_i = m_new
+        # blocks past the end (last split) read a valid block's T_S and query; all their tokens are masked
+        blk_c = tl.minimum(blk, last_block)
+        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_c * stride_vtn + ts_off).to(tl.float32)
+        rel = lane[:, None] + sub[None, :] * 32  # [32, SUB]: token within the block, one per lane per step
+        toks = blk * BLOCK + rel
+        ok = (toks >= start) & (toks < length)
+        if KEY_CHANNEL:  # each key step sits in one scale group: its own query row
+            grp = (blk_c * BLOCK + sub * 32) // QG
+            dot = _key_dots(kc, toks, ok, tab + (grp * (NW * P))[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            qnorm = tl.load(qf + grp * 4)[None, :]
+            qsum = tl.load(qf + grp * 4 + 1)[None, :]
+            s = qnorm * dot + (KCENTRE - KQMAX) * qsum
+            if K_ASYM:
+                s += tl.load(qf + grp * 4 + 2)[None, :]  # q~ . z_k of the group
+        else:
+            dot = _key_dots(kc, toks, ok, tab + blk_c * (NW * P), NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            qnorm = tl.load(qf + blk_c * 4)
+            qsum = tl.load(qf + blk_c * 4 + 1)
+            s = (qnorm * dot + (KCENTRE - KQMAX) * qsum) * tl.load(ks_ptr + toks, mask=ok, other=0.0).to(tl.float32)
+            if K_ASYM:
+                s += qsum * tl.load(kz_ptr + toks, mask=ok, other=0.0).to(tl.float32)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        l_vec = l_vec * alpha + p
+        w = p * tl.load(vs_ptr + toks, mask=ok, other=0.0).to(tl.float32)
+        wmax = tl.max(tl.max(tl.abs(w), 1), 0)
+        wnorm = WTARGET / tl.where(wmax > 0, wmax, WTARGET)
+        wr = (w * wnorm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded weights
+        corr = (VCENTRE - VQMAX) * tl.sum(tl.sum(wr, 1), 0) / wnorm  # code-basis constant of the block
+        if V_ASYM:
+            corr += tl.sum(tl.sum(p * tl.load(vz_ptr + toks, mask=ok, other=0.0).to(tl.float32), 1), 0)
+        # the weights reach the value layout through a per-program scratch row: f16x2 (w / m, w / m) per k
+        c0, c1, c2, c3 = token_weights(wr, BITS)
+        tl.debug_barrier()  # the previous block's value steps have read the scratch
+        tl.store(wbuf + rel, c0)
+        tl.store(wbuf + BLOCK + rel, c1)
+        if BITS == 2:
+            tl.store(wbuf + 2 * BLOCK + rel, c2)
+            tl.store(wbuf + 3 * BLOCK + rel, c3)
+        tl.debug_barrier()
+        vacc = tl.zeros([NW, RV, 32 // BITS], tl.float32)  # the block's value sum per word and row, code basis
+        for j in tl.static_range(BLOCK // (4 * RV)):
+            vacc += _value_step(vc, wbuf, blk * BLOCK + j * 4 * RV, j * 4 * RV, length, BLOCK, NW, RV, BITS, VCENTRE,
+                                V_ASM, USE_ASM)
         # back to the real basis once per block: code [D/G, G] @ T_S_v
-        code = tl.reshape(tl.sum(vacc, 0), [D // G, G])
-        acc += tl.sum(code[:, :, None] * ts_v[None, :, :], 1)
+        code = tl.reshape(tl.sum(vacc, 1), [D // G, G]) / wnorm + corr
+        acc = acc * alpha + tl.sum(code[:, :, None] * ts_v[None, :, :], 1)
+        m_i = m_new
+    chunks = tl.arange(0, D // G)
     o_ptr = O + b * stride_ob + h * stride_oh + split * stride_os
     tl.store(o_ptr + chunks[:, None] * G + gi[None, :], acc)
     tl.store(M + b * stride_mb + h * stride_mh + split, m_i)
-    tl.store(L + b * stride_mb + h * stride_mh + split, tl.sum(l_vec, 0))
-
-
-DEFAULT_TILE = 64  # tokens per step (H100, batch 8 x 32 heads x 32k: 32 no faster, 128 needs 2+ warps)
+    tl.store(L + b * stride_mb + h * stride_mh + split, tl.sum(tl.sum(l_vec, 1), 0))
 
 
 def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool) -> bool:
     """Whether `decode_rows_partials` reads this cache: one query row per kv head, 2- or 4-bit codes
-    whose token rows are whole 32-bit words, fp16 math allowed."""
+    whose token rows are whole 16-byte vectors of a power-of-two count of words, blocks (and key scale
+    groups) of a multiple of 32 tokens, per-token value scales, fp16 math allowed."""
     d = k.codes.shape[-1] * 8 // k.bits
     words = d * k.bits // 32
-    tile = k.channel_group or min(DEFAULT_TILE, k.block_size)  # 4 sub-tiles of a power-of-two rows
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     return (q_heads == kv_heads and low_precision and k.bits in (2, 4) and v.bits == k.bits
-            and k.block_size % tile == 0 and tile % 4 == 0 and (tile // 4) & (tile // 4 - 1) == 0
-            and d * k.bits % 32 == 0 and words & (words - 1) == 0 and d % k.group_size == 0
-            and (d // k.group_size) & (d // k.group_size - 1) == 0 and not v.channel_group)
+            and k.block_size % LANES == 0 and (k.channel_group or LANES) % LANES == 0
+            and d * k.bits % 32 == 0 and words % 4 == 0 and pow2(words) and words <= LANES
+            and d % k.group_size == 0 and pow2(d // k.group_size) and not v.channel_group)
 
 
-def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int, tile: int = 0,
-                         num_warps: int = 1, num_stages: int = 1):
+def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int, num_warps: int = 1,
+                         num_stages: int = 1):
     """Partial attention of q [B, H, D] (one query row per kv head) over the compressed tokens of k/v
     (PackedKV, see rows_kernel_supports), split-K over `splits` programs per sequence.
 
-    tile: tokens per step (default: the block, or the key scale group for per-channel key scales).
     Returns (o [B, H, S, D] fp32 unnormalised, m [B, H, S], l [B, H, S]) like decode_blocks_partials.
     """
     b, hq, d = q.shape
-    tile = k.channel_group or tile or k.block_size
-    if k.block_size % tile or tile % 4 or (tile // 4) & (tile // 4 - 1):
-        raise ValueError(f"tile={tile} must divide block_size={k.block_size} into 4 power-of-two sub-tiles")
     # codes as int32 words (aligned, vectorisable loads); token rows must be contiguous
     codes = [(p.codes if p.codes.stride(-1) == 1 and p.codes.stride(-2) == p.codes.shape[-1] else p.codes.contiguous())
              .view(torch.int32) for p in (k, v)]
     n_blocks = k.tokens // k.block_size
     per_split = math.ceil(n_blocks / splits)
+    qg = k.channel_group or k.block_size  # tokens per query row of the table
+    n_groups = k.tokens // qg
+    words, pairs = d * k.bits // 32, 16 // k.bits
+    tab = torch.empty(b * hq * n_groups * words * pairs, device=q.device, dtype=torch.int32)
+    qf = torch.empty(b * hq * n_groups * 4, device=q.device, dtype=torch.float32)
+    wbuf = torch.empty(b * hq * splits * 4 * k.block_size, device=q.device, dtype=torch.int32)
     o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
@@ -238,20 +316,28 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
     kc, vc = centre(k.bits, k.qmax), centre(v.bits, v.qmax)
-    _decode_rows_kernel[(b * hq, splits)](
-        q, codes[0], k.scales, kz, k.ts, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_,
+    groups = 8  # query groups per table program
+    _query_table_kernel[(b * hq, triton.cdiv(n_groups, groups))](
+        q, k.ts, k.scales, kz, tab, qf,
         q.stride(0), q.stride(1), q.stride(2),
-        codes[0].stride(0), codes[0].stride(1),
-        k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
         k.ts.stride(0), head_stride(k.ts), k.ts.stride(2),
+        k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
+        sm_scale, n_groups,
+        KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, QG=qg, BLOCK=k.block_size, GROUPS=groups,
+        KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, num_warps=4,
+    )
+    _decode_rows_kernel[(b * hq, splits)](
+        tab, qf, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_, wbuf,
+        codes[0].stride(0), codes[0].stride(1),
+        k.scales.stride(0), head_stride(k.scales),
         codes[1].stride(0), codes[1].stride(1),
         v.scales.stride(0), head_stride(v.scales),
         v.ts.stride(0), head_stride(v.ts), v.ts.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
-        sm_scale, per_split,
-        KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size,
-        TILE=tile, KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
+        n_groups, per_split,
+        KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
+        KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         KCENTRE=kc, VCENTRE=vc, K_ASM=dot_asm(k.bits, kc), V_ASM=axpy_asm(v.bits, vc), USE_ASM=q.is_cuda,
         NUM_STAGES=num_stages, num_warps=num_warps,
     )

@@ -130,22 +130,23 @@ def pack_weight(w):
 
 @triton.jit
 def query_pairs(x, NW: tl.constexpr, BITS: tl.constexpr):
-    """Query [NW * W] (natural column order) -> the 16 / BITS f16x2 pairs [NW] of each word, pair p holding
-    (x[p], x[W/2 + p]) / m_p; 8 outputs (2-bit: pairs 0..7; 4-bit: pairs 0..3, then zeros)."""
+    """Queries [A, NW * W] (natural column order) -> the 16 / BITS f16x2 pairs [A, NW] of each word, pair p
+    holding (x[p], x[W/2 + p]) / m_p; 8 outputs (2-bit: pairs 0..7; 4-bit: pairs 0..3, then zeros)."""
+    A: tl.constexpr = x.shape[0]
     if BITS == 4:  # column r = 4h + 2*byte + k, m = 16**k
-        y = tl.reshape(x, [NW, 2, 2, 2])
-        k0, k1 = tl.split(y)  # [NW, h, byte]
-        k0b0, k0b1 = tl.split(k0)  # [NW, h]
+        y = tl.reshape(x, [A, NW, 2, 2, 2])
+        k0, k1 = tl.split(y)  # [A, NW, h, byte]
+        k0b0, k0b1 = tl.split(k0)  # [A, NW, h]
         k1b0, k1b1 = tl.split(k1)
-        z = tl.zeros([NW], tl.int32)
+        z = tl.zeros([A, NW], tl.int32)
         return (pack_pair(*tl.split(k0b0)), pack_pair(*tl.split(k1b0 * 0.0625)),
                 pack_pair(*tl.split(k0b1)), pack_pair(*tl.split(k1b1 * 0.0625)), z, z, z, z)
     else:  # column r = 8h + 4*byte + k, k = 2*k1 + k0, m = 4**k
-        y = tl.reshape(x, [NW, 2, 2, 2, 2])
-        e0, e1 = tl.split(y)  # k0: [NW, h, byte, k1]
-        e00, e01 = tl.split(e0)  # k1: [NW, h, byte]
+        y = tl.reshape(x, [A, NW, 2, 2, 2, 2])
+        e0, e1 = tl.split(y)  # k0: [A, NW, h, byte, k1]
+        e00, e01 = tl.split(e0)  # k1: [A, NW, h, byte]
         e10, e11 = tl.split(e1)
-        a, b = tl.split(e00)  # byte: [NW, h]  (k = 0)
+        a, b = tl.split(e00)  # byte: [A, NW, h]  (k = 0)
         c, d = tl.split(e10 * 0.25)  # k = 1
         e, f = tl.split(e01 * 0.0625)  # k = 2
         g, i = tl.split(e11 * 0.015625)  # k = 3
@@ -218,7 +219,7 @@ def _axpy_emulated(w0, w1, w2, w3, a0, a1, a2, a3, P: tl.constexpr, BITS: tl.con
 @triton.jit
 def word_dot(w, q0, q1, q2, q3, q4, q5, q6, q7, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
              USE_ASM: tl.constexpr):
-    """words [R, NW] int32, query pairs [1, NW] -> [R, NW] fp32: each word's sum of (code - CENTRE) * q.
+    """Words int32 and their query pairs (f16x2, broadcastable) -> fp32: each word's sum of (code - CENTRE) * q.
     ASM: dot_asm(BITS, CENTRE)."""
     if USE_ASM:
         if BITS == 4:
@@ -232,42 +233,42 @@ def word_dot(w, q0, q1, q2, q3, q4, q5, q6, q7, BITS: tl.constexpr, CENTRE: tl.c
 
 
 @triton.jit
-def _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15,
-                R: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr):
-    # outputs o(2p + h) -> [R, NW * W] in natural column order r = h * W/2 + p (joins add the fastest axis)
+def _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, BITS: tl.constexpr):
+    # outputs o(2p + h), each [A, B] -> [A, B, W] in natural column order r = h * W/2 + p (joins add the
+    # fastest axis, in the lane's registers: no data moves)
     if BITS == 4:  # p = 2*p1 + p0
         x = tl.join(tl.join(tl.join(o0, o1), tl.join(o4, o5)), tl.join(tl.join(o2, o3), tl.join(o6, o7)))
-        return tl.reshape(x, [R, NW * 8])
+        return tl.reshape(x, [o0.shape[0], o0.shape[1], 8])
     else:  # p = 4*p2 + 2*p1 + p0
         e0 = tl.join(tl.join(tl.join(o0, o1), tl.join(o8, o9)), tl.join(tl.join(o4, o5), tl.join(o12, o13)))
         e1 = tl.join(tl.join(tl.join(o2, o3), tl.join(o10, o11)), tl.join(tl.join(o6, o7), tl.join(o14, o15)))
-        return tl.reshape(tl.join(e0, e1), [R, NW * 16])
+        return tl.reshape(tl.join(e0, e1), [o0.shape[0], o0.shape[1], 16])
 
 
 @triton.jit
 def word_axpy(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-              c30, c31, c32, c33, R: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
-              ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    """Words of 4 tokens [R, NW] int32 and their weights c_rk [R, 1] (`token_weights`) -> [R, NW * W] fp32,
-    natural column order: sum over the 4 tokens of weight * (code - CENTRE). ASM: axpy_asm(BITS, CENTRE)."""
+              c30, c31, c32, c33, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    """One word of each of 4 tokens, w_r [A, B] int32, and their weights c_rk [A, B] (`token_weights`) ->
+    [A, B, W] fp32 (W = 32 / BITS codes in natural order): sum over the 4 tokens of weight * (code - CENTRE).
+    ASM: axpy_asm(BITS, CENTRE)."""
     if USE_ASM:
         if BITS == 4:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 ASM, AXPY_CONSTRAINTS4, [w0, w1, w2, w3, c00, c01, c10, c11, c20, c21, c30, c31],
                 dtype=(tl.float32,) * 8, is_pure=True, pack=1)
-            return _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o0, o0, o0, o0, o0, o0, o0, o0, R, NW, BITS)
+            return _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o0, o0, o0, o0, o0, o0, o0, o0, BITS)
         else:
             o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = tl.inline_asm_elementwise(
                 ASM, AXPY_CONSTRAINTS2, [w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
                                            c30, c31, c32, c33], dtype=(tl.float32,) * 16, is_pure=True, pack=1)
-            return _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, R, NW, BITS)
+            return _join_pairs(o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15, BITS)
     else:  # pair p = byte * (8 / BITS) + k takes the weights of its k
         a0, a1 = _axpy_emulated(w0, w1, w2, w3, c00, c10, c20, c30, 0, BITS, CENTRE)
         a2, a3 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 1, BITS, CENTRE)
         if BITS == 4:
             a4, a5 = _axpy_emulated(w0, w1, w2, w3, c00, c10, c20, c30, 2, BITS, CENTRE)
             a6, a7 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 3, BITS, CENTRE)
-            return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a0, a0, a0, a0, a0, a0, a0, a0, R, NW, BITS)
+            return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a0, a0, a0, a0, a0, a0, a0, a0, BITS)
         else:
             a4, a5 = _axpy_emulated(w0, w1, w2, w3, c02, c12, c22, c32, 2, BITS, CENTRE)
             a6, a7 = _axpy_emulated(w0, w1, w2, w3, c03, c13, c23, c33, 3, BITS, CENTRE)
@@ -275,14 +276,14 @@ def word_axpy(w0, w1, w2, w3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, 
             a10, a11 = _axpy_emulated(w0, w1, w2, w3, c01, c11, c21, c31, 5, BITS, CENTRE)
             a12, a13 = _axpy_emulated(w0, w1, w2, w3, c02, c12, c22, c32, 6, BITS, CENTRE)
             a14, a15 = _axpy_emulated(w0, w1, w2, w3, c03, c13, c23, c33, 7, BITS, CENTRE)
-            return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, R, NW, BITS)
+            return _join_pairs(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, BITS)
 
 
 @triton.jit
 def token_weights(w, BITS: tl.constexpr):
-    """Weights [R] fp32 -> the 4 f16x2 (w / m, w / m) of k = 0..3 (m = 2**(k*B)), each [R, 1]."""
-    c0 = pack_weight(w)[:, None]
-    c1 = pack_weight(w * (0.0625 if BITS == 4 else 0.25))[:, None]
-    c2 = pack_weight(w * 0.0625)[:, None]
-    c3 = pack_weight(w * 0.015625)[:, None]
+    """Weights fp32 -> the 4 f16x2 (w / m, w / m) of k = 0..3 (m = 2**(k*B)), each of w's shape."""
+    c0 = pack_weight(w)
+    c1 = pack_weight(w * (0.0625 if BITS == 4 else 0.25))
+    c2 = pack_weight(w * 0.0625)
+    c3 = pack_weight(w * 0.015625)
     return c0, c1, c2, c3
