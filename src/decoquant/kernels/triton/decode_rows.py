@@ -58,12 +58,13 @@ def _query_table_kernel(
     gi = tl.arange(0, G)
     chunks = tl.arange(0, D // G)
     dims = tl.arange(0, D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (chunks[:, None] * G + gi[None, :]) * stride_qd)
-    q = q.to(tl.float32) * sm_scale  # [D/G, G]
-    blk = tl.where(valid, grp, 0) * QG // BLOCK
-    ts = tl.load(KT + b * stride_ktb + h * stride_kth + blk[:, None, None] * stride_ktn
-                 + (gi[:, None] * G + gi[None, :])[None, :, :]).to(tl.float32)  # [GROUPS, G, G]
-    qt = tl.sum(q[None, :, None, :] * ts[:, None, :, :], 3)  # q~_c = q_c @ T_S_k^T: [GROUPS, D/G, G]
+    q_ptr = Q + b * stride_qb + h * stride_qh + (chunks * G)[None, :, None] * stride_qd  # [1, D/G, 1]
+    ts_ptr = KT + b * stride_ktb + h * stride_kth + (tl.where(valid, grp, 0) * QG // BLOCK)[:, None, None] * stride_ktn \
+        + (gi * G)[None, None, :]  # [GROUPS, 1, G]: row j of each group's T_S
+    qt = tl.zeros([GROUPS, D // G, G], tl.float32)
+    for i in tl.static_range(G):  # q~_c = q_c @ T_S_k^T as G rank-one updates (no cross-lane sums)
+        qt += tl.load(q_ptr + i * stride_qd).to(tl.float32) * tl.load(ts_ptr + i).to(tl.float32)
+    qt = qt * sm_scale
     qt = tl.reshape(qt, [GROUPS, D])
     zk = tl.zeros([GROUPS], tl.float32)
     if KEY_CHANNEL:  # fold each group's channel scales into its query
@@ -316,7 +317,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
     kc, vc = centre(k.bits, k.qmax), centre(v.bits, v.qmax)
-    groups = 8  # query groups per table program
+    groups = 16  # query groups per table program
     _query_table_kernel[(b * hq, triton.cdiv(n_groups, groups))](
         q, k.ts, k.scales, kz, tab, qf,
         q.stride(0), q.stride(1), q.stride(2),
