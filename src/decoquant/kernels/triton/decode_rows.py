@@ -123,19 +123,42 @@ def _one_word(w, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
 
 
 @triton.jit
-def _key_dots(kc, toks, ok, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
+def _load_key_words(kc, toks, ok, NW: tl.constexpr):
+    # the code words of tokens [32, A] (dim 0 over the lanes), 4 per 16-byte load: up to 4 x [32, A, 4]
+    base = kc + toks[:, :, None] * NW + tl.arange(0, 4)[None, None, :]
+    k0 = tl.load(base, mask=ok[:, :, None], other=0)
+    k1, k2, k3 = k0, k0, k0  # placeholders past NW words (never read)
+    if NW >= 8:
+        k1 = tl.load(base + 4, mask=ok[:, :, None], other=0)
+    if NW >= 16:
+        k2 = tl.load(base + 8, mask=ok[:, :, None], other=0)
+        k3 = tl.load(base + 12, mask=ok[:, :, None], other=0)
+    return k0, k1, k2, k3
+
+
+@triton.jit
+def _chunk_dot(kw, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    # 4 words [32, A, 4] of each lane's tokens, the table at the first one's pairs -> [32, A]
+    w0, w1, w2, w3 = _split4(kw)
+    dot = _one_word(w0, tab, P, BITS, CENTRE, ASM, USE_ASM)
+    dot += _one_word(w1, tab + P, P, BITS, CENTRE, ASM, USE_ASM)
+    dot += _one_word(w2, tab + 2 * P, P, BITS, CENTRE, ASM, USE_ASM)
+    dot += _one_word(w3, tab + 3 * P, P, BITS, CENTRE, ASM, USE_ASM)
+    return dot
+
+
+@triton.jit
+def _key_dots(k0, k1, k2, k3, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
               ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    # tokens [32, A] (dim 0 over the lanes) -> each one's sum over its words of (code - CENTRE) * q~,
+    # words of tokens [32, A] (_load_key_words) -> each one's sum over its words of (code - CENTRE) * q~,
     # q~ normalised; the table `tab` holds P pairs per word
-    c4 = tl.arange(0, 4)
-    dot = tl.zeros(toks.shape, tl.float32)
-    for i4 in tl.static_range(NW // 4):  # 16-byte loads: 4 words of the lane's token
-        kw = tl.load(kc + toks[:, :, None] * NW + (4 * i4 + c4)[None, None, :], mask=ok[:, :, None], other=0)
-        w0, w1, w2, w3 = _split4(kw)
-        dot += _one_word(w0, tab + (4 * i4) * P, P, BITS, CENTRE, ASM, USE_ASM)
-        dot += _one_word(w1, tab + (4 * i4 + 1) * P, P, BITS, CENTRE, ASM, USE_ASM)
-        dot += _one_word(w2, tab + (4 * i4 + 2) * P, P, BITS, CENTRE, ASM, USE_ASM)
-        dot += _one_word(w3, tab + (4 * i4 + 3) * P, P, BITS, CENTRE, ASM, USE_ASM)
+    dot = _chunk_dot(k0, tab, P, BITS, CENTRE, ASM, USE_ASM)
+    if NW >= 8:
+        dot += _chunk_dot(k1, tab + 4 * P, P, BITS, CENTRE, ASM, USE_ASM)
+    if NW >= 16:
+        dot += _chunk_dot(k2, tab + 8 * P, P, BITS, CENTRE, ASM, USE_ASM)
+        dot += _chunk_dot(k3, tab + 12 * P, P, BITS, CENTRE, ASM, USE_ASM)
     return dot
 
 
@@ -219,23 +242,26 @@ def _decode_rows_kernel(
     l_vec = tl.zeros([32, SUB], tl.float32)  # softmax denominators per lane, summed at the end
     acc = tl.zeros([D // G, G], tl.float32)  # output, real basis
     first = split * blocks_per_split
-    for blk in tl.range(first, first + blocks_per_split, num_stages=NUM_STAGES):
+    end = first + blocks_per_split
+    rel = lane[:, None] + sub[None, :] * 32  # [32, SUB]: token within a block, one per lane per key step
+    toks = first * BLOCK + rel
+    k0, k1, k2, k3 = _load_key_words(kc, toks, (toks >= start) & (toks < length), NW)
+    for blk in tl.range(first, end, num_stages=NUM_STAGES):
         # blocks past the end (last split) read a valid block's T_S and query; all their tokens are masked
         blk_c = tl.minimum(blk, last_block)
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_c * stride_vtn + ts_off).to(tl.float32)
-        rel = lane[:, None] + sub[None, :] * 32  # [32, SUB]: token within the block, one per lane per step
         toks = blk * BLOCK + rel
         ok = (toks >= start) & (toks < length)
         if KEY_CHANNEL:  # each key step sits in one scale group: its own query row
             grp = (blk_c * BLOCK + sub * 32) // QG
-            dot = _key_dots(kc, toks, ok, tab + (grp * (NW * P))[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            dot = _key_dots(k0, k1, k2, k3, tab + (grp * (NW * P))[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
             qnorm = tl.load(qf + grp * 4)[None, :]
             qsum = tl.load(qf + grp * 4 + 1)[None, :]
             s = qnorm * dot + (KCENTRE - KQMAX) * qsum
             if K_ASYM:
                 s += tl.load(qf + grp * 4 + 2)[None, :]  # q~ . z_k of the group
         else:
-            dot = _key_dots(kc, toks, ok, tab + blk_c * (NW * P), NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            dot = _key_dots(k0, k1, k2, k3, tab + blk_c * (NW * P), NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
             qnorm = tl.load(qf + blk_c * 4)
             qsum = tl.load(qf + blk_c * 4 + 1)
             s = (qnorm * dot + (KCENTRE - KQMAX) * qsum) * tl.load(ks_ptr + toks, mask=ok, other=0.0).to(tl.float32)
@@ -263,6 +289,9 @@ def _decode_rows_kernel(
             tl.store(wbuf + 2 * BLOCK + rel, c2)
             tl.store(wbuf + 3 * BLOCK + rel, c3)
         tl.debug_barrier()
+        # the next block's key words, in flight while this block's values are summed
+        toks_n = toks + BLOCK
+        k0, k1, k2, k3 = _load_key_words(kc, toks_n, (toks_n >= start) & (toks_n < length) & (blk + 1 < end), NW)
         vacc = tl.zeros([NW, RV, 32 // BITS], tl.float32)  # the block's value sum per word and row, code basis
         for j in tl.static_range(BLOCK // (4 * RV)):
             vacc += _value_step(vc, wbuf, blk * BLOCK + j * 4 * RV, j * 4 * RV, length, BLOCK, NW, RV, BITS, VCENTRE,
@@ -287,12 +316,12 @@ def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool)
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     return (q_heads == kv_heads and low_precision and k.bits in (2, 4) and v.bits == k.bits
             and k.block_size % LANES == 0 and (k.channel_group or LANES) % LANES == 0
-            and d * k.bits % 32 == 0 and words % 4 == 0 and pow2(words) and words <= LANES
+            and d * k.bits % 32 == 0 and words % 4 == 0 and pow2(words) and words <= 16
             and d % k.group_size == 0 and pow2(d // k.group_size) and not v.channel_group)
 
 
 def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int, num_warps: int = 1,
-                         num_stages: int = 1):
+                         num_stages: int = 1, maxnreg: int | None = None):
     """Partial attention of q [B, H, D] (one query row per kv head) over the compressed tokens of k/v
     (PackedKV, see rows_kernel_supports), split-K over `splits` programs per sequence.
 
@@ -340,6 +369,6 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         KCENTRE=kc, VCENTRE=vc, K_ASM=dot_asm(k.bits, kc), V_ASM=axpy_asm(v.bits, vc), USE_ASM=q.is_cuda,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        NUM_STAGES=num_stages, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return o, m, l_
