@@ -3,6 +3,8 @@ and partial merging."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .layout import PackedKV
@@ -28,10 +30,19 @@ def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Ten
 
 
 def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Combine split partials (o [B, Hq, S, D] unnormalised, m, l [B, Hq, S]) -> [B, Hq, D]."""
-    m_max = m.amax(-1, keepdim=True)
-    w = torch.exp(m - torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max))
-    return (o * w.unsqueeze(-1)).sum(2) / (l * w).sum(-1, keepdim=True)
+    """Combine split partials (o [B, Hq, S, D] unnormalised, m, l [B, Hq, S]) -> [B, Hq, D]. Few ops: at
+    one decode step per layer their launches, not their work, are the cost."""
+    # an all-masked row has m_max = -inf: clamping it keeps exp(m - m_max) at 0 instead of NaN
+    w = torch.exp(m - m.amax(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).min))
+    return torch.einsum("bhs,bhsd->bhd", w, o) / torch.einsum("bhs,bhs->bh", w, l).unsqueeze(-1)
+
+
+@lru_cache(maxsize=64)
+def _whole_cache(batch: int, tokens: int, device: torch.device):
+    """(kv_start, kv_len) that attend every compressed token; cached (read-only) since a decode step
+    calls this once per layer."""
+    return (torch.zeros(batch, dtype=torch.int32, device=device),
+            torch.full((batch,), tokens, dtype=torch.int32, device=device))
 
 
 def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
@@ -54,10 +65,10 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     from .triton.decode_attention import decode_blocks_partials
 
     b = q.shape[0]
-    if kv_start is None:
-        kv_start = torch.zeros(b, dtype=torch.int32, device=q.device)
-    if kv_len is None:
-        kv_len = torch.full((b,), k.tokens, dtype=torch.int32, device=q.device)
+    if kv_start is None or kv_len is None:
+        start, length = _whole_cache(b, k.tokens, q.device)
+        kv_start = start if kv_start is None else kv_start
+        kv_len = length if kv_len is None else kv_len
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
                                       **kernel_options)
     if window_k is not None and window_k.shape[2]:

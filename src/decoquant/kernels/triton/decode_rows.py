@@ -206,7 +206,7 @@ def _decode_rows_kernel(
     stride_vsb, stride_vsh,
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
-    stride_mb, stride_mh,
+    stride_mb, stride_mh, stride_ms,
     n_groups, blocks_per_split,
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
@@ -303,8 +303,8 @@ def _decode_rows_kernel(
     chunks = tl.arange(0, D // G)
     o_ptr = O + b * stride_ob + h * stride_oh + split * stride_os
     tl.store(o_ptr + chunks[:, None] * G + gi[None, :], acc)
-    tl.store(M + b * stride_mb + h * stride_mh + split, m_i)
-    tl.store(L + b * stride_mb + h * stride_mh + split, tl.sum(tl.sum(l_vec, 1), 0))
+    tl.store(M + b * stride_mb + h * stride_mh + split * stride_ms, m_i)
+    tl.store(L + b * stride_mb + h * stride_mh + split * stride_ms, tl.sum(tl.sum(l_vec, 1), 0))
 
 
 def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool) -> bool:
@@ -336,12 +336,12 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     qg = k.channel_group or k.block_size  # tokens per query row of the table
     n_groups = k.tokens // qg
     words, pairs = d * k.bits // 32, 16 // k.bits
-    tab = torch.empty(b * hq * n_groups * words * pairs, device=q.device, dtype=torch.int32)
-    qf = torch.empty(b * hq * n_groups * 4, device=q.device, dtype=torch.float32)
-    wbuf = torch.empty(b * hq * splits * 4 * k.block_size, device=q.device, dtype=torch.int32)
-    o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
-    m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
-    l_ = torch.empty_like(m)
+    # one allocation each for the scratch (query table, its floats, the weights) and the outputs
+    n_tab, n_qf = b * hq * n_groups * words * pairs, b * hq * n_groups * 4
+    scratch = torch.empty(n_tab + n_qf + b * hq * splits * 4 * k.block_size, device=q.device, dtype=torch.int32)
+    tab, qf, wbuf = scratch[:n_tab], scratch[n_tab:n_tab + n_qf].view(torch.float32), scratch[n_tab + n_qf:]
+    out = torch.empty(b, hq, splits, d + 2, device=q.device, dtype=torch.float32)
+    o, m, l_ = out[..., :d], out[..., d], out[..., d + 1]  # m and l share their strides
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
@@ -364,7 +364,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         v.scales.stride(0), head_stride(v.scales),
         v.ts.stride(0), head_stride(v.ts), v.ts.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        m.stride(0), m.stride(1),
+        m.stride(0), m.stride(1), m.stride(2),
         n_groups, per_split,
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
