@@ -36,62 +36,56 @@ LANES = 32  # tokens per key step: one per lane of the program's single warp (wr
 
 
 @triton.jit
-def _query_table_kernel(
-    Q, KT, KS, KZ, TAB, QF,
-    stride_qb, stride_qh, stride_qd,
-    stride_ktb, stride_kth, stride_ktn,
-    stride_ksb, stride_ksh, stride_ksg,
-    sm_scale, n_groups,
-    KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
-    BLOCK: tl.constexpr, GROUPS: tl.constexpr, KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr,
-):
-    # GROUPS query groups of one (sequence, head): their packed query pairs TAB[row, word, pair] and
-    # QF[row] = (1 / normalisation, sum of the rounded normalised query / normalisation, q~ . z_k, 0)
-    pid = tl.program_id(0)
-    b = (pid // KV_HEADS).to(tl.int64)
-    h = (pid % KV_HEADS).to(tl.int64)
+def _store_query_rows(qbuf, q_ptr, stride_qd, kt_blk, ks_blk, kz_blk, stride_ksg, sm_scale,
+                      D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, BLOCK: tl.constexpr,
+                      KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr):
+    # one block's query rows (one per key scale group of the block, else one) into the program's scratch:
+    # the f16x2 pairs each word of codes meets (NW * P int32), then 1 / normalisation, the sum of the
+    # rounded normalised query / normalisation and q~ . z_k (fp32 bits)
     NW: tl.constexpr = D * BITS // 32
-    P: tl.constexpr = 16 // BITS  # query pairs per word
+    P: tl.constexpr = 16 // BITS
+    ROW: tl.constexpr = NW * P + 4
     TARGET: tl.constexpr = 256.0 if BITS == 4 else 1024.0  # a word's fp16 partial sums stay below ~2**14
-    grp = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    valid = grp < n_groups
     gi = tl.arange(0, G)
     chunks = tl.arange(0, D // G)
-    dims = tl.arange(0, D)
-    q_ptr = Q + b * stride_qb + h * stride_qh + (chunks * G)[None, :, None] * stride_qd  # [1, D/G, 1]
-    ts_ptr = KT + b * stride_ktb + h * stride_kth + (tl.where(valid, grp, 0) * QG // BLOCK)[:, None, None] * stride_ktn \
-        + (gi * G)[None, None, :]  # [GROUPS, 1, G]: row j of each group's T_S
-    qt = tl.zeros([GROUPS, D // G, G], tl.float32)
-    for i in tl.static_range(G):  # q~_c = q_c @ T_S_k^T as G rank-one updates (no cross-lane sums)
-        qt += tl.load(q_ptr + i * stride_qd).to(tl.float32) * tl.load(ts_ptr + i).to(tl.float32)
-    qt = qt * sm_scale
-    qt = tl.reshape(qt, [GROUPS, D])
-    zk = tl.zeros([GROUPS], tl.float32)
-    if KEY_CHANNEL:  # fold each group's channel scales into its query
-        off = b * stride_ksb + h * stride_ksh + grp[:, None] * stride_ksg + dims[None, :]
-        if K_ASYM:
-            zk = tl.sum(qt * tl.load(KZ + off, mask=valid[:, None], other=0.0).to(tl.float32), 1)
-        qt = qt * tl.load(KS + off, mask=valid[:, None], other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(qt), 1)
-    norm = TARGET / tl.where(amax > 0, amax, TARGET)
-    qn = (qt * norm[:, None]).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query
-    q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
-    row = pid.to(tl.int64) * n_groups + grp
-    out = TAB + (row * (NW * P))[:, None] + tl.arange(0, NW)[None, :] * P
-    ok = valid[:, None]
-    tl.store(out, q0, mask=ok)
-    tl.store(out + 1, q1, mask=ok)
-    tl.store(out + 2, q2, mask=ok)
-    tl.store(out + 3, q3, mask=ok)
-    if BITS == 2:
-        tl.store(out + 4, q4, mask=ok)
-        tl.store(out + 5, q5, mask=ok)
-        tl.store(out + 6, q6, mask=ok)
-        tl.store(out + 7, q7, mask=ok)
-    four = tl.arange(0, 4)[None, :]
-    qsum = tl.sum(qn, 1) / norm
-    tl.store(QF + row[:, None] * 4 + four, tl.where(four == 0, 1.0 / norm[:, None], tl.where(
-        four == 1, qsum[:, None], tl.where(four == 2, zk[:, None], 0.0))), mask=ok)
+    qt = tl.zeros([D // G, G], tl.float32)
+    for i in tl.static_range(G):  # q~_c = q_c @ T_S_k^T as G rank-one updates (columns read from L1)
+        qt += (tl.load(q_ptr + (chunks * G + i) * stride_qd).to(tl.float32)[:, None]
+               * tl.load(kt_blk + gi * G + i).to(tl.float32)[None, :])
+    qt = tl.reshape(qt * sm_scale, [1, D])
+    dims = tl.arange(0, D)[None, :]
+    words = tl.arange(0, NW)[None, :] * P
+    for g in tl.static_range(BLOCK // QG):
+        x = qt
+        zk = 0.0
+        if KEY_CHANNEL:  # fold the group's channel scales into the query
+            if K_ASYM:
+                zk = tl.sum(tl.sum(qt * tl.load(kz_blk + g * stride_ksg + dims).to(tl.float32), 1), 0)
+            x = qt * tl.load(ks_blk + g * stride_ksg + dims).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        norm = TARGET / tl.where(amax > 0, amax, TARGET)
+        qn = (x * norm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query the dots see
+        q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
+        row = qbuf + g * ROW
+        tl.store(row + words, q0)
+        tl.store(row + words + 1, q1)
+        tl.store(row + words + 2, q2)
+        tl.store(row + words + 3, q3)
+        if BITS == 2:
+            tl.store(row + words + 4, q4)
+            tl.store(row + words + 5, q5)
+            tl.store(row + words + 6, q6)
+            tl.store(row + words + 7, q7)
+        four = tl.arange(0, 4)
+        qsum = tl.sum(tl.sum(qn, 1), 0) / norm
+        floats = tl.where(four == 0, 1.0 / norm, tl.where(four == 1, qsum, tl.where(four == 2, zk, 0.0)))
+        tl.store(row + NW * P + four, floats.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _query_float(qbuf, k: tl.constexpr):
+    # float k of the query rows at qbuf (a pointer or pointers)
+    return tl.load(qbuf + k).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -199,15 +193,17 @@ def _value_step(vc, wbuf, t, t_rel, length, BLOCK: tl.constexpr, NW: tl.constexp
 
 @triton.jit(do_not_specialize=["blocks_per_split", "VC"])  # VC: 4-byte value loads, one word per lane
 def _decode_rows_kernel(
-    TAB, QF, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, O, M, L, WBUF,
+    Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, O, M, L, SCRATCH,
+    stride_qb, stride_qh, stride_qd,
+    stride_ktb, stride_kth, stride_ktn,
     stride_kcb, stride_kch,
-    stride_ksb, stride_ksh,
+    stride_ksb, stride_ksh, stride_ksg,
     stride_vcb, stride_vch,
     stride_vsb, stride_vsh,
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh, stride_ms,
-    n_groups, blocks_per_split,
+    sm_scale, blocks_per_split,
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, KCENTRE: tl.constexpr, VCENTRE: tl.constexpr,
@@ -228,9 +224,11 @@ def _decode_rows_kernel(
     kz_ptr = KZ + b * stride_ksb + h * stride_ksh
     vs_ptr = VS + b * stride_vsb + h * stride_vsh
     vz_ptr = VZ + b * stride_vsb + h * stride_vsh
-    tab = TAB + pid.to(tl.int64) * n_groups * (NW * P)
-    qf = QF + pid.to(tl.int64) * n_groups * 4
-    wbuf = WBUF + (pid.to(tl.int64) * tl.num_programs(1) + split) * (4 * BLOCK)
+    ROW: tl.constexpr = NW * P + 4  # int32 per query row of the scratch
+    # the program's scratch: its block's query rows, then 4 rows of BLOCK packed value weights
+    qbuf = SCRATCH + (pid.to(tl.int64) * tl.num_programs(1) + split) * ((BLOCK // QG) * ROW + 4 * BLOCK)
+    wbuf = qbuf + (BLOCK // QG) * ROW
+    q_ptr = Q + b * stride_qb + h * stride_qh
     gi = tl.arange(0, G)
     ts_off = gi[:, None] * G + gi[None, :]
     sub = tl.arange(0, SUB)
@@ -252,18 +250,23 @@ def _decode_rows_kernel(
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_c * stride_vtn + ts_off).to(tl.float32)
         toks = blk * BLOCK + rel
         ok = (toks >= start) & (toks < length)
+        tl.debug_barrier()  # the previous block's key steps have read the query rows
+        _store_query_rows(qbuf, q_ptr, stride_qd, KT + b * stride_ktb + h * stride_kth + blk_c * stride_ktn,
+                          ks_ptr + blk_c * (BLOCK // QG) * stride_ksg, kz_ptr + blk_c * (BLOCK // QG) * stride_ksg,
+                          stride_ksg, sm_scale, D, G, BITS, QG, BLOCK, KEY_CHANNEL, K_ASYM)
+        tl.debug_barrier()
         if KEY_CHANNEL:  # each key step sits in one scale group: its own query row
-            grp = (blk_c * BLOCK + sub * 32) // QG
-            dot = _key_dots(k0, k1, k2, k3, tab + (grp * (NW * P))[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
-            qnorm = tl.load(qf + grp * 4)[None, :]
-            qsum = tl.load(qf + grp * 4 + 1)[None, :]
+            rows = qbuf + (sub * 32 // QG) * ROW
+            dot = _key_dots(k0, k1, k2, k3, rows[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            qnorm = _query_float(rows + NW * P, 0)[None, :]
+            qsum = _query_float(rows + NW * P, 1)[None, :]
             s = qnorm * dot + (KCENTRE - KQMAX) * qsum
             if K_ASYM:
-                s += tl.load(qf + grp * 4 + 2)[None, :]  # q~ . z_k of the group
+                s += _query_float(rows + NW * P, 2)[None, :]  # q~ . z_k of the group
         else:
-            dot = _key_dots(k0, k1, k2, k3, tab + blk_c * (NW * P), NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
-            qnorm = tl.load(qf + blk_c * 4)
-            qsum = tl.load(qf + blk_c * 4 + 1)
+            dot = _key_dots(k0, k1, k2, k3, qbuf, NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
+            qnorm = _query_float(qbuf + NW * P, 0)
+            qsum = _query_float(qbuf + NW * P, 1)
             s = (qnorm * dot + (KCENTRE - KQMAX) * qsum) * tl.load(ks_ptr + toks, mask=ok, other=0.0).to(tl.float32)
             if K_ASYM:
                 s += qsum * tl.load(kz_ptr + toks, mask=ok, other=0.0).to(tl.float32)
@@ -333,39 +336,29 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
              .view(torch.int32) for p in (k, v)]
     n_blocks = k.tokens // k.block_size
     per_split = math.ceil(n_blocks / splits)
-    qg = k.channel_group or k.block_size  # tokens per query row of the table
-    n_groups = k.tokens // qg
-    words, pairs = d * k.bits // 32, 16 // k.bits
-    # one allocation each for the scratch (query table, its floats, the weights) and the outputs
-    n_tab, n_qf = b * hq * n_groups * words * pairs, b * hq * n_groups * 4
-    scratch = torch.empty(n_tab + n_qf + b * hq * splits * 4 * k.block_size, device=q.device, dtype=torch.int32)
-    tab, qf, wbuf = scratch[:n_tab], scratch[n_tab:n_tab + n_qf].view(torch.float32), scratch[n_tab + n_qf:]
+    qg = k.channel_group or k.block_size  # tokens per query row (a key scale group, else the block)
+    row = d * k.bits // 32 * (16 // k.bits) + 4
+    # one allocation each for the programs' scratch (query rows, value weights) and the outputs
+    scratch = torch.empty(b * hq * splits, k.block_size // qg * row + 4 * k.block_size, device=q.device,
+                          dtype=torch.int32)
     out = torch.empty(b, hq, splits, d + 2, device=q.device, dtype=torch.float32)
     o, m, l_ = out[..., :d], out[..., d], out[..., d + 1]  # m and l share their strides
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
     kc, vc = centre(k.bits, k.qmax), centre(v.bits, v.qmax)
-    groups = 16  # query groups per table program
-    _query_table_kernel[(b * hq, triton.cdiv(n_groups, groups))](
-        q, k.ts, k.scales, kz, tab, qf,
+    _decode_rows_kernel[(b * hq, splits)](
+        q, k.ts, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_, scratch,
         q.stride(0), q.stride(1), q.stride(2),
         k.ts.stride(0), head_stride(k.ts), k.ts.stride(2),
-        k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
-        sm_scale, n_groups,
-        KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, QG=qg, BLOCK=k.block_size, GROUPS=groups,
-        KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, num_warps=4,
-    )
-    _decode_rows_kernel[(b * hq, splits)](
-        tab, qf, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_, wbuf,
         codes[0].stride(0), codes[0].stride(1),
-        k.scales.stride(0), head_stride(k.scales),
+        k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
         codes[1].stride(0), codes[1].stride(1),
         v.scales.stride(0), head_stride(v.scales),
         v.ts.stride(0), head_stride(v.ts), v.ts.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
-        n_groups, per_split,
+        sm_scale, per_split,
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         KCENTRE=kc, VCENTRE=vc, K_ASM=dot_asm(k.bits, kc), V_ASM=axpy_asm(v.bits, vc), USE_ASM=q.is_cuda,
