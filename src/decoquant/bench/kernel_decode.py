@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--preset", default="paper", choices=("paper", "channel64-token", "kv-split"),
                    help="DecoQuant preset of the compressed blocks (default: the paper's)")
-    p.add_argument("--tile", type=int, default=None, help="tokens per kernel tile (default: the kernel's)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tokens per tile of the mma kernel (default: 128; the rows kernel steps by 32)")
     p.add_argument("--kernel", default="auto", choices=("auto", "mma", "rows"),
                    help="mma: tensor cores; rows: one query row per kv head on fp16x2 CUDA-core math (MHA); "
                         "auto: rows where it applies")

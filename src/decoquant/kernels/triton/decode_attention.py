@@ -216,8 +216,9 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
-    rounded), else fp32 (tf32) dots. tile: tokens per step (default 128 mma, 64 rows; keys with per-channel
-    scales use tiles of their scale group). num_warps / num_stages: default 4 / 3 (mma), 1 / 2 (rows).
+    rounded), else fp32 (tf32) dots. tile: tokens per step of the mma kernel (default 128; keys with
+    per-channel scales use tiles of their scale group); the rows kernel steps by 32 tokens, one per lane.
+    num_warps / num_stages: default 4 / 3 (mma), 1 / 1 (rows).
     kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, fp16x2 CUDA-core math,
     decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
@@ -229,8 +230,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     if hq % kvh:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {kvh}")
     if choose_kernel(hq, k, v, low_precision, kernel) == "rows":
-        # one-warp programs, ~16 per SM (H100, batch 8 x 32 heads x 32k, 4 / 16 splits: 0.71 / 0.69 ms at
-        # 4 bits, 0.65 / 0.60 ms at 2 bits)
+        # one-warp programs; 16 per SM's worth of splits (H100, batch 8 x 32 heads x 32k: 8 to 32 splits
+        # within 3% of each other, 4 splits 30% slower)
         splits = num_splits or _num_splits(b * kvh, k.tokens // k.block_size, q.device, per_sm=16)
         return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, num_warps=num_warps or 1,
                                     num_stages=num_stages or 1)
