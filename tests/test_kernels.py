@@ -102,6 +102,7 @@ def test_asymmetric_and_channel_scales(fields, bits):
 ROWS_CASES = [  # batch, kv heads (= query heads), compressed tokens, valid lengths, window, head_dim, block
     (1, 1, 64, [63], 0, 64, 32),
     (3, 2, 192, [100, 192, 65], 5, 64, 64),
+    (2, 2, 256, [256, 140], 3, 64, 128),  # two key scale groups per block (channel64-token)
 ]
 if CUDA:
     ROWS_CASES += [(4, 32, 1024, [1000, 1024, 517, 63], 17, 128, 128), (2, 8, 4096, [4096, 3001], 100, 128, 128)]

@@ -99,7 +99,7 @@ def _split4(x):
 
 @triton.jit
 def _pairs4(tab):
-    # 4 consecutive int32 of the query table at `tab` (a pointer, or [1, A, 1] pointers), the same in
+    # 4 consecutive int32 of the query rows at `tab` (a pointer, or [1, A, 1] pointers), the same in
     # every lane (one broadcast 16-byte load) -> 4 x [32, 1 or A]
     lane0 = tl.zeros([32, 1, 1], tl.int32)
     return _split4(tl.load(tab + lane0 + tl.arange(0, 4)[None, None, :]))
@@ -133,7 +133,7 @@ def _load_key_words(kc, toks, ok, NW: tl.constexpr):
 @triton.jit
 def _chunk_dot(kw, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
                USE_ASM: tl.constexpr):
-    # 4 words [32, A, 4] of each lane's tokens, the table at the first one's pairs -> [32, A]
+    # 4 words [32, A, 4] of each lane's tokens, the query row(s) at the first one's pairs -> [32, A]
     w0, w1, w2, w3 = _split4(kw)
     dot = _one_word(w0, tab, P, BITS, CENTRE, ASM, USE_ASM)
     dot += _one_word(w1, tab + P, P, BITS, CENTRE, ASM, USE_ASM)
@@ -146,7 +146,7 @@ def _chunk_dot(kw, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexp
 def _key_dots(k0, k1, k2, k3, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
               ASM: tl.constexpr, USE_ASM: tl.constexpr):
     # words of tokens [32, A] (_load_key_words) -> each one's sum over its words of (code - CENTRE) * q~,
-    # q~ normalised; the table `tab` holds P pairs per word
+    # q~ normalised; the query row(s) `tab` hold P pairs per word
     dot = _chunk_dot(k0, tab, P, BITS, CENTRE, ASM, USE_ASM)
     if NW >= 8:
         dot += _chunk_dot(k1, tab + 4 * P, P, BITS, CENTRE, ASM, USE_ASM)
