@@ -293,8 +293,9 @@ def _decode_rows_kernel(
             tl.store(wbuf + 3 * BLOCK + rel, c3)
         tl.debug_barrier()
         # the next block's key words, in flight while this block's values are summed
-        toks_n = toks + BLOCK
-        k0, k1, k2, k3 = _load_key_words(kc, toks_n, (toks_n >= start) & (toks_n < length) & (blk + 1 < end), NW)
+        toks_n = toks + BLOCK  # (none past the split's last block)
+        k0, k1, k2, k3 = _load_key_words(kc, toks_n, (toks_n >= start) & (toks_n < tl.minimum(length, end * BLOCK)),
+                                         NW)
         vacc = tl.zeros([NW, RV, 32 // BITS], tl.float32)  # the block's value sum per word and row, code basis
         for j in tl.static_range(BLOCK // (4 * RV)):
             vacc += _value_step(vc, wbuf, blk * BLOCK + j * 4 * RV, j * 4 * RV, length, BLOCK, NW, RV, BITS, VCENTRE,
