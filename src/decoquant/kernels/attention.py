@@ -13,6 +13,12 @@ from .reference import decode_attention_reference, dequantize_packed
 BACKENDS = ("auto", "triton", "torch")
 
 
+def _finite_max(x: torch.Tensor) -> torch.Tensor:
+    """max over the last dim, keepdim; an all-masked row (max -inf) gets the lowest finite value so that
+    exp(x - max) stays 0 there instead of NaN."""
+    return x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+
+
 def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor, sm_scale: float,
                     valid: torch.Tensor | None = None):
     """Exact attention partials over the fp16 window: (o [B, Hq, 1, D], m [B, Hq, 1], l [B, Hq, 1]).
@@ -23,8 +29,8 @@ def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Ten
     scores = torch.einsum("bhgd,bhtd->bhgt", qg, window_k.float()) * sm_scale
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    m = scores.amax(-1)
-    p = torch.exp(scores - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
+    m = _finite_max(scores)  # an all-masked window row keeps p = 0 and weighs nothing in the merge
+    p = torch.exp(scores - m)
     o = torch.einsum("bhgt,bhtd->bhgd", p, window_v.float())
     return o.reshape(b, hq, 1, d), m.reshape(b, hq, 1), p.sum(-1).reshape(b, hq, 1)
 
@@ -32,8 +38,7 @@ def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Ten
 def merge_partials(o: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     """Combine split partials (o [B, Hq, S, D] unnormalised, m, l [B, Hq, S]) -> [B, Hq, D]. Few ops: at
     one decode step per layer their launches, not their work, are the cost."""
-    # an all-masked row has m_max = -inf: clamping it keeps exp(m - m_max) at 0 instead of NaN
-    w = torch.exp(m - m.amax(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).min))
+    w = torch.exp(m - _finite_max(m))
     return torch.einsum("bhs,bhsd->bhd", w, o) / torch.einsum("bhs,bhs->bh", w, l).unsqueeze(-1)
 
 
