@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=None,
                    help="tokens per tile of the mma kernel (default: 128; the rows kernel steps by 32)")
     p.add_argument("--kernel", default="auto", choices=("auto", "mma", "rows"),
-                   help="mma: tensor cores; rows: one query row per kv head on fp16x2 CUDA-core math (MHA); "
+                   help="mma: tensor cores; rows: one query row per kv head on integer CUDA-core math (MHA); "
                         "auto: rows where it applies")
     p.add_argument("--num-warps", type=int, default=None, help="default: the kernel's (mma 4, rows 1)")
     p.add_argument("--num-stages", type=int, default=None, help="default: the kernel's (mma 3, rows 1)")

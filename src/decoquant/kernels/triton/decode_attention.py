@@ -219,7 +219,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     rounded), else fp32 (tf32) dots. tile: tokens per step of the mma kernel (default 128; keys with
     per-channel scales use tiles of their scale group); the rows kernel steps by 32 tokens, one per lane.
     num_warps / num_stages: default 4 / 3 (mma), 1 / 1 (rows).
-    kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, fp16x2 CUDA-core math,
+    kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, integer dp2a CUDA-core math,
     decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """

@@ -1,25 +1,26 @@
-"""Split-K decode attention for one query row per kv head (MHA), on the CUDA cores with fp16x2 math.
+"""Split-K decode attention for one query row per kv head (MHA), on the CUDA cores with exact integer dots.
 
 The tensor-core kernel (decode_attention.py) pads each kv head's single query row to a 16-row tile
 and stages every unpacked code through shared memory for the MMA; at one query row that staging, not
-HBM, is the limit. Here each code is touched once, in registers, two at a time (fp16x2.py):
-    scores[t] = s_k[t] * (sum_words word_dot(codes_k[t], q~) + (centre - qmax) * sum(q~))
-    block sum = sum_t w[t] * (codes_v[t] - centre) + (centre - qmax) * sum_t w[t],  w[t] = p[t] * s_v[t]
-with q~ = q @ T_S_k^T per G-channel chunk, the block sum taken back to the real basis by T_S_v once
-per block, zero points and per-channel key scales as in decode_attention.py. centre = qmax for
-symmetric codes (no correction, nothing cancels), the middle code otherwise.
+HBM, is the limit. Here each code is touched once, in registers, two products per instruction
+(int_dot.py: one AND per field of a word, then dp2a):
+    scores[t] = s_k[t] * (sum_r q~_r code_k[t, r] - qmax * sum_r q~_r)
+    block sum = sum_t w[t] code_v[t] - qmax * sum_t w[t],  w[t] = p[t] * s_v[t]
+with q~ = q @ T_S_k^T per G-channel chunk rounded to int16 per block and w rounded to int16 per block
+(both normalised to 16383), all sums over codes exact 32-bit integers; the block sum is taken back to
+the real basis by T_S_v once per block; zero points and per-channel key scales as in
+decode_attention.py.
 
 One warp per (sequence, head, split); per block of the split:
-- the block's query rows: q~ normalised to a maximum of 256 (4-bit) / 1024 (2-bit), rounded to fp16
-  and packed as the f16x2 pairs each word of codes meets, with its normalisation, its sum and
-  (asymmetric per-channel keys) q~ . z_k; one row per key scale group with per-channel key scales.
-  They go to a per-program scratch row and come back by broadcast loads (every lane, same address).
+- the block's query rows: q~ normalised and rounded, packed as the int16 pairs each word of codes
+  meets, with its normalisation, its sum and (asymmetric per-channel keys) q~ . z_k; one row per key
+  scale group with per-channel key scales. They go to a per-program scratch row and come back by
+  broadcast loads (every lane, same address).
 - keys: one token per lane, its code words read with 16-byte loads, so a token's dot never leaves
   its lane; the block's softmax runs on those per-lane scores. The next block's key words are loaded
   while this block's values are summed.
-- values: one word per lane (4 tokens per f16x2 chain, fp16x2.word_axpy), the tokens' packed weights
-  (normalised to 512 / 2048 per block) passed through the scratch; the rows are summed once per
-  block before T_S_v.
+- values: one word per lane, two tokens per dp2a (their bytes interleaved by one prmt), the tokens'
+  int16 weights passed through the scratch; the rows are summed once per block before T_S_v.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp16x2 import axpy_asm, centre, dot_asm, query_pairs, token_weights, word_axpy, word_dot
+from .int_dot import axpy_asm, dot_asm, fields_total, natural8, natural16, pair_axpy, query_pairs, word_dot
 
 LANES = 32  # tokens per key step: one per lane of the program's single warp (written as 32 in the kernels)
+# int16 targets of the rounded query and weights: |sum| < 2**31 for head_dim <= 256 (keys) and blocks
+# of <= 512 tokens (values), 14 bits + sign per number
+QTARGET = tl.constexpr(16383.0)
+WTARGET = tl.constexpr(16383.0)
+MAX_BLOCK = 512
 
 
 @triton.jit
@@ -40,12 +46,12 @@ def _store_query_rows(qbuf, q_ptr, stride_qd, kt_blk, ks_blk, kz_blk, stride_ksg
                       D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, BLOCK: tl.constexpr,
                       KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr):
     # one block's query rows (one per key scale group of the block, else one) into the program's scratch:
-    # the f16x2 pairs each word of codes meets (NW * P int32), then 1 / normalisation, the sum of the
-    # rounded normalised query / normalisation and q~ . z_k (fp32 bits)
+    # the int16 pairs each word of codes meets (NW * P int32), then 1 / (normalisation * m_max), the sum of
+    # the rounded query / normalisation and q~ . z_k (fp32 bits), the rounded query's integer sum
     NW: tl.constexpr = D * BITS // 32
     P: tl.constexpr = 16 // BITS
     ROW: tl.constexpr = NW * P + 4
-    TARGET: tl.constexpr = 256.0 if BITS == 4 else 1024.0  # a word's fp16 partial sums stay below ~2**14
+    M_MAX: tl.constexpr = 1 << (8 - BITS)  # m_k of the last field of a byte
     gi = tl.arange(0, G)
     chunks = tl.arange(0, D // G)
     qt = tl.zeros([D // G, G], tl.float32)
@@ -63,9 +69,10 @@ def _store_query_rows(qbuf, q_ptr, stride_qd, kt_blk, ks_blk, kz_blk, stride_ksg
                 zk = tl.sum(tl.sum(qt * tl.load(kz_blk + g * stride_ksg + dims).to(tl.float32), 1), 0)
             x = qt * tl.load(ks_blk + g * stride_ksg + dims).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
-        norm = TARGET / tl.where(amax > 0, amax, TARGET)
-        qn = (x * norm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded query the dots see
-        q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qn, NW, BITS)
+        norm = QTARGET / tl.where(amax > 0, amax, QTARGET)
+        xn = x * norm
+        qi = tl.where(xn >= 0, xn + 0.5, xn - 0.5).to(tl.int32)  # rounded to the nearest integer
+        q0, q1, q2, q3, q4, q5, q6, q7 = query_pairs(qi, NW, BITS)
         row = qbuf + g * ROW
         tl.store(row + words, q0)
         tl.store(row + words + 1, q1)
@@ -77,9 +84,9 @@ def _store_query_rows(qbuf, q_ptr, stride_qd, kt_blk, ks_blk, kz_blk, stride_ksg
             tl.store(row + words + 6, q6)
             tl.store(row + words + 7, q7)
         four = tl.arange(0, 4)
-        qsum = tl.sum(tl.sum(qn, 1), 0) / norm
-        floats = tl.where(four == 0, 1.0 / norm, tl.where(four == 1, qsum, tl.where(four == 2, zk, 0.0)))
-        tl.store(row + NW * P + four, floats.to(tl.int32, bitcast=True))
+        qsum = tl.sum(tl.sum(qi, 1), 0)  # exact; the zero-point terms use the query the dots see
+        floats = tl.where(four == 0, 1.0 / (norm * M_MAX), tl.where(four == 1, qsum.to(tl.float32) / norm, zk))
+        tl.store(row + NW * P + four, tl.where(four == 3, qsum, floats.to(tl.int32, bitcast=True)))
 
 
 @triton.jit
@@ -106,14 +113,14 @@ def _pairs4(tab):
 
 
 @triton.jit
-def _one_word(w, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
+def _one_word(w, tab, a0, a1, a2, a3, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
               USE_ASM: tl.constexpr):
     q0, q1, q2, q3 = _pairs4(tab)
     if P == 8:
         q4, q5, q6, q7 = _pairs4(tab + 4)
     else:
         q4, q5, q6, q7 = q0, q0, q0, q0  # unused at 4 bits
-    return word_dot(w, q0, q1, q2, q3, q4, q5, q6, q7, BITS, CENTRE, ASM, USE_ASM)
+    return word_dot(w, q0, q1, q2, q3, q4, q5, q6, q7, a0, a1, a2, a3, BITS, ASM, USE_ASM)
 
 
 @triton.jit
@@ -131,51 +138,37 @@ def _load_key_words(kc, toks, ok, NW: tl.constexpr):
 
 
 @triton.jit
-def _chunk_dot(kw, tab, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr,
+def _chunk_dot(kw, tab, a0, a1, a2, a3, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
                USE_ASM: tl.constexpr):
-    # 4 words [32, A, 4] of each lane's tokens, the query row(s) at the first one's pairs -> [32, A]
+    # 4 words [32, A, 4] of each lane's tokens, the query row(s) at the first one's pairs, accumulators [32, A]
     w0, w1, w2, w3 = _split4(kw)
-    dot = _one_word(w0, tab, P, BITS, CENTRE, ASM, USE_ASM)
-    dot += _one_word(w1, tab + P, P, BITS, CENTRE, ASM, USE_ASM)
-    dot += _one_word(w2, tab + 2 * P, P, BITS, CENTRE, ASM, USE_ASM)
-    dot += _one_word(w3, tab + 3 * P, P, BITS, CENTRE, ASM, USE_ASM)
-    return dot
+    a0, a1, a2, a3 = _one_word(w0, tab, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
+    a0, a1, a2, a3 = _one_word(w1, tab + P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
+    a0, a1, a2, a3 = _one_word(w2, tab + 2 * P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
+    return _one_word(w3, tab + 3 * P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
 
 
 @triton.jit
-def _key_dots(k0, k1, k2, k3, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, CENTRE: tl.constexpr,
-              ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    # words of tokens [32, A] (_load_key_words) -> each one's sum over its words of (code - CENTRE) * q~,
-    # q~ normalised; the query row(s) `tab` hold P pairs per word
-    dot = _chunk_dot(k0, tab, P, BITS, CENTRE, ASM, USE_ASM)
+def _key_dots(k0, k1, k2, k3, tab, NW: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    # words of tokens [32, A] (_load_key_words) -> m_max * each one's sum of q * code over its words (int32,
+    # exact); the query row(s) `tab` hold P pairs per word
+    a0 = tl.zeros([k0.shape[0], k0.shape[1]], tl.int32)
+    a1, a2, a3 = a0, a0, a0
+    a0, a1, a2, a3 = _chunk_dot(k0, tab, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
     if NW >= 8:
-        dot += _chunk_dot(k1, tab + 4 * P, P, BITS, CENTRE, ASM, USE_ASM)
+        a0, a1, a2, a3 = _chunk_dot(k1, tab + 4 * P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
     if NW >= 16:
-        dot += _chunk_dot(k2, tab + 8 * P, P, BITS, CENTRE, ASM, USE_ASM)
-        dot += _chunk_dot(k3, tab + 12 * P, P, BITS, CENTRE, ASM, USE_ASM)
-    return dot
+        a0, a1, a2, a3 = _chunk_dot(k2, tab + 8 * P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
+        a0, a1, a2, a3 = _chunk_dot(k3, tab + 12 * P, a0, a1, a2, a3, P, BITS, ASM, USE_ASM)
+    return fields_total(a0, a1, a2, a3, BITS)
 
 
 @triton.jit
-def _step_weights(wbuf, rows, BLOCK: tl.constexpr, NW: tl.constexpr, BITS: tl.constexpr):
-    # the f16x2 weights c_k (k < 8 / BITS) of block tokens `rows` [RV] as [NW, RV]: every lane of a row
-    # reads the same word (a broadcast load; the scratch holds one row of BLOCK weights per k)
-    idx = rows[None, :] + tl.zeros([NW, rows.shape[0]], tl.int32)
-    c0 = tl.load(wbuf + idx)
-    c1 = tl.load(wbuf + BLOCK + idx)
-    if BITS == 2:
-        c2 = tl.load(wbuf + 2 * BLOCK + idx)
-        c3 = tl.load(wbuf + 3 * BLOCK + idx)
-    else:
-        c2, c3 = c0, c0  # unused at 4 bits
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _value_step(vc, wbuf, t, t_rel, length, BLOCK: tl.constexpr, NW: tl.constexpr, RV: tl.constexpr,
-                BITS: tl.constexpr, CENTRE: tl.constexpr, ASM: tl.constexpr, USE_ASM: tl.constexpr):
-    # tokens t + 4a + r (a < RV, r < 4; t_rel: t within the block), one word per lane (lane = (word, a))
-    # -> [NW, RV, W]: each row's sum over its 4 tokens of weight * (code - CENTRE), code basis
+def _value_step(vc, wbuf, t, t_rel, length, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                NW: tl.constexpr, RV: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr, USE_ASM: tl.constexpr):
+    # tokens t + 4a + r (a < RV, r < 4; t_rel: t within the block), one word per lane (lane = (word, a)):
+    # the channel accumulators [NW, RV] of the lane's word plus the 4 tokens' weight * m_k * code
     a = 4 * tl.arange(0, RV)
     words = tl.arange(0, NW)
     tok0 = t + a
@@ -183,12 +176,13 @@ def _value_step(vc, wbuf, t, t_rel, length, BLOCK: tl.constexpr, NW: tl.constexp
     v1 = tl.load(vc + words[:, None] + ((tok0 + 1) * NW)[None, :], mask=(tok0 + 1 < length)[None, :], other=0)
     v2 = tl.load(vc + words[:, None] + ((tok0 + 2) * NW)[None, :], mask=(tok0 + 2 < length)[None, :], other=0)
     v3 = tl.load(vc + words[:, None] + ((tok0 + 3) * NW)[None, :], mask=(tok0 + 3 < length)[None, :], other=0)
-    c00, c01, c02, c03 = _step_weights(wbuf, t_rel + a, BLOCK, NW, BITS)
-    c10, c11, c12, c13 = _step_weights(wbuf, t_rel + a + 1, BLOCK, NW, BITS)
-    c20, c21, c22, c23 = _step_weights(wbuf, t_rel + a + 2, BLOCK, NW, BITS)
-    c30, c31, c32, c33 = _step_weights(wbuf, t_rel + a + 3, BLOCK, NW, BITS)
-    return word_axpy(v0, v1, v2, v3, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23,
-                     c30, c31, c32, c33, BITS, CENTRE, ASM, USE_ASM)
+    # the int16 weights of the 4 tokens as two pairs; every lane of a row reads the same 8 bytes
+    idx = ((t_rel + a) // 2)[None, :, None] + tl.zeros([NW, RV, 2], tl.int32) + tl.arange(0, 2)[None, None, :]
+    wp0, wp1 = tl.split(tl.load(wbuf + idx))
+    a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = pair_axpy(
+        v0, v1, wp0, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, BITS, ASM, USE_ASM)
+    return pair_axpy(v2, v3, wp1, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                     BITS, ASM, USE_ASM)
 
 
 @triton.jit(do_not_specialize=["blocks_per_split", "VC"])  # VC: 4-byte value loads, one word per lane
@@ -206,18 +200,19 @@ def _decode_rows_kernel(
     sm_scale, blocks_per_split,
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
-    K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, KCENTRE: tl.constexpr, VCENTRE: tl.constexpr,
-    K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr, NUM_STAGES: tl.constexpr,
+    K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
     h = (pid % KV_HEADS).to(tl.int64)
     NW: tl.constexpr = D * BITS // 32  # 32-bit words per token
+    NK: tl.constexpr = 8 // BITS  # code fields per byte
     P: tl.constexpr = 16 // BITS  # query pairs per word
     SUB: tl.constexpr = BLOCK // 32  # key steps (32 tokens, one per lane) per block
     RV: tl.constexpr = 32 // NW  # value rows per step: one word per lane
-    WTARGET: tl.constexpr = 512.0 if BITS == 4 else 2048.0  # a value chain's fp16 sums stay below ~2**14
+    M_MAX: tl.constexpr = 1 << (8 - BITS)
     kc = KC + b * stride_kcb + h * stride_kch
     vc = VC + b * stride_vcb + h * stride_vch
     ks_ptr = KS + b * stride_ksb + h * stride_ksh
@@ -225,14 +220,17 @@ def _decode_rows_kernel(
     vs_ptr = VS + b * stride_vsb + h * stride_vsh
     vz_ptr = VZ + b * stride_vsb + h * stride_vsh
     ROW: tl.constexpr = NW * P + 4  # int32 per query row of the scratch
-    # the program's scratch: its block's query rows, then 4 rows of BLOCK packed value weights
-    qbuf = SCRATCH + (pid.to(tl.int64) * tl.num_programs(1) + split) * ((BLOCK // QG) * ROW + 4 * BLOCK)
+    # the program's scratch: its block's query rows, then the block's int16 value weights
+    qbuf = SCRATCH + (pid.to(tl.int64) * tl.num_programs(1) + split) * ((BLOCK // QG) * ROW + BLOCK // 2)
     wbuf = qbuf + (BLOCK // QG) * ROW
+    wbuf16 = wbuf.to(tl.pointer_type(tl.int16))
     q_ptr = Q + b * stride_qb + h * stride_qh
     gi = tl.arange(0, G)
     ts_off = gi[:, None] * G + gi[None, :]
     sub = tl.arange(0, SUB)
     lane = tl.arange(0, 32)
+    # 1 / m_k of each code of a word (natural order r = j * NK + k)
+    inv_m = tl.exp2(-((tl.arange(0, 32 // BITS) % NK) * BITS).to(tl.float32))
     start = tl.load(START + b)
     length = tl.load(LEN + b)
     last_block = tl.maximum((length + BLOCK - 1) // BLOCK - 1, 0)
@@ -257,19 +255,18 @@ def _decode_rows_kernel(
         tl.debug_barrier()
         if KEY_CHANNEL:  # each key step sits in one scale group: its own query row
             rows = qbuf + (sub * 32 // QG) * ROW
-            dot = _key_dots(k0, k1, k2, k3, rows[None, :, None], NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
-            qnorm = _query_float(rows + NW * P, 0)[None, :]
-            qsum = _query_float(rows + NW * P, 1)[None, :]
-            s = qnorm * dot + (KCENTRE - KQMAX) * qsum
+            dot = _key_dots(k0, k1, k2, k3, rows[None, :, None], NW, P, BITS, K_ASM, USE_ASM)
+            qsum = tl.load(rows + NW * P + 3)[None, :]
+            s = (dot - (KQMAX * M_MAX) * qsum).to(tl.float32) * _query_float(rows + NW * P, 0)[None, :]
             if K_ASYM:
                 s += _query_float(rows + NW * P, 2)[None, :]  # q~ . z_k of the group
         else:
-            dot = _key_dots(k0, k1, k2, k3, qbuf, NW, P, BITS, KCENTRE, K_ASM, USE_ASM)
-            qnorm = _query_float(qbuf + NW * P, 0)
-            qsum = _query_float(qbuf + NW * P, 1)
-            s = (qnorm * dot + (KCENTRE - KQMAX) * qsum) * tl.load(ks_ptr + toks, mask=ok, other=0.0).to(tl.float32)
+            dot = _key_dots(k0, k1, k2, k3, qbuf, NW, P, BITS, K_ASM, USE_ASM)
+            qsum = tl.load(qbuf + NW * P + 3)
+            s = ((dot - (KQMAX * M_MAX) * qsum).to(tl.float32) * _query_float(qbuf + NW * P, 0)
+                 * tl.load(ks_ptr + toks, mask=ok, other=0.0).to(tl.float32))
             if K_ASYM:
-                s += qsum * tl.load(kz_ptr + toks, mask=ok, other=0.0).to(tl.float32)
+                s += _query_float(qbuf + NW * P, 1) * tl.load(kz_ptr + toks, mask=ok, other=0.0).to(tl.float32)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(tl.max(s, 1), 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -279,29 +276,33 @@ def _decode_rows_kernel(
         w = p * tl.load(vs_ptr + toks, mask=ok, other=0.0).to(tl.float32)
         wmax = tl.max(tl.max(tl.abs(w), 1), 0)
         wnorm = WTARGET / tl.where(wmax > 0, wmax, WTARGET)
-        wr = (w * wnorm).to(tl.float16).to(tl.float32)  # the centring term sums the rounded weights
-        corr = (VCENTRE - VQMAX) * tl.sum(tl.sum(wr, 1), 0) / wnorm  # code-basis constant of the block
+        wi = (w * wnorm + 0.5).to(tl.int32)  # w >= 0: rounded to the nearest integer
+        corr = -VQMAX * tl.sum(tl.sum(wi, 1), 0).to(tl.float32) / wnorm  # the code offset, exact sum
         if V_ASYM:
             corr += tl.sum(tl.sum(p * tl.load(vz_ptr + toks, mask=ok, other=0.0).to(tl.float32), 1), 0)
-        # the weights reach the value layout through a per-program scratch row: f16x2 (w / m, w / m) per k
-        c0, c1, c2, c3 = token_weights(wr, BITS)
+        # the weights reach the value layout through the program's scratch: int16, even token in the low half
         tl.debug_barrier()  # the previous block's value steps have read the scratch
-        tl.store(wbuf + rel, c0)
-        tl.store(wbuf + BLOCK + rel, c1)
-        if BITS == 2:
-            tl.store(wbuf + 2 * BLOCK + rel, c2)
-            tl.store(wbuf + 3 * BLOCK + rel, c3)
+        tl.store(wbuf16 + rel, wi.to(tl.int16))
         tl.debug_barrier()
         # the next block's key words, in flight while this block's values are summed
         toks_n = toks + BLOCK  # (none past the split's last block)
         k0, k1, k2, k3 = _load_key_words(kc, toks_n, (toks_n >= start) & (toks_n < tl.minimum(length, end * BLOCK)),
                                          NW)
-        vacc = tl.zeros([NW, RV, 32 // BITS], tl.float32)  # the block's value sum per word and row, code basis
+        # the block's value sum per word, row and code: m_k * sum_t w_t code_t, exact
+        a0 = tl.zeros([NW, RV], tl.int32)
+        a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = (a0, a0, a0, a0, a0, a0, a0, a0, a0, a0,
+                                                                             a0, a0, a0, a0, a0)
         for j in tl.static_range(BLOCK // (4 * RV)):
-            vacc += _value_step(vc, wbuf, blk * BLOCK + j * 4 * RV, j * 4 * RV, length, BLOCK, NW, RV, BITS, VCENTRE,
-                                V_ASM, USE_ASM)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _value_step(
+                vc, wbuf, blk * BLOCK + j * 4 * RV, j * 4 * RV, length, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10,
+                a11, a12, a13, a14, a15, NW, RV, BITS, V_ASM, USE_ASM)
+        if BITS == 4:
+            vsum = natural8(a0, a1, a2, a3, a4, a5, a6, a7)
+        else:
+            vsum = natural16(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
         # back to the real basis once per block: code [D/G, G] @ T_S_v
-        code = tl.reshape(tl.sum(vacc, 1), [D // G, G]) / wnorm + corr
+        code = tl.sum(vsum.to(tl.float32), 1) * inv_m[None, :]
+        code = tl.reshape(code, [D // G, G]) / wnorm + corr
         acc = acc * alpha + tl.sum(code[:, :, None] * ts_v[None, :, :], 1)
         m_i = m_new
     chunks = tl.arange(0, D // G)
@@ -314,12 +315,13 @@ def _decode_rows_kernel(
 def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool) -> bool:
     """Whether `decode_rows_partials` reads this cache: one query row per kv head, 2- or 4-bit codes
     whose token rows are whole 16-byte vectors of a power-of-two count of words, blocks (and key scale
-    groups) of a multiple of 32 tokens, per-token value scales, fp16 math allowed."""
+    groups) of a multiple of 32 tokens up to MAX_BLOCK, per-token value scales, a rounded query and
+    rounded weights allowed (low_precision)."""
     d = k.codes.shape[-1] * 8 // k.bits
     words = d * k.bits // 32
     pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     return (q_heads == kv_heads and low_precision and k.bits in (2, 4) and v.bits == k.bits
-            and k.block_size % LANES == 0 and (k.channel_group or LANES) % LANES == 0
+            and k.block_size % LANES == 0 and k.block_size <= MAX_BLOCK and (k.channel_group or LANES) % LANES == 0
             and d * k.bits % 32 == 0 and words % 4 == 0 and pow2(words) and words <= 16
             and d % k.group_size == 0 and pow2(d // k.group_size) and not v.channel_group)
 
@@ -330,7 +332,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     (PackedKV, see rows_kernel_supports), split-K over `splits` programs per sequence.
 
     maxnreg: registers per thread (default: 128 at 2 bits, the compiler's choice at 4; H100, batch 8 x 32
-    heads x 32k: 2-bit 0.45 -> 0.42 ms at 128, 4-bit 0.48 ms unbounded (255), 0.58 at 128).
+    heads x 32k, kernel alone: 2-bit 278 -> 239 us at 128; 4-bit 404 us unbounded, 409 at 192, 467 at 128).
     Returns (o [B, H, S, D] fp32 unnormalised, m [B, H, S], l [B, H, S]) like decode_blocks_partials.
     """
     b, hq, d = q.shape
@@ -342,15 +344,14 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     per_split = math.ceil(n_blocks / splits)
     qg = k.channel_group or k.block_size  # tokens per query row (a key scale group, else the block)
     row = d * k.bits // 32 * (16 // k.bits) + 4
-    # one allocation each for the programs' scratch (query rows, value weights) and the outputs
-    scratch = torch.empty(b * hq * splits, k.block_size // qg * row + 4 * k.block_size, device=q.device,
+    # one allocation each for the programs' scratch (query rows, int16 value weights) and the outputs
+    scratch = torch.empty(b * hq * splits, k.block_size // qg * row + k.block_size // 2, device=q.device,
                           dtype=torch.int32)
     out = torch.empty(b, hq, splits, d + 2, device=q.device, dtype=torch.float32)
     o, m, l_ = out[..., :d], out[..., d], out[..., d + 1]  # m and l share their strides
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
-    kc, vc = centre(k.bits, k.qmax), centre(v.bits, v.qmax)
     _decode_rows_kernel[(b * hq, splits)](
         q, k.ts, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_, scratch,
         q.stride(0), q.stride(1), q.stride(2),
@@ -365,7 +366,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         sm_scale, per_split,
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
-        KCENTRE=kc, VCENTRE=vc, K_ASM=dot_asm(k.bits, kc), V_ASM=axpy_asm(v.bits, vc), USE_ASM=q.is_cuda,
+        K_ASM=dot_asm(k.bits), V_ASM=axpy_asm(v.bits), USE_ASM=q.is_cuda,
         NUM_STAGES=num_stages, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return o, m, l_
