@@ -203,6 +203,36 @@ def test_int_dot_reads_what_packing_writes(bits):
     assert torch.equal(acc.cpu().long(), m * (wts[0] * codes[0] + wts[1] * codes[1]).long())
 
 
+@pytest.mark.parametrize("window", [0, 5, 37])
+def test_merge_with_window_matches_reference(window):
+    """The merge kernel: split partials (one split empty, as past a short sequence's end) with an exact
+    window read through a non-contiguous view, GQA (2 query heads per kv head), a validity mask with one
+    sequence's window fully masked, 3 splits (not a power of two)."""
+    from decoquant.kernels.reference import merge_window_reference
+    from decoquant.kernels.triton.merge import merge_with_window
+
+    gen = torch.Generator().manual_seed(window)
+    b, hq, kvh, s, d = 3, 4, 2, 3, 64
+    q = torch.randn(b, hq, d, generator=gen)
+    o = torch.randn(b, hq, s, d, generator=gen) * 5
+    m = torch.randn(b, hq, s, generator=gen) * 3
+    l_ = torch.rand(b, hq, s, generator=gen) + 0.5
+    m[1, :, 2], l_[1, :, 2], o[1, :, 2] = float("-inf"), 0.0, 0.0  # an empty split
+    wk = torch.randn(b, kvh, window + 3, d, generator=gen)[:, :, 3:]  # a view into a larger buffer
+    wv = torch.randn(b, kvh, window + 3, d, generator=gen)[:, :, 3:]
+    wk[..., 7] *= 20  # an outlier channel
+    valid = torch.rand(b, window, generator=gen) > 0.3
+    if window:
+        valid[2] = False  # nothing of this sequence's window is attended
+    args = [t.to(DEVICE) for t in (q, o, m, l_)]
+    for wvalid in (None, valid):
+        win = [t.to(DEVICE) if t is not None else None for t in (wk, wv, wvalid)]
+        got = merge_with_window(*args, 0.125, *win)
+        want = merge_window_reference(*args, 0.125, *win)
+        assert got.shape == (b, hq, d) and torch.isfinite(got).all()
+        assert rel(got, want) < 1e-5
+
+
 def _blocks(batch, kv_heads, tokens, head_dim, bits, block, seed, fields):
     """The same blocks as `packed`, unpacked (lists of CompressedKV for keys and values)."""
     gen = torch.Generator().manual_seed(seed)

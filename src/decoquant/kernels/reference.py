@@ -66,3 +66,26 @@ def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_sca
                 if window_valid is None else window_valid.to(q.device))
         valid = torch.cat([valid, w_ok], dim=1)
     return attention_reference(q, keys, values, sm_scale, valid)
+
+
+def merge_window_reference(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, sm_scale: float,
+                           window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
+                           window_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """What triton/merge.py computes: split partials (o [B, Hq, S, D] unnormalised, m, l [B, Hq, S]) merged
+    with exact attention of q [B, Hq, D] over window_k/v [B, KVH, W, D] (window_valid bool [B, W]) -> fp32
+    [B, Hq, D]."""
+    b, hq, d = q.shape
+    o, m, l = o.float(), m.float(), l.float()
+    if window_k is not None and window_k.shape[2]:
+        kvh = window_k.shape[1]
+        k = window_k.float().repeat_interleave(hq // kvh, dim=1)
+        v = window_v.float().repeat_interleave(hq // kvh, dim=1)
+        scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+        if window_valid is not None:
+            scores = scores.masked_fill(~window_valid[:, None, :].to(q.device), float("-inf"))
+        mw = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - mw.clamp_min(torch.finfo(torch.float32).min))
+        o = torch.cat([o, torch.einsum("bht,bhtd->bhd", p, v)[:, :, None]], 2)
+        m, l = torch.cat([m, mw], 2), torch.cat([l, p.sum(-1, keepdim=True)], 2)
+    w = torch.exp(m - m.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min))
+    return torch.einsum("bhs,bhsd->bhd", w, o) / (w * l).sum(-1)[..., None]

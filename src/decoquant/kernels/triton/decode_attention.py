@@ -8,7 +8,7 @@ every code column of the block's value sum. Keys with scales per T_L channel ove
 tokens scale the transformed query instead, once per tile: scores = (q~ * s_k) . codes + q~ . z_k.
 The query is transformed once per block, scores and the value sum stay in the code basis, and T_S_v
 is applied once per block. Programs split the blocks of a sequence (flash-decoding); their partial
-(max, sum, output) triples are merged with the exact residual window by `merge_partials`.
+(max, sum, output) triples are merged with the exact residual window by `merge.py`.
 """
 
 from __future__ import annotations
