@@ -203,7 +203,7 @@ def test_int_dot_reads_what_packing_writes(bits):
     assert torch.equal(acc.cpu().long(), m * (wts[0] * codes[0] + wts[1] * codes[1]).long())
 
 
-@pytest.mark.parametrize("window", [0, 5, 37])
+@pytest.mark.parametrize("window", [0, 5, 37, 133])
 def test_merge_with_window_matches_reference(window):
     """The merge kernel: split partials (one split empty, as past a short sequence's end) with an exact
     window read through a non-contiguous view, GQA (2 query heads per kv head), a validity mask with one

@@ -24,7 +24,7 @@ def _merge_window_kernel(
     stride_wvb, stride_wvh, stride_wvt,
     stride_vb, stride_vt,
     sm_scale, splits, window,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, W_PAD: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, WC: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -37,29 +37,36 @@ def _merge_window_kernel(
     l_ = tl.load(L + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=0.0)
     o = tl.load(O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + dims[None, :], mask=s_ok[:, None],
                 other=0.0)
-    m_all = tl.max(m, 0)
+    # the window in chunks of WC tokens, online softmax (no recompiles as it grows, bounded registers)
+    m_w = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
+    l_w = tl.sum(tl.zeros([1], tl.float32), 0)
+    o_w = tl.zeros([D], tl.float32)
     if HAS_WINDOW:
         kvh = h // GROUP
-        t = tl.arange(0, W_PAD)
-        ok = t < window
-        if HAS_VALID:
-            ok &= tl.load(VALID + b * stride_vb + t * stride_vt, mask=ok, other=0) != 0
-        q = tl.load(Q + b * stride_qb + h * stride_qh + dims * stride_qd).to(tl.float32)
-        k = tl.load(WK + b * stride_wkb + kvh * stride_wkh + t[:, None] * stride_wkt + dims[None, :],
-                    mask=ok[:, None], other=0.0).to(tl.float32)
-        scores = tl.where(ok, tl.sum(k * q[None, :], 1) * sm_scale, float("-inf"))
-        m_w = tl.max(scores, 0)
-        m_all = tl.maximum(m_all, m_w)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + dims * stride_qd).to(tl.float32) * sm_scale
+        for t0 in range(0, window, WC):
+            t = t0 + tl.arange(0, WC)
+            ok = t < window
+            if HAS_VALID:
+                ok &= tl.load(VALID + b * stride_vb + t * stride_vt, mask=ok, other=0) != 0
+            k = tl.load(WK + b * stride_wkb + kvh * stride_wkh + t[:, None] * stride_wkt + dims[None, :],
+                        mask=ok[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m_w, tl.max(scores, 0))
+            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_w - m_s)
+            p = tl.exp(scores - m_s)
+            v = tl.load(WV + b * stride_wvb + kvh * stride_wvh + t[:, None] * stride_wvt + dims[None, :],
+                        mask=ok[:, None], other=0.0).to(tl.float32)
+            l_w = l_w * alpha + tl.sum(p, 0)
+            o_w = o_w * alpha + tl.sum(p[:, None] * v, 0)
+            m_w = m_new
+    m_all = tl.maximum(tl.max(m, 0), m_w)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # nothing attended at all: 0 / 0, as the reference
     w = tl.exp(m - m_safe)
-    num = tl.sum(w[:, None] * o, 0)
-    den = tl.sum(w * l_, 0)
-    if HAS_WINDOW:
-        p = tl.exp(scores - m_safe)
-        v = tl.load(WV + b * stride_wvb + kvh * stride_wvh + t[:, None] * stride_wvt + dims[None, :],
-                    mask=ok[:, None], other=0.0).to(tl.float32)
-        num += tl.sum(p[:, None] * v, 0)
-        den += tl.sum(p, 0)
+    w_w = tl.exp(m_w - m_safe)
+    num = tl.sum(w[:, None] * o, 0) + w_w * o_w
+    den = tl.sum(w * l_, 0) + w_w * l_w
     tl.store(OUT + pid.to(tl.int64) * D + dims, num / den)
 
 
@@ -91,7 +98,7 @@ def merge_with_window(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torc
         window_v.stride(0), window_v.stride(1), window_v.stride(2),
         vb, vt,
         sm_scale, splits, w,
-        HQ=hq, GROUP=hq // kvh, D=d, S_PAD=triton.next_power_of_2(splits), W_PAD=max(16, triton.next_power_of_2(w)),
+        HQ=hq, GROUP=hq // kvh, D=d, S_PAD=triton.next_power_of_2(splits), WC=32,
         HAS_WINDOW=w > 0, HAS_VALID=valid is not None, num_warps=4,
     )
     return out
