@@ -13,8 +13,10 @@ import triton
 import triton.language as tl
 
 
-# the window length and the split count change during a generation: not specialized on (no recompiles)
-@triton.jit(do_not_specialize=["splits", "window"])
+# the window length, the split count and the strides that follow the window's length change from step to
+# step: not specialized on (a recompile in the middle of a generation costs ~1 s)
+@triton.jit(do_not_specialize=["splits", "window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh",
+                               "stride_vb"])
 def _merge_window_kernel(
     Q, O, M, L, WK, WV, VALID, OUT,
     stride_qb, stride_qh, stride_qd,
