@@ -145,3 +145,32 @@ def test_fused_store_serves_the_same_history_as_decoding(fields):
     k_f, _ = fused.append(x[..., :1, :], x[..., :1, :])
     k_p, _ = plain.append(x[..., :1, :], x[..., :1, :])
     assert torch.equal(k_f, k_p)
+
+
+def test_fused_store_blocks_follow_regrown_buffers_and_batch_changes():
+    """Blocks of a fused store are views into its packed buffers, made when first read: after the
+    buffers regrow (many single-token steps) and after a batch-expanding selection (beam search starts),
+    every block decodes to what the plain store's blocks decode to, and no block keeps the old buffers."""
+    x = outlier_kv(batch=2, heads=2, tokens=400)
+    config = cfg(block_size=32, residual_length=16)
+    plain, fused = CompressedKVStore(config), CompressedKVStore(config, fused=True)
+    for store in (plain, fused):
+        store.append(x[..., :40, :], x[..., :40, :] * 0.5)
+    pointers = set()
+    for t in range(40, 400):
+        for store in (plain, fused):
+            store.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
+        if fused.buffers[0].codes is not None:
+            pointers.add(fused.buffers[0].codes.data_ptr())
+        if t % 50 == 0:
+            fused.memory()  # reads every block: their views exist before the next regrow
+    assert len(pointers) > 2  # the buffers regrew
+    index = torch.tensor([1, 0, 1])
+    for store in (plain, fused):
+        store.select_batch(index)
+    assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks) > 8
+    lo, hi = fused.buffers[0].codes.data_ptr(), fused.buffers[0].codes.data_ptr() + fused.buffers[0].codes.nbytes
+    for a, b in zip(fused.blocks, plain.blocks):
+        assert lo <= a.keys.codes.data_ptr() < hi  # a view into the current buffer
+        (ka, va), (kb, vb) = a.decode(), b.decode()
+        assert ka.shape[0] == 3 and torch.equal(ka, kb) and torch.equal(va, vb)

@@ -167,7 +167,8 @@ class PackedKVBuffer:
         self.ts = grown(self.ts, 2, cap // self.block_size)
 
     def block(self, i: int, like: CompressedKV) -> CompressedKV:
-        """Block i as a CompressedKV whose tensors are views into this buffer (no copy)."""
+        """Block i as a CompressedKV whose tensors are views into this buffer (no copy); `like`: a block of
+        the same format (any batch size) for the parameter shapes and metadata."""
         from dataclasses import replace
 
         t0, t1 = i * self.block_size, (i + 1) * self.block_size
@@ -176,10 +177,11 @@ class PackedKVBuffer:
         # back to the codec's parameter shapes ([B, S_H, T, 1] per token, [B, H, T / cg, 1, D] per channel)
         as_param = ((lambda t: t[:, :, r0:r1].unsqueeze(3)) if self.channel_group
                     else (lambda t: t[:, :, r0:r1].unsqueeze(-1)))
-        params = {"scale": as_param(self.scales).reshape(like.params["scale"].shape),
-                  "site2": self.ts[:, :, i].reshape(like.params["site2"].shape)}
+        batch = lambda name: (b,) + tuple(like.params[name].shape[1:])  # noqa: E731  (like: any batch size)
+        params = {"scale": as_param(self.scales).reshape(batch("scale")),
+                  "site2": self.ts[:, :, i].reshape(batch("site2"))}
         if self.zeros is not None:
-            params["zero"] = as_param(self.zeros).reshape(like.params["zero"].shape)
+            params["zero"] = as_param(self.zeros).reshape(batch("zero"))
         return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
                        exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None)
 
