@@ -39,14 +39,13 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     if backend == "torch":
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid)
     from .triton.decode_attention import decode_blocks_partials
+    from .triton.merge import merge_with_window
 
     b = q.shape[0]
     if kv_start is None or kv_len is None:
         start, length = _whole_cache(b, k.tokens, q.device)
         kv_start = start if kv_start is None else kv_start
         kv_len = length if kv_len is None else kv_len
-    from .triton.merge import merge_with_window
-
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
                                       **kernel_options)
     return merge_with_window(q, o, m, l_, sm_scale, window_k, window_v, window_valid)

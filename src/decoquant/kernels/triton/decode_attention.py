@@ -216,8 +216,9 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
-    rounded; the rows kernel rounds them to int16 per block), else fp32 (tf32) dots (mma kernel). tile: tokens per step of the mma kernel (default 128; keys with
-    per-channel scales use tiles of their scale group); the rows kernel steps by 32 tokens, one per lane.
+    rounded; the rows kernel rounds them to int16 per block), else fp32 (tf32) dots (mma kernel).
+    tile: tokens per step of the mma kernel (default 128; keys with per-channel scales use tiles of
+    their scale group); the rows kernel steps by 32 tokens, one per lane.
     num_warps / num_stages: default 4 / 3 (mma), 1 / 1 (rows).
     kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, integer dp2a CUDA-core math,
     decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).

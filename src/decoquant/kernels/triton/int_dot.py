@@ -147,8 +147,10 @@ def _dot_emulated(w, q0, q1, q2, q3, q4, q5, q6, q7, a0, a1, a2, a3, BITS: tl.co
 
 
 @triton.jit
-def _axpy_emulated(w0, w1, wp, acc, J: tl.constexpr, K: tl.constexpr, BITS: tl.constexpr):
-    # channel r = J * NK + K: both tokens' code (times m_k) times their weight
+def _axpy_emulated(w0, w1, wp, acc, R: tl.constexpr, BITS: tl.constexpr):
+    # channel r = j * NK + k: both tokens' code (times m_k) times their weight
+    J: tl.constexpr = R // (8 // BITS)
+    K: tl.constexpr = R % (8 // BITS)
     return acc + _half(wp, 0) * _code(w0, J, K, BITS) + _half(wp, 1) * _code(w1, J, K, BITS)
 
 
@@ -189,24 +191,23 @@ def pair_axpy(w0, w1, wp, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12,
                 ASM, AXPY_CONSTRAINTS2, [w0, w1, wp, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13,
                                          a14, a15], dtype=(tl.int32,) * 16, is_pure=True, pack=1)
     else:
-        NK: tl.constexpr = 8 // BITS
-        a0 = _axpy_emulated(w0, w1, wp, a0, 0 // NK, 0 % NK, BITS)
-        a1 = _axpy_emulated(w0, w1, wp, a1, 1 // NK, 1 % NK, BITS)
-        a2 = _axpy_emulated(w0, w1, wp, a2, 2 // NK, 2 % NK, BITS)
-        a3 = _axpy_emulated(w0, w1, wp, a3, 3 // NK, 3 % NK, BITS)
-        a4 = _axpy_emulated(w0, w1, wp, a4, 4 // NK, 4 % NK, BITS)
-        a5 = _axpy_emulated(w0, w1, wp, a5, 5 // NK, 5 % NK, BITS)
-        a6 = _axpy_emulated(w0, w1, wp, a6, 6 // NK, 6 % NK, BITS)
-        a7 = _axpy_emulated(w0, w1, wp, a7, 7 // NK, 7 % NK, BITS)
+        a0 = _axpy_emulated(w0, w1, wp, a0, 0, BITS)
+        a1 = _axpy_emulated(w0, w1, wp, a1, 1, BITS)
+        a2 = _axpy_emulated(w0, w1, wp, a2, 2, BITS)
+        a3 = _axpy_emulated(w0, w1, wp, a3, 3, BITS)
+        a4 = _axpy_emulated(w0, w1, wp, a4, 4, BITS)
+        a5 = _axpy_emulated(w0, w1, wp, a5, 5, BITS)
+        a6 = _axpy_emulated(w0, w1, wp, a6, 6, BITS)
+        a7 = _axpy_emulated(w0, w1, wp, a7, 7, BITS)
         if BITS == 2:
-            a8 = _axpy_emulated(w0, w1, wp, a8, 8 // NK, 8 % NK, BITS)
-            a9 = _axpy_emulated(w0, w1, wp, a9, 9 // NK, 9 % NK, BITS)
-            a10 = _axpy_emulated(w0, w1, wp, a10, 10 // NK, 10 % NK, BITS)
-            a11 = _axpy_emulated(w0, w1, wp, a11, 11 // NK, 11 % NK, BITS)
-            a12 = _axpy_emulated(w0, w1, wp, a12, 12 // NK, 12 % NK, BITS)
-            a13 = _axpy_emulated(w0, w1, wp, a13, 13 // NK, 13 % NK, BITS)
-            a14 = _axpy_emulated(w0, w1, wp, a14, 14 // NK, 14 % NK, BITS)
-            a15 = _axpy_emulated(w0, w1, wp, a15, 15 // NK, 15 % NK, BITS)
+            a8 = _axpy_emulated(w0, w1, wp, a8, 8, BITS)
+            a9 = _axpy_emulated(w0, w1, wp, a9, 9, BITS)
+            a10 = _axpy_emulated(w0, w1, wp, a10, 10, BITS)
+            a11 = _axpy_emulated(w0, w1, wp, a11, 11, BITS)
+            a12 = _axpy_emulated(w0, w1, wp, a12, 12, BITS)
+            a13 = _axpy_emulated(w0, w1, wp, a13, 13, BITS)
+            a14 = _axpy_emulated(w0, w1, wp, a14, 14, BITS)
+            a15 = _axpy_emulated(w0, w1, wp, a15, 15, BITS)
     return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
 
 
