@@ -137,6 +137,43 @@ def test_rows_kernel_matches_reference(case, bits, fields):
     assert rel(out, ref) < 5e-3  # int16 query and weights (14 bits + sign), exact integer sums over codes
 
 
+def _with_poisoned_capacity(p: PackedKV, blocks: int) -> PackedKV:
+    """p followed by `blocks` blocks of unwritten capacity: random code bytes, NaN scales, zeros and T_S."""
+    from dataclasses import replace
+
+    def pad(t, dim, n, fill):
+        shape = list(t.shape)
+        shape[dim] = n
+        extra = (torch.randint(0, 256, shape, dtype=torch.uint8, device=t.device) if fill is None
+                 else torch.full(shape, fill, dtype=t.dtype, device=t.device))
+        return torch.cat([t, extra], dim)
+
+    tokens = blocks * p.block_size
+    rows = tokens // p.channel_group if p.channel_group else tokens
+    return replace(p, codes=pad(p.codes, 2, tokens, None), scales=pad(p.scales, 2, rows, float("nan")),
+                   zeros=None if p.zeros is None else pad(p.zeros, 2, rows, float("nan")),
+                   ts=pad(p.ts, 2, blocks, float("nan")))
+
+
+@pytest.mark.parametrize("kernel,q_heads,preset", [("rows", 2, "paper"), ("rows", 2, "channel64-token"),
+                                                   ("mma", 4, "paper")])
+def test_kernels_read_only_the_filled_part_of_a_capacity_view(kernel, q_heads, preset):
+    """A static cache (CUDA-graph decoding) hands the kernels its buffers at full capacity with kv_len
+    bounds; each program takes its blocks from its sequence's length, so the unwritten capacity (poisoned
+    here with NaN) is never read and the split work follows the filled blocks."""
+    b, h, d, block = 2, 2, 64, 64
+    k, v = packed(b, h, 192, d, 4, block, seed=11, preset=preset, block_size=block)
+    kc, vc = _with_poisoned_capacity(k, 5), _with_poisoned_capacity(v, 5)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(b, q_heads, d, generator=gen).to(DEVICE)
+    kv_len = torch.tensor([192, 130], device=DEVICE, dtype=torch.int32)
+    kv_start = torch.zeros(b, device=DEVICE, dtype=torch.int32)
+    ref = decode_attention(q, k, v, d ** -0.5, kv_start, kv_len, backend="torch")
+    out = decode_attention(q, kc, vc, d ** -0.5, kv_start, kv_len, backend="triton", kernel=kernel, num_splits=4)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < (5e-3 if kernel == "rows" else tolerance(True))
+
+
 def test_rows_kernel_refuses_what_it_cannot_read():
     from decoquant.kernels.triton.decode_attention import choose_kernel
 

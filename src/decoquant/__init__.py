@@ -5,7 +5,7 @@ from .compressed import CompressedKV
 from .config import DecoQuantConfig
 
 __all__ = ["DecoQuantConfig", "CompressedKV", "compress", "decompress", "fake_quantize", "DecoQuantCache",
-           "enable_fused_attention"]
+           "enable_fused_attention", "generate", "GraphDecoder"]
 __version__ = "0.1.0"
 
 
@@ -18,4 +18,8 @@ def __getattr__(name):  # lazy: the transformers integration imports transformer
         from .integrations.attention import enable_fused_attention
 
         return enable_fused_attention
+    if name in ("generate", "GraphDecoder"):
+        from .integrations import graph_decode
+
+        return getattr(graph_decode, name)
     raise AttributeError(f"module 'decoquant' has no attribute {name!r}")

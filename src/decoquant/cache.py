@@ -93,17 +93,45 @@ def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
 
 @dataclass
 class FusedKV:
-    """What a fused-attention step reads instead of fp16 K/V: the packed blocks and the exact window."""
+    """What a fused-attention step reads instead of fp16 K/V: the packed blocks and the exact window.
+
+    A static store (`CompressedKVStore.make_static`) hands out the same tensors at every step: the packed
+    buffers and the exact window at their full capacity, with device-side bounds (kv_len, window_valid)
+    that say how much of them is filled; a CUDA graph of the decode step replays them as they change."""
 
     keys: PackedKV
     values: PackedKV
     window_keys: torch.Tensor  # [B, KVH, S + W, D]: the exact tokens (sinks, then the window with the new one)
     window_values: torch.Tensor
     sink_tokens: int = 0  # S: how many of the exact tokens are sinks (they precede the blocks)
+    kv_start: torch.Tensor | None = None  # int32 [B] zeros (static stores)
+    kv_len: torch.Tensor | None = None  # int32 [B]: compressed tokens held (static stores; None: all of keys)
+    window_valid: torch.Tensor | None = None  # bool [B, S + W]: which exact tokens are held (static stores)
 
     @property
     def compressed_tokens(self) -> int:
         return self.keys.tokens
+
+    @property
+    def static(self) -> bool:
+        return self.kv_len is not None
+
+
+@dataclass
+class _Static:
+    """A static store's exact tokens, [sinks | window | room for the tokens until the next compression], at
+    fixed addresses, and the device-side counters a captured decode step reads and advances."""
+
+    keys: torch.Tensor  # [B, KVH, sink + residual + block, D]
+    values: torch.Tensor
+    count: int  # exact tokens held (host copy of `pos`)
+    pos: torch.Tensor  # int64 [1]: where the next token goes
+    positions: torch.Tensor  # int64 [sink + residual + block]: 0, 1, 2, ...
+    valid: torch.Tensor  # bool [1, sink + residual + block]: positions < pos
+    kv_len: torch.Tensor  # int32 [B]: compressed tokens held
+    kv_start: torch.Tensor  # int32 [B]: zeros (no padding)
+    max_blocks: int  # the packed buffers' reserved capacity in blocks
+    view: FusedKV | None = None
 
 
 class CompressedKVStore:
@@ -129,12 +157,15 @@ class CompressedKVStore:
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.length = 0
+        self._static: _Static | None = None
 
     # ------------------------------------------------------------------ update
     def append(self, keys: torch.Tensor, values: torch.Tensor):
         """Add new tokens; return (all keys, all values) for attention, or (FusedKV, FusedKV) for a
         single-token step of a fused store."""
         self._check(keys, values)
+        if self._static is not None:
+            return self._static_append(keys, values)
         if self._can_fuse(keys):
             self.window_keys = _cat(self.window_keys, keys)
             self.window_values = _cat(self.window_values, values)
@@ -234,6 +265,118 @@ class CompressedKVStore:
                 self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
                                          cv if n == 1 else select_batch(cv, rows), cfg.block_size))
 
+    # ------------------------------------------------------------------ static (CUDA-graph) decoding
+    @property
+    def is_static(self) -> bool:
+        return self._static is not None
+
+    def make_static(self, steps: int) -> None:
+        """Serve the next `steps` single-token steps from fixed addresses: the packed buffers get the capacity
+        those steps will fill, the exact tokens move into one buffer with room up to the next compression, and
+        `append` then does only device work (writes the token, advances device counters), so a decode step
+        can be captured in a CUDA graph and replayed. After every step call `advance()` (host bookkeeping;
+        compresses a block every `block_size` steps, outside the graph)."""
+        cfg = self.config
+        if not self.fused:
+            raise ValueError("static decoding needs a fused store (DecoQuantCache(..., fused=True) with a "
+                             "fused-compatible config)")
+        if self._static is not None:
+            raise ValueError("the store is static already")
+        if self.window_keys is None or (self.blocks and not self._all_buffered()):
+            raise ValueError("static decoding needs a prefill longer than sink_tokens whose blocks all sit in "
+                             "the packed buffers (no exact rows, no crop)")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        b, h, w, d = self.window_keys.shape
+        if self.buffers[0].codes is None:
+            self._format_buffers(b, h, d)
+        # blocks the steps will add: the window compresses a block whenever it reaches residual + block tokens
+        blocks = self.buffers[0].blocks + max(0, (w + steps - cfg.residual_length) // cfg.block_size)
+        for buf in self.buffers:
+            buf.reserve(blocks * cfg.block_size)
+        sinks = 0 if self.sink_keys is None else self.sink_keys.shape[-2]
+        room = sinks + cfg.residual_length + cfg.block_size
+        exact = []
+        for parts in ((self.sink_keys, self.window_keys), (self.sink_values, self.window_values)):
+            t = self.window_keys.new_zeros(b, h, room, d)
+            t[:, :, :sinks + w] = torch.cat([p for p in parts if p is not None], -2)
+            exact.append(t)
+        dev = self.window_keys.device
+        positions = torch.arange(room, device=dev)
+        pos = torch.full((1,), sinks + w, dtype=torch.int64, device=dev)
+        st = _Static(exact[0], exact[1], sinks + w, pos, positions, (positions < pos)[None],
+                     torch.full((b,), self.buffers[0].tokens, dtype=torch.int32, device=dev),
+                     torch.zeros(b, dtype=torch.int32, device=dev), blocks)
+        st.view = FusedKV(self.buffers[0].view(capacity=True), self.buffers[1].view(capacity=True), st.keys, st.values,
+                          sinks, kv_start=st.kv_start, kv_len=st.kv_len, window_valid=st.valid.expand(b, room))
+        self._static = st
+        self.window_keys = self.window_values = self.sink_keys = self.sink_values = None
+
+    def _format_buffers(self, b: int, h: int, d: int) -> None:
+        """Give empty packed buffers their format (dtypes, metadata shapes) from one compressed block of random
+        data, then forget the block: the buffers can then reserve capacity before the first real block."""
+        gen = torch.Generator(device=self.window_keys.device).manual_seed(0)
+        x = torch.randn(b, h, self.config.block_size, d, generator=gen, device=self.window_keys.device)
+        for buf, kind in zip(self.buffers, ("key", "value")):
+            buf.append(compress(x.to(self.window_keys.dtype), self.config, kind))
+            buf.truncate(0)
+
+    def _static_append(self, keys: torch.Tensor, values: torch.Tensor):
+        """Device work only (capturable): write the token at `pos`, advance `pos` and the window's validity."""
+        st = self._static
+        if keys.shape[-2] != 1:
+            raise ValueError(f"a static store takes one token per step, got {keys.shape[-2]}; call "
+                             "leave_static() first")
+        st.keys.index_copy_(2, st.pos, keys)
+        st.values.index_copy_(2, st.pos, values)
+        st.pos.add_(1)
+        torch.lt(st.positions, st.pos, out=st.valid[0])
+        return st.view, st.view
+
+    def advance(self) -> bool:
+        """Host bookkeeping after one static step (outside any graph): count the token and, when the window is
+        full, compress its oldest block into the reserved buffers and shift the window down. Returns False if
+        the store had to leave static mode (a block that cannot be compressed safely stays exact, which the
+        static view cannot serve); decoding then goes on through `append` as usual."""
+        st, cfg = self._static, self.config
+        if st is None:
+            raise ValueError("advance() follows a step of a static store; call make_static first")
+        st.count += 1
+        self.length += 1
+        sinks = st.view.sink_tokens
+        if st.count - sinks < cfg.residual_length + cfg.block_size:
+            return True
+        if self.buffers[0].blocks >= st.max_blocks:
+            raise RuntimeError(f"the static store was made for {st.max_blocks} blocks and is full; call "
+                               "make_static with more steps")
+        cut, end = sinks + cfg.block_size, st.count
+        self._compress_blocks(st.keys[:, :, sinks:cut].contiguous(), st.values[:, :, sinks:cut].contiguous(), 1,
+                              st.keys.shape[0])
+        if len(self.blocks) != self.buffers[0].blocks:  # the block kept exact rows: not in the packed buffers
+            self._leave_static(drop=cfg.block_size)
+            return False
+        for t in (st.keys, st.values):  # the window moves down over the compressed block (same addresses)
+            t[:, :, sinks:end - cfg.block_size] = t[:, :, cut:end].clone()
+        st.count -= cfg.block_size
+        st.pos.fill_(st.count)
+        torch.lt(st.positions, st.pos, out=st.valid[0])
+        st.kv_len.fill_(self.buffers[0].tokens)
+        return True
+
+    def leave_static(self) -> None:
+        """Back to the ordinary (dynamic) store, same tokens."""
+        if self._static is not None:
+            self._leave_static()
+
+    def _leave_static(self, drop: int = 0) -> None:
+        st = self._static
+        sinks = st.view.sink_tokens
+        if sinks:
+            self.sink_keys, self.sink_values = st.keys[:, :, :sinks].clone(), st.values[:, :, :sinks].clone()
+        self.window_keys = st.keys[:, :, sinks + drop:st.count].clone()
+        self.window_values = st.values[:, :, sinks + drop:st.count].clone()
+        self._static = None
+
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
             raise ValueError(f"keys and values must both be [batch, kv_heads, tokens, head_dim], got "
@@ -245,7 +388,7 @@ class CompressedKVStore:
                 f"head_dim={ref.shape[3]} but got {tuple(keys.shape)}; reset the cache for a new batch")
 
     def _reference(self) -> torch.Tensor | None:
-        for t in (self.window_keys, self.sink_keys):
+        for t in (self.window_keys, self.sink_keys, self._static and self._static.keys):
             if t is not None:
                 return t
         if self.blocks:
@@ -264,6 +407,7 @@ class CompressedKVStore:
     # ------------------------------------------------------------------ edits
     def crop(self, num_tokens: int) -> None:
         """Drop the last `num_tokens` tokens (blocks are shortened, never rewritten)."""
+        self.leave_static()
         drop = min(num_tokens, self.length)
         self.length -= drop
         while drop > 0:
@@ -289,6 +433,7 @@ class CompressedKVStore:
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (beam search, batch selection)."""
+        self.leave_static()
         take = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
         self.sink_keys, self.sink_values = take(self.sink_keys), take(self.sink_values)
         self.window_keys, self.window_values = take(self.window_keys), take(self.window_values)
@@ -309,6 +454,11 @@ class CompressedKVStore:
             blocks += sum(buf.nbytes for buf in self.buffers) + sum(
                 b.keys.exact_mask.numel() + b.values.exact_mask.numel() for b in self.blocks[:n])
         exact_parts = (self.sink_keys, self.sink_values, self.window_keys, self.window_values)
+        if self._static is not None:  # the exact tokens' fixed buffers, room for the coming tokens included
+            exact_parts = (self._static.keys[:, :, :self._static.view.sink_tokens],
+                           self._static.values[:, :, :self._static.view.sink_tokens],
+                           self._static.keys[:, :, self._static.view.sink_tokens:],
+                           self._static.values[:, :, self._static.view.sink_tokens:])
         exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()
         per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]

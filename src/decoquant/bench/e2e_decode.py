@@ -1,6 +1,6 @@
 """End-to-end decode throughput of a randomly initialised Llama-2-7B-shaped model, fp16 weights.
 
-    python -m decoquant.bench.e2e_decode [--batch 1,8,32] [--context 4096,16384] [--steps 16]
+    python -m decoquant.bench.e2e_decode [--batch 1,8,32] [--context 4096,16384] [--steps 16] [--cuda-graph]
 
 Caches compared, all driven by the model's own forward:
 - fp16:     transformers' DynamicCache, SDPA attention;
@@ -8,6 +8,9 @@ Caches compared, all driven by the model's own forward:
             attention kernel (`decoquant.enable_fused_attention`);
 - QuantizedCache-<backend>: transformers' QuantizedCache (HQQ or quanto, whichever is installed;
             `--quantized-cache`), SDPA attention over the fp16 K/V it rebuilds every step.
+With --cuda-graph, two more rows per shape, each decode step replayed from one captured CUDA graph
+(`decoquant.GraphDecoder`): "fp16 graph" (transformers' StaticCache, SDPA) and "decoquant graph" (the
+DecoQuantCache made static; its block compressions run between replays and are timed).
 The prompt KV is random (a real prefill of 32 x 16k tokens on a random model measures nothing
 more): each layer's cache is filled with random outlier-heavy K/V of `context` tokens (the DecoQuant
 cache compresses it block by block exactly as a prefill would), then `steps` greedy decode steps are
@@ -81,6 +84,24 @@ def decode(model, cache, batch, context, steps, device):
     return start.elapsed_time(end) / steps, logits
 
 
+@torch.no_grad()
+def decode_graphed(model, cache, batch, context, steps, device):
+    """Like `decode`, each step replayed from a CUDA graph: step 1 warms up eagerly, step 2 captures."""
+    from decoquant.integrations.graph_decode import GraphDecoder
+
+    ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+    decoder = GraphDecoder(model, cache, ids, context, steps + 2, cuda_graph=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(steps + 2):
+        if i == 2:
+            torch.cuda.synchronize()
+            start.record()
+        decoder.step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps, decoder.logits
+
+
 QUANTIZED_BACKENDS = ("hqq", "quanto")
 
 
@@ -117,13 +138,18 @@ def available_backends() -> list[str]:
     return found
 
 
-def run(kind, bits, batch, context, steps, model, device):
+def run(kind, bits, batch, context, steps, model, device, graph=False):
     import decoquant as dq
 
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    if kind == "fp16":
+    if kind == "fp16" and graph:  # fixed addresses for the graph: transformers' StaticCache
+        from transformers import StaticCache
+
+        model.set_attn_implementation("sdpa")
+        cache = StaticCache(config=model.config, max_cache_len=context + steps + 2)
+    elif kind == "fp16":
         from transformers import DynamicCache
 
         model.set_attn_implementation("sdpa")
@@ -147,11 +173,13 @@ def run(kind, bits, batch, context, steps, model, device):
     else:
         cache_bytes = float("nan")  # the backend's packed tensors are opaque; peak memory tells
     torch.cuda.reset_peak_memory_stats()
-    ms, _ = decode(model, cache, batch, context, steps, device)
+    ms, _ = (decode_graphed if graph else decode)(model, cache, batch, context, steps, device)
+    if graph and hasattr(cache, "nbytes"):
+        cache_bytes = cache.nbytes()  # static: the capacity reserved for the steps
     peak = torch.cuda.max_memory_allocated()
     del cache
-    return dict(cache=label(kind, bits), batch=batch, context=context, ms_per_step=ms, tokens_per_s=batch * 1000 / ms,
-                peak_gb=peak / 1e9, cache_gb=cache_bytes / 1e9)
+    return dict(cache=label(kind, bits) + (" graph" if graph else ""), batch=batch, context=context, ms_per_step=ms,
+                tokens_per_s=batch * 1000 / ms, peak_gb=peak / 1e9, cache_gb=cache_bytes / 1e9)
 
 
 @torch.no_grad()
@@ -218,6 +246,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantized-cache", default="auto",
                    help="transformers QuantizedCache backends to compare (hqq,quanto; auto = those installed; '' = none)")
     p.add_argument("--prefill", default="", help="only measure prefill cost at these contexts (e.g. 4096,16384)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="add fp16 (StaticCache) and DecoQuantCache rows whose decode steps replay a CUDA graph")
+    p.add_argument("--skip-eager", action="store_true", help="with --cuda-graph: only the graph rows")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     model = random_model(args.layers, device)
@@ -242,13 +273,16 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     kinds = ([("fp16", 16)] + [("decoquant" if p == "paper" else f"decoquant:{p}", b) for p in presets for b in bits]
              + [(q, b) for q in backends for b in bits])
+    runs = [] if args.skip_eager else [(kind, bits, False) for kind, bits in kinds]
+    if args.cuda_graph:
+        runs += [(kind, bits, True) for kind, bits in kinds if kind not in QUANTIZED_BACKENDS]
     for ctx in [int(c) for c in args.context.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
-            for kind, bits in kinds:
+            for kind, bits, graph in runs:
                 try:
-                    r = run(kind, bits, batch, ctx, args.steps, model, device)
+                    r = run(kind, bits, batch, ctx, args.steps, model, device, graph)
                 except torch.OutOfMemoryError:
-                    r = dict(cache=label(kind, bits), batch=batch, context=ctx, oom=True)
+                    r = dict(cache=label(kind, bits) + (" graph" if graph else ""), batch=batch, context=ctx, oom=True)
                     print(f"| {r['cache']} | {batch} | {ctx} | OOM | | | |", flush=True)
                     rows.append(r)
                     gc.collect()

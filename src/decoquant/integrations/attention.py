@@ -41,8 +41,11 @@ def decoquant_attention_forward(module, query, key, value, attention_mask, dropo
         raise ValueError(f"fused decode attention takes one query token, got {query.shape[2]}")
     b, hq, _, d = query.shape
     scale = scaling if scaling is not None else d ** -0.5
-    kv_start, window_valid = _validity(attention_mask, key, b)
-    out = decode_attention(query[:, :, 0], key.keys, key.values, scale, kv_start=kv_start,
+    if key.static:  # fixed buffers, device-side bounds; sequences of one length (the mask is the causal one)
+        kv_start, kv_len, window_valid = key.kv_start, key.kv_len, key.window_valid
+    else:
+        (kv_start, window_valid), kv_len = _validity(attention_mask, key, b), None
+    out = decode_attention(query[:, :, 0], key.keys, key.values, scale, kv_start=kv_start, kv_len=kv_len,
                            window_k=key.window_keys, window_v=key.window_values, window_valid=window_valid)
     return out.to(query.dtype)[:, None], None  # [B, 1, Hq, D], no weights
 

@@ -155,6 +155,37 @@ class DecoQuantCache(DynamicCache):
                              "scale_granularity='token_head')")
         return cls(config, model.config)
 
+    # ---------------------------------------------------------------- static (CUDA-graph) decoding
+    def make_static(self, steps: int) -> None:
+        """Make every layer serve the next `steps` single-token decode steps from fixed addresses, so a
+        decode step can be captured in a CUDA graph (see `decoquant.generate`): call after the prefill, then
+        `advance()` after every step. Needs fused=True and full-attention layers only; sequences of one
+        length (no padding)."""
+        if not self.fused:
+            raise ValueError("make_static needs a fused cache (fused=True; the model's attention through "
+                             "decoquant.enable_fused_attention)")
+        if len(self.compressed_layers) != len(self.layers):
+            raise ValueError("make_static supports models whose layers are all full attention; this model has "
+                             "sliding-window layers")
+        for layer in self.layers:
+            layer.store.make_static(steps)
+
+    def advance(self) -> bool:
+        """Host bookkeeping after one static decode step (outside the graph). False once any layer had to
+        leave static mode (a block that could not be compressed safely stays exact): decode on eagerly."""
+        ok = [layer.store.advance() for layer in self.layers]
+        if not all(ok):
+            self.leave_static()
+        return all(ok)
+
+    def leave_static(self) -> None:
+        for layer in self.layers:
+            layer.store.leave_static()
+
+    @property
+    def is_static(self) -> bool:
+        return any(isinstance(layer, DecoQuantLayer) and layer.store.is_static for layer in self.layers)
+
     @property
     def compressed_layers(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, DecoQuantLayer)]

@@ -149,15 +149,23 @@ class PackedKVBuffer:
         self.tokens += codes.shape[2]
         self.blocks += n
 
-    def _grow(self, need: int) -> None:
+    def reserve(self, tokens: int) -> None:
+        """Capacity for `tokens` tokens (whole blocks) now, so that appends up to there never reallocate: the
+        addresses a captured CUDA graph reads stay fixed. The spare capacity is zero-filled."""
+        if self.codes is None:
+            raise ValueError("reserve needs a buffer that has its format (append a block first)")
+        if tokens > self.codes.shape[2]:
+            self._grow(tokens, exact=True)
+
+    def _grow(self, need: int, exact: bool = False) -> None:
         # +1/16 (whole blocks): at most ~6% spare capacity; a copy of the layer's blocks every ~L/16 decode
         # steps at L cached tokens (e.g. ~20 MB per layer every 1k steps at 16k tokens, 4 bits) stays cheap
         step = self.block_size * max(1, self.codes.shape[2] // (16 * self.block_size))
-        cap = max(need, self.codes.shape[2] + step)
+        cap = need if exact else max(need, self.codes.shape[2] + step)
         def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
             shape = list(t.shape)
             shape[dim] = size
-            out = torch.empty(shape, dtype=t.dtype, device=t.device)
+            out = (torch.zeros if exact else torch.empty)(shape, dtype=t.dtype, device=t.device)
             out.narrow(dim, 0, t.shape[dim]).copy_(t)
             return out
         self.codes = grown(self.codes, 2, cap)
@@ -185,10 +193,13 @@ class PackedKVBuffer:
         return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
                        exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None)
 
-    def view(self) -> PackedKV:
-        """The blocks appended so far (slices: later appends do not change them)."""
-        rows = self._scale_rows(self.tokens)
-        return PackedKV(self.codes[:, :, :self.tokens], self.scales[:, :, :rows], self.ts[:, :, :self.blocks],
+    def view(self, capacity: bool = False) -> PackedKV:
+        """The blocks appended so far (slices: later appends do not change them), or (capacity) the whole
+        allocation, which later appends fill in place (read with a kv_len bound)."""
+        tokens = self.codes.shape[2] if capacity else self.tokens
+        blocks = self.ts.shape[2] if capacity else self.blocks
+        rows = self._scale_rows(tokens)
+        return PackedKV(self.codes[:, :, :tokens], self.scales[:, :, :rows], self.ts[:, :, :blocks],
                         self.bits, self.block_size, self.group_size,
                         None if self.zeros is None else self.zeros[:, :, :rows], self.channel_group)
 

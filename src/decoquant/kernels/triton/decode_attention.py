@@ -61,9 +61,7 @@ def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constex
         return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [ROWS, D])
 
 
-# blocks_per_split changes as the cache grows: specializing on it (== 1, divisible by 16) would
-# recompile the kernel in the middle of a generation (~0.5 s a step on an H100)
-@triton.jit(do_not_specialize=["blocks_per_split"])
+@triton.jit
 def _decode_blocks_kernel(
     Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, O, M, L,
     stride_qb, stride_qh, stride_qd,
@@ -75,7 +73,7 @@ def _decode_blocks_kernel(
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
-    sm_scale, blocks_per_split,
+    sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -97,18 +95,19 @@ def _decode_blocks_kernel(
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
-    last_block = tl.maximum((length + BLOCK - 1) // BLOCK - 1, 0)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)  # output, real basis
-    first = split * blocks_per_split
-    for blk in tl.range(first, first + blocks_per_split, num_stages=NUM_STAGES):
+    # this split's blocks, from the sequence's own length (see decode_rows.py); no host-side count, so nothing
+    # here changes as the cache grows (a specialization on it recompiled the kernel mid-generation)
+    blocks = (length + BLOCK - 1) // BLOCK
+    per_split = (blocks + tl.num_programs(1) - 1) // tl.num_programs(1)
+    first = split * per_split
+    for blk in tl.range(first, tl.minimum(first + per_split, blocks), num_stages=NUM_STAGES):
         t0 = blk * BLOCK
         ts_off = gi[:, None] * G + gi[None, :]
-        # blocks past the end (last split) read a valid block's T_S; all their tokens are masked below
-        blk_ts = tl.minimum(blk, last_block)
-        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk_ts * stride_ktn + ts_off).to(tl.float32)
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_ts * stride_vtn + ts_off).to(tl.float32)
+        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off).to(tl.float32)
+        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
         q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
@@ -126,7 +125,7 @@ def _decode_blocks_kernel(
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
                          mask=ok[:, None], other=0).to(tl.int16)  # [TILE, D / P]
             if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
-                grp = blk_ts * (BLOCK // TILE) + j  # past-the-end blocks read a valid group; all masked
+                grp = blk * (BLOCK // TILE) + j
                 ks_c = tl.load(KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
                 q0, q1, q2, q3 = _planes((qt * ks_c[None, :]).to(DOT), P, GROUP_PAD, D)
             else:
@@ -249,7 +248,6 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     n_blocks = k.tokens // k.block_size
     group = hq // kvh
     splits = num_splits or _num_splits(b * kvh, n_blocks, q.device)
-    per_split = math.ceil(n_blocks / splits)
     o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
@@ -271,7 +269,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         vt.stride(0), head_stride(vt), vt.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
-        sm_scale, per_split,
+        sm_scale,
         KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
         G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,

@@ -25,7 +25,6 @@ One warp per (sequence, head, split); per block of the split:
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -185,7 +184,7 @@ def _value_step(vc, wbuf, t, t_rel, length, a0, a1, a2, a3, a4, a5, a6, a7, a8, 
                      BITS, ASM, USE_ASM)
 
 
-@triton.jit(do_not_specialize=["blocks_per_split", "VC"])  # VC: 4-byte value loads, one word per lane
+@triton.jit(do_not_specialize=["VC"])  # VC: 4-byte value loads, one word per lane
 def _decode_rows_kernel(
     Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, O, M, L, SCRATCH,
     stride_qb, stride_qh, stride_qd,
@@ -197,7 +196,7 @@ def _decode_rows_kernel(
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh, stride_ms,
-    sm_scale, blocks_per_split,
+    sm_scale,
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr,
@@ -233,24 +232,25 @@ def _decode_rows_kernel(
     inv_m = tl.exp2(-((tl.arange(0, 32 // BITS) % NK) * BITS).to(tl.float32))
     start = tl.load(START + b)
     length = tl.load(LEN + b)
-    last_block = tl.maximum((length + BLOCK - 1) // BLOCK - 1, 0)
     m_i = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
     l_vec = tl.zeros([32, SUB], tl.float32)  # softmax denominators per lane, summed at the end
     acc = tl.zeros([D // G, G], tl.float32)  # output, real basis
-    first = split * blocks_per_split
-    end = first + blocks_per_split
+    # this split's blocks, from the sequence's own length: a cache viewed at its full capacity (a CUDA-graph
+    # decode step) splits only the blocks it holds, and no block past the length is read
+    blocks = (length + BLOCK - 1) // BLOCK
+    per_split = (blocks + tl.num_programs(1) - 1) // tl.num_programs(1)
+    first = split * per_split
+    end = tl.minimum(first + per_split, blocks)
     rel = lane[:, None] + sub[None, :] * 32  # [32, SUB]: token within a block, one per lane per key step
     toks = first * BLOCK + rel
     k0, k1, k2, k3 = _load_key_words(kc, toks, (toks >= start) & (toks < length), NW)
     for blk in tl.range(first, end, num_stages=NUM_STAGES):
-        # blocks past the end (last split) read a valid block's T_S and query; all their tokens are masked
-        blk_c = tl.minimum(blk, last_block)
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk_c * stride_vtn + ts_off).to(tl.float32)
+        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         toks = blk * BLOCK + rel
         ok = (toks >= start) & (toks < length)
         tl.debug_barrier()  # the previous block's key steps have read the query rows
-        _store_query_rows(qbuf, q_ptr, stride_qd, KT + b * stride_ktb + h * stride_kth + blk_c * stride_ktn,
-                          ks_ptr + blk_c * (BLOCK // QG) * stride_ksg, kz_ptr + blk_c * (BLOCK // QG) * stride_ksg,
+        _store_query_rows(qbuf, q_ptr, stride_qd, KT + b * stride_ktb + h * stride_kth + blk * stride_ktn,
+                          ks_ptr + blk * (BLOCK // QG) * stride_ksg, kz_ptr + blk * (BLOCK // QG) * stride_ksg,
                           stride_ksg, sm_scale, D, G, BITS, QG, BLOCK, KEY_CHANNEL, K_ASYM)
         tl.debug_barrier()
         if KEY_CHANNEL:  # each key step sits in one scale group: its own query row
@@ -340,8 +340,6 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     # codes as int32 words (aligned, vectorisable loads); token rows must be contiguous
     codes = [(p.codes if p.codes.stride(-1) == 1 and p.codes.stride(-2) == p.codes.shape[-1] else p.codes.contiguous())
              .view(torch.int32) for p in (k, v)]
-    n_blocks = k.tokens // k.block_size
-    per_split = math.ceil(n_blocks / splits)
     qg = k.channel_group or k.block_size  # tokens per query row (a key scale group, else the block)
     row = d * k.bits // 32 * (16 // k.bits) + 4
     # one allocation each for the programs' scratch (query rows, int16 value weights) and the outputs
@@ -363,7 +361,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         v.ts.stride(0), head_stride(v.ts), v.ts.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
-        sm_scale, per_split,
+        sm_scale,
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         K_ASM=dot_asm(k.bits), V_ASM=axpy_asm(v.bits), USE_ASM=q.is_cuda,
