@@ -36,7 +36,11 @@ def test_static_store_serves_what_the_dynamic_store_serves(name, prefill):
     dynamic, static = CompressedKVStore(config, fused=True), CompressedKVStore(config, fused=True)
     for store in (dynamic, static):
         store.append(x[..., :prefill, :], x[..., :prefill, :] * 0.5)
+    dynamic.memory(), static.memory()  # reads every block: their views exist before the buffers are reserved
     static.make_static(400 - prefill)
+    if prefill == 100:  # no block keeps a view of the buffers before the reservation (nor keeps them alive)
+        lo = static.buffers[0].codes.data_ptr()
+        assert all(lo <= b.keys.codes.data_ptr() < lo + static.buffers[0].codes.nbytes for b in static.blocks)
     view = None
     q = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(0))
     for t in range(prefill, 400):

@@ -294,6 +294,7 @@ class CompressedKVStore:
         blocks = self.buffers[0].blocks + max(0, (w + steps - cfg.residual_length) // cfg.block_size)
         for buf in self.buffers:
             buf.reserve(blocks * cfg.block_size)
+        self._repoint()  # blocks whose views were read still point into the old buffers (and keep them alive)
         sinks = 0 if self.sink_keys is None else self.sink_keys.shape[-2]
         room = sinks + cfg.residual_length + cfg.block_size
         exact = []
