@@ -136,6 +136,27 @@ def test_rank_deficient_block_is_exact():
     assert c.num_exact == 1 and torch.equal(dq.decompress(c), x)
 
 
+@pytest.mark.parametrize("rows", [40 * 8, 3 * 512, 4 * 512 + 16])
+def test_gram_route_equals_the_svd_route(rows):
+    """The Gram/eigh route the GPU takes (checked here in float64 on the CPU): the same T_L @ T_S, the
+    same singular values, the same rank-deficiency flags as SVD + the T_L column norms; partial Gram
+    products (rows a multiple of 512) or one product."""
+    from decoquant.codecs.decoquant import _rank_deficient, _two_sites_gram
+    from decoquant.mpo import mpo_decompose
+
+    gen = torch.Generator().manual_seed(rows)
+    m = torch.randn(3, rows, 16, generator=gen, dtype=torch.float64)
+    m[..., 3] *= 30
+    m[1] = torch.randn(rows, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, 16, generator=gen,
+                                                                                    dtype=torch.float64)
+    t_l, t_s, bad = _two_sites_gram(m)
+    assert torch.allclose(t_l @ t_s.reshape(3, 16, 16), m, atol=1e-8)
+    sites = mpo_decompose(m, (rows, 1), (1, 16))
+    ref_t_l = sites[0].reshape(3, rows, -1)
+    assert torch.allclose(t_l[[0, 2]].pow(2).sum(1), ref_t_l[[0, 2]].pow(2).sum(1), rtol=1e-9)
+    assert bad.tolist() == _rank_deficient(ref_t_l).tolist() == [False, True, False]
+
+
 def test_single_token_block():
     x = outlier_kv(batch=1, heads=1, tokens=1)
     y = dq.decompress(dq.compress(x, cfg("decoquant", 4), "key"))
