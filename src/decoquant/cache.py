@@ -15,16 +15,16 @@ blocks that existed before this step, and every token of the window plus the new
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
-from .api import compress, decompress
+from .api import compress
+from .blocks import Block, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 from .kernels.attention import dequantize
-from .kernels.layout import PackedKV, PackedKVBuffer, fused_compatible
+from .kernels.layout import PackedKVBuffer, fused_compatible
 
 
 # at most this many elements of K (and of V) are compressed in one call
@@ -33,105 +33,6 @@ COMPRESS_ELEMENTS = 1 << 26
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
-
-
-class Block:
-    """One compressed block: keys and values (CompressedKV) and its valid length (block_size unless
-    cropped). A block that lives in a store's packed buffers gets its views into them lazily (`point`):
-    after a buffer regrows, re-pointing costs O(1) per block instead of ~20 tensor ops (at 16k tokens
-    that was ~20 ms per layer in the decode step that regrew)."""
-
-    __slots__ = ("_keys", "_values", "length", "_view")
-
-    def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int):
-        self._keys, self._values, self.length = keys, values, length
-        self._view = None
-
-    def point(self, view) -> None:
-        """Take keys and values from `view()` when first read (drops views of an older buffer now)."""
-        self._keys = self._values = None
-        self._view = view
-
-    def _resolve(self) -> None:
-        if self._view is not None:
-            self._keys, self._values = self._view()
-            self._view = None
-
-    @property
-    def keys(self) -> CompressedKV:
-        self._resolve()
-        return self._keys
-
-    @property
-    def values(self) -> CompressedKV:
-        self._resolve()
-        return self._values
-
-    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = decompress(self.keys), decompress(self.values)
-        if self.length < k.shape[-2]:
-            k, v = k[..., : self.length, :], v[..., : self.length, :]
-        return k, v
-
-    def select_batch(self, index: torch.Tensor) -> "Block":
-        return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length)
-
-
-def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
-    """Rows `index` of a CompressedKV (beam reorder, batch selection)."""
-    index = index.to(c.exact_mask.device)
-    exact = None
-    mask = c.exact_mask.index_select(0, index)
-    if c.exact_values is not None and bool(mask.any()):
-        row_of = torch.cumsum(c.exact_mask.long(), 0) - 1  # position of each exact row in exact_values
-        exact = c.exact_values.index_select(0, row_of.index_select(0, index)[mask].to(c.exact_values.device))
-    params = {k: v.index_select(0, index.to(v.device)) for k, v in c.params.items()}
-    codes = None if c.codes is None else c.codes.index_select(0, index.to(c.codes.device))
-    shape = (int(index.numel()),) + tuple(c.shape[1:])
-    return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact)
-
-
-@dataclass
-class FusedKV:
-    """What a fused-attention step reads instead of fp16 K/V: the packed blocks and the exact window.
-
-    A static store (`CompressedKVStore.make_static`) hands out the same tensors at every step: the packed
-    buffers and the exact window at their full capacity, with device-side bounds (kv_len, window_valid)
-    that say how much of them is filled; a CUDA graph of the decode step replays them as they change."""
-
-    keys: PackedKV
-    values: PackedKV
-    window_keys: torch.Tensor  # [B, KVH, S + W, D]: the exact tokens (sinks, then the window with the new one)
-    window_values: torch.Tensor
-    sink_tokens: int = 0  # S: how many of the exact tokens are sinks (they precede the blocks)
-    kv_start: torch.Tensor | None = None  # int32 [B] zeros (static stores)
-    kv_len: torch.Tensor | None = None  # int32 [B]: compressed tokens held (static stores; None: all of keys)
-    window_valid: torch.Tensor | None = None  # bool [B, S + W]: which exact tokens are held (static stores)
-
-    @property
-    def compressed_tokens(self) -> int:
-        return self.keys.tokens
-
-    @property
-    def static(self) -> bool:
-        return self.kv_len is not None
-
-
-@dataclass
-class _Static:
-    """A static store's exact tokens, [sinks | window | room for the tokens until the next compression], at
-    fixed addresses, and the device-side counters a captured decode step reads and advances."""
-
-    keys: torch.Tensor  # [B, KVH, sink + residual + block, D]
-    values: torch.Tensor
-    count: int  # exact tokens held (host copy of `pos`)
-    pos: torch.Tensor  # int64 [1]: where the next token goes
-    positions: torch.Tensor  # int64 [sink + residual + block]: 0, 1, 2, ...
-    valid: torch.Tensor  # bool [1, sink + residual + block]: positions < pos
-    kv_len: torch.Tensor  # int32 [B]: compressed tokens held
-    kv_start: torch.Tensor  # int32 [B]: zeros (no padding)
-    max_blocks: int  # the packed buffers' reserved capacity in blocks
-    view: FusedKV | None = None
 
 
 class CompressedKVStore:
@@ -157,7 +58,7 @@ class CompressedKVStore:
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.length = 0
-        self._static: _Static | None = None
+        self._static: StaticWindow | None = None
 
     # ------------------------------------------------------------------ update
     def append(self, keys: torch.Tensor, values: torch.Tensor):
@@ -305,7 +206,7 @@ class CompressedKVStore:
         dev = self.window_keys.device
         positions = torch.arange(room, device=dev)
         pos = torch.full((1,), sinks + w, dtype=torch.int64, device=dev)
-        st = _Static(exact[0], exact[1], sinks + w, pos, positions, (positions < pos)[None],
+        st = StaticWindow(exact[0], exact[1], sinks + w, pos, positions, (positions < pos)[None],
                      torch.full((b,), self.buffers[0].tokens, dtype=torch.int32, device=dev),
                      torch.zeros(b, dtype=torch.int32, device=dev), blocks)
         st.view = FusedKV(self.buffers[0].view(capacity=True), self.buffers[1].view(capacity=True), st.keys, st.values,
@@ -456,10 +357,8 @@ class CompressedKVStore:
                 b.keys.exact_mask.numel() + b.values.exact_mask.numel() for b in self.blocks[:n])
         exact_parts = (self.sink_keys, self.sink_values, self.window_keys, self.window_values)
         if self._static is not None:  # the exact tokens' fixed buffers, room for the coming tokens included
-            exact_parts = (self._static.keys[:, :, :self._static.view.sink_tokens],
-                           self._static.values[:, :, :self._static.view.sink_tokens],
-                           self._static.keys[:, :, self._static.view.sink_tokens:],
-                           self._static.values[:, :, self._static.view.sink_tokens:])
+            st, s = self._static, self._static.view.sink_tokens
+            exact_parts = (st.keys[:, :, :s], st.values[:, :, :s], st.keys[:, :, s:], st.values[:, :, s:])
         exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()
         per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]

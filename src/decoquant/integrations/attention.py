@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import FusedKV
+from ..blocks import FusedKV
 from ..kernels.attention import decode_attention
 
 NAME = "decoquant"

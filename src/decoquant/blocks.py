@@ -1,0 +1,116 @@
+"""What a layer's store keeps and hands out, besides its own bookkeeping (cache.py):
+
+- `Block`: one compressed block (keys and values), with views into the store's packed buffers taken lazily;
+- `select_batch`: rows of a CompressedKV (beam reorder, batch selection);
+- `FusedKV`: what a fused-attention decode step reads instead of fp16 K/V;
+- `StaticWindow`: a static store's exact tokens and device-side counters (CUDA-graph decoding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .api import decompress
+from .compressed import CompressedKV
+from .kernels.layout import PackedKV
+
+
+class Block:
+    """One compressed block: keys and values (CompressedKV) and its valid length (block_size unless
+    cropped). A block that lives in a store's packed buffers gets its views into them lazily (`point`):
+    after a buffer regrows, re-pointing costs O(1) per block instead of ~20 tensor ops (at 16k tokens
+    that was ~20 ms per layer in the decode step that regrew)."""
+
+    __slots__ = ("_keys", "_values", "length", "_view")
+
+    def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int):
+        self._keys, self._values, self.length = keys, values, length
+        self._view = None
+
+    def point(self, view) -> None:
+        """Take keys and values from `view()` when first read (drops views of an older buffer now)."""
+        self._keys = self._values = None
+        self._view = view
+
+    def _resolve(self) -> None:
+        if self._view is not None:
+            self._keys, self._values = self._view()
+            self._view = None
+
+    @property
+    def keys(self) -> CompressedKV:
+        self._resolve()
+        return self._keys
+
+    @property
+    def values(self) -> CompressedKV:
+        self._resolve()
+        return self._values
+
+    def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = decompress(self.keys), decompress(self.values)
+        if self.length < k.shape[-2]:
+            k, v = k[..., : self.length, :], v[..., : self.length, :]
+        return k, v
+
+    def select_batch(self, index: torch.Tensor) -> "Block":
+        return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length)
+
+
+def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
+    """Rows `index` of a CompressedKV (beam reorder, batch selection)."""
+    index = index.to(c.exact_mask.device)
+    exact = None
+    mask = c.exact_mask.index_select(0, index)
+    if c.exact_values is not None and bool(mask.any()):
+        row_of = torch.cumsum(c.exact_mask.long(), 0) - 1  # position of each exact row in exact_values
+        exact = c.exact_values.index_select(0, row_of.index_select(0, index)[mask].to(c.exact_values.device))
+    params = {k: v.index_select(0, index.to(v.device)) for k, v in c.params.items()}
+    codes = None if c.codes is None else c.codes.index_select(0, index.to(c.codes.device))
+    shape = (int(index.numel()),) + tuple(c.shape[1:])
+    return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact)
+
+
+@dataclass
+class FusedKV:
+    """What a fused-attention step reads instead of fp16 K/V: the packed blocks and the exact window.
+
+    A static store (`CompressedKVStore.make_static`) hands out the same tensors at every step: the packed
+    buffers and the exact window at their full capacity, with device-side bounds (kv_len, window_valid)
+    that say how much of them is filled; a CUDA graph of the decode step replays them as they change."""
+
+    keys: PackedKV
+    values: PackedKV
+    window_keys: torch.Tensor  # [B, KVH, S + W, D]: the exact tokens (sinks, then the window with the new one)
+    window_values: torch.Tensor
+    sink_tokens: int = 0  # S: how many of the exact tokens are sinks (they precede the blocks)
+    kv_start: torch.Tensor | None = None  # int32 [B] zeros (static stores)
+    kv_len: torch.Tensor | None = None  # int32 [B]: compressed tokens held (static stores; None: all of keys)
+    window_valid: torch.Tensor | None = None  # bool [B, S + W]: which exact tokens are held (static stores)
+
+    @property
+    def compressed_tokens(self) -> int:
+        return self.keys.tokens
+
+    @property
+    def static(self) -> bool:
+        return self.kv_len is not None
+
+
+@dataclass
+class StaticWindow:
+    """A static store's exact tokens, [sinks | window | room for the tokens until the next compression], at
+    fixed addresses, and the device-side counters a captured decode step reads and advances."""
+
+    keys: torch.Tensor  # [B, KVH, sink + residual + block, D]
+    values: torch.Tensor
+    count: int  # exact tokens held (host copy of `pos`)
+    pos: torch.Tensor  # int64 [1]: where the next token goes
+    positions: torch.Tensor  # int64 [sink + residual + block]: 0, 1, 2, ...
+    valid: torch.Tensor  # bool [1, sink + residual + block]: positions < pos
+    kv_len: torch.Tensor  # int32 [B]: compressed tokens held
+    kv_start: torch.Tensor  # int32 [B]: zeros (no padding)
+    max_blocks: int  # the packed buffers' reserved capacity in blocks
+    view: FusedKV | None = None
