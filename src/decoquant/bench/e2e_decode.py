@@ -105,7 +105,9 @@ def decode_graphed(model, cache, batch, context, steps, device):
 QUANTIZED_BACKENDS = ("hqq", "quanto")
 
 
-def label(kind: str, bits: int) -> str:
+def label(kind: str, bits: int, graph: bool = False) -> str:
+    if graph:
+        return label(kind, bits) + " graph"
     if kind == "fp16":
         return "fp16"
     if kind in QUANTIZED_BACKENDS:
@@ -178,7 +180,7 @@ def run(kind, bits, batch, context, steps, model, device, graph=False):
         cache_bytes = cache.nbytes()  # static: the capacity reserved for the steps
     peak = torch.cuda.max_memory_allocated()
     del cache
-    return dict(cache=label(kind, bits) + (" graph" if graph else ""), batch=batch, context=context, ms_per_step=ms,
+    return dict(cache=label(kind, bits, graph), batch=batch, context=context, ms_per_step=ms,
                 tokens_per_s=batch * 1000 / ms, peak_gb=peak / 1e9, cache_gb=cache_bytes / 1e9)
 
 
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
                 try:
                     r = run(kind, bits, batch, ctx, args.steps, model, device, graph)
                 except torch.OutOfMemoryError:
-                    r = dict(cache=label(kind, bits) + (" graph" if graph else ""), batch=batch, context=ctx, oom=True)
+                    r = dict(cache=label(kind, bits, graph), batch=batch, context=ctx, oom=True)
                     print(f"| {r['cache']} | {batch} | {ctx} | OOM | | | |", flush=True)
                     rows.append(r)
                     gc.collect()
