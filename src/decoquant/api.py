@@ -28,14 +28,18 @@ def _validate(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> None:
 
 
 def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> tuple[Encoded, torch.Tensor]:
-    """Encode x with non-finite rows zeroed; returns the encoding and the exact-row mask [B]."""
+    """Encode x with non-finite rows zeroed (or flagged by the GPU kernels themselves, which read x once);
+    returns the encoding and the exact-row mask [B]."""
     b = x.shape[0]
-    finite = torch.isfinite(x).reshape(b, -1).all(1)
-    clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    enc = get_codec(config.method).encode(clean, config, kind)
-    mask = ~finite
-    if enc.unsafe is not None:
-        mask = mask | enc.unsafe
+    codec = get_codec(config.method)
+    if getattr(codec, "uses_kernels", lambda *_: False)(x, config, kind):
+        enc = codec.encode(x, config, kind)
+        mask = enc.unsafe
+    else:
+        finite = torch.isfinite(x).reshape(b, -1).all(1)
+        clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        enc = codec.encode(clean, config, kind)
+        mask = ~finite if enc.unsafe is None else ~finite | enc.unsafe
     for p in enc.params.values():  # e.g. an fp16 scale that overflowed
         mask = mask | ~torch.isfinite(p.float()).reshape(b, -1).all(1)
     return enc, mask
@@ -64,9 +68,9 @@ def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> Com
                          "supported by decoquant.fake_quantize only; use layout='group' to compress")
     enc, mask = _encode(x.detach(), config, kind)
     exact = x.detach()[mask].clone() if bool(mask.any()) else None
-    n_codes = enc.codes.shape[-1]
-    return CompressedKV(config, kind, shape, x.dtype, pack_codes(enc.codes, config.bits), n_codes,
-                        enc.params, mask, exact)
+    n_codes = shape[-1] if enc.packed else enc.codes.shape[-1]
+    codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
+    return CompressedKV(config, kind, shape, x.dtype, codes, n_codes, enc.params, mask, exact)
 
 
 def decompress(c: CompressedKV) -> torch.Tensor:
@@ -87,6 +91,8 @@ def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -
     if config.method == "none":
         return x.detach().clone()
     enc, mask = _encode(x.detach(), config, kind)
+    if enc.packed:
+        enc.codes = unpack_codes(enc.codes, config.bits, x.shape[-1])
     decoded = get_codec(config.method).decode(enc, config, kind, tuple(x.shape))
     exact = x.detach()[mask] if bool(mask.any()) else None
     return _restore(decoded, mask, exact, x.dtype)

@@ -73,33 +73,79 @@ def _gram(m: torch.Tensor) -> torch.Tensor:
     return (parts.transpose(-1, -2) @ parts).double().sum(-3)
 
 
+def _factor_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2-site MPO from a float64 Gram matrix [..., g, g] of a tall M: M^T M = V S^2 V^T, T_L = M W with
+    W = V S^{-1/2} (singular values below RANK_RTOL * max get a zero column), T_S = S^{1/2} V^T. Returns
+    (W [..., g, g], T_S [..., g, 1, g, 1], unsafe bool [batch]): rank deficient (T_L's column
+    k has squared norm s_k, so the flag comes from S instead of another pass over T_L) or a non-finite Gram
+    matrix (a NaN/Inf in M; its eigenproblem is skipped)."""
+    nonfinite = ~torch.isfinite(gram).flatten(-2).all(-1)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = torch.where(nonfinite[..., None, None], eye, gram)  # no host sync to ask whether any
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    s = evals.flip(-1).clamp_min(0).sqrt()
+    v = evecs.flip(-1)
+    keep = s > RANK_RTOL * s[..., :1]
+    inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+    t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
+    bad = (s[..., -1] <= RANK_RTOL * s[..., 0]) | nonfinite
+    bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
+    w = v * inv_root.unsqueeze(-2)
+    return w, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1), bad
+
+
 def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 2-site MPO of a tall m [..., N, g] through its g x g Gram matrix (fast on GPUs):
-    M^T M = V S^2 V^T, T_L = M V S^{-1/2} = U sqrt(S), T_S = S^{1/2} V^T. The Gram products run in
-    m's dtype (float32 on GPUs, tf32 off), the g x g eigenproblem in float64. Singular values below
-    RANK_RTOL * max get a zero T_L column. Returns (T_L, T_S, rank deficient [batch]): T_L's column k
-    has squared norm s_k (or 0), so the flag comes from S instead of another pass over T_L."""
+    """The 2-site MPO of a tall m [..., N, g] through its g x g Gram matrix (fast on GPUs); the Gram products
+    and T_L run in m's dtype (float32 on GPUs, tf32 off). Returns (T_L, T_S, unsafe [batch]) as
+    `_factor_gram`."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        gram = _gram(m)
-        evals, evecs = torch.linalg.eigh(gram)  # ascending
-        s = evals.flip(-1).clamp_min(0).sqrt()
-        v = evecs.flip(-1)
-        keep = s > RANK_RTOL * s[..., :1]
-        inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-        t_l = m @ (v * inv_root.unsqueeze(-2)).to(m.dtype)
+        w, t_s, bad = _factor_gram(_gram(m))
+        t_l = m @ w.to(m.dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
-    bad = s[..., -1] <= RANK_RTOL * s[..., 0]  # as _rank_deficient of T_L: its smallest column norm vs largest
-    bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
-    return t_l, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1), bad
+    return t_l, t_s, bad
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
+    """Whether `encode` compresses x with the Triton kernels (CUDA, a format they take, at least g chunk rows):
+    they read x in its dtype, return packed codes and flag non-finite rows themselves."""
+    from ..kernels.compress import BACKENDS, kernel_format_ok
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    if backend == "torch":
+        return False
+
+    ok = kernel_format_ok(x, config, kind) and x.shape[1] * x.shape[2] * x.shape[3] >= config.group_size ** 2
+    if backend == "triton" and not ok:
+        raise ValueError(f"backend='triton' compresses decoquant group-layout 2-site blocks at 2/4/8 bits with "
+                         f"token, token_head or tiling channel scales; got {config.label()} for {kind}s of shape "
+                         f"{tuple(x.shape)}")
+    return ok and (backend == "triton" or x.is_cuda)
+
+
+def _encode_kernels(x: torch.Tensor, config, kind: str) -> Encoded:
+    """Gram kernel -> float64 eigenproblem -> one kernel from x to packed codes (T_L never in memory)."""
+    from ..kernels.compress import gram, quantize_pack
+
+    w, t_s, bad = _factor_gram(gram(x, config.group_size, config.ts_sharing == "head", "triton"))
+    gran = config.granularity(kind)
+    codes, scale, zero = quantize_pack(x, w, config.bits, gran, config.is_symmetric,
+                                       config.quant_group_size if gran == "channel" else 0, "triton")
+    params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
+    params["site2"] = t_s.to(torch.float16)
+    return Encoded(codes, params, bad, packed=True)
+
+
+def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded:
+    """backend: "auto" (the Triton kernels on CUDA where `uses_kernels`, else torch), "triton" (the kernels; on
+    a CPU through Triton's interpreter) or "torch"."""
     if config.layout == "channel":
         return _encode_channel(x, config)
+    if uses_kernels(x, config, kind, backend):
+        return _encode_kernels(x, config, kind)
     g, n_sites = config.group_size, config.num_sites
     m = _matrix_view(x.to(_compute_dtype(x)), config)
     n_rows = m.shape[-2]

@@ -1,10 +1,12 @@
-"""Pure-torch ground truth for the decode-attention kernels: dequantize, then attend in fp32."""
+"""Pure-torch ground truth for the kernels: dequantize and attend in fp32; the Gram and quantize-pack steps of
+block compression."""
 
 from __future__ import annotations
 
 import torch
 
-from ..packing import unpack_codes
+from ..packing import pack_codes, unpack_codes
+from ..quant import quantize_kv
 from .layout import PackedKV
 
 
@@ -89,3 +91,25 @@ def merge_window_reference(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l:
         m, l = torch.cat([m, mw], 2), torch.cat([l, p.sum(-1, keepdim=True)], 2)
     w = torch.exp(m - m.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min))
     return torch.einsum("bhs,bhsd->bhd", w, o) / (w * l).sum(-1)[..., None]
+
+
+def gram_reference(x: torch.Tensor, group: int, per_head: bool) -> torch.Tensor:
+    """What triton/compress.py's Gram kernel computes, in float64: M^T M of the chunk matrix of x [B, H, T, D]
+    (rows (head, token, chunk), one matrix per batch row, or per batch row and head) -> [B, (H,) G, G]."""
+    b, h, t, d = x.shape
+    m = x.double().reshape(b, h, t * d // group, group)
+    if not per_head:
+        m = m.reshape(b, -1, group)
+    return m.transpose(-1, -2) @ m
+
+
+def quantize_pack_reference(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
+                            channel_group: int = 0):
+    """What triton/compress.py's quantize kernel computes: T_L = M W (fp32) for x [B, H, T, D] and w [B, G, G]
+    or [B, H, G, G], quantized by quant.quantize_kv and packed -> (codes, scale, zero or None)."""
+    b, h, t, d = x.shape
+    g = w.shape[-1]
+    wf = w.float() if w.dim() == 4 else w.float()[:, None]
+    t_l = (x.float().reshape(b, h, t * d // g, g) @ wf).reshape(b, h, t, d)
+    q = quantize_kv(t_l, bits, granularity, symmetric, channel_group or 32)
+    return pack_codes(q.codes, bits), q.scale, q.zero
