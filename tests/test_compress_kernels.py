@@ -113,21 +113,19 @@ def test_kernel_route_reconstructs_like_the_torch_route(fields):
         assert err[0] < 1.1 * err[1] + 1e-3, err
 
 
-def test_kernel_route_through_compress(monkeypatch):
-    """compress() on the kernel route (forced onto the interpreter on a CPU): packed codes straight from the
+def test_kernel_route_through_compress():
+    """compress() on the kernel route (on a CPU through the interpreter): packed codes straight from the
     kernel, decompress == fake_quantize bit for bit, NaN/Inf and degenerate rows kept exact."""
-    if not CUDA:
-        monkeypatch.setattr(codec, "uses_kernels", lambda x, config, kind, backend="auto": backend != "torch")
     cfg = _config(preset="paper")
     x = kv(4, 2, 64, 64, torch.float16, seed=9)
     x[1, 0, 3, 3] = float("nan")
     x[2] = 0.0  # rank deficient
     x[3, 1, 60, 0] = float("-inf")
-    c = dq.compress(x, cfg, "key")
+    c = dq.compress(x, cfg, "key", backend="triton")
     assert c.exact_mask.tolist() == [False, True, True, True]
     assert c.codes.shape == (4, 2, 64, 64 * 4 // 8) and c.n_codes == 64
     y = dq.decompress(c)
-    torch.testing.assert_close(y, dq.fake_quantize(x, cfg, "key"), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y, dq.fake_quantize(x, cfg, "key", backend="triton"), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(y[1:], x[1:], rtol=0, atol=0, equal_nan=True)
     assert float((y[0] - x[0]).float().norm() / x[0].float().norm()) < 0.2  # 4 bits, outlier channels
 
@@ -135,6 +133,8 @@ def test_kernel_route_through_compress(monkeypatch):
 def test_backend_errors():
     x = kv(1, 1, 64, 64, torch.float16)
     with pytest.raises(ValueError, match="backend='cuda'"):
-        codec.encode(x, _config(preset="paper"), "key", backend="cuda")
+        dq.compress(x, _config(preset="paper"), "key", backend="cuda")
     with pytest.raises(ValueError, match="backend='triton'"):
-        codec.encode(x, _config(bits=3), "key", backend="triton")
+        dq.compress(x, _config(bits=3), "key", backend="triton")
+    with pytest.raises(ValueError, match="method='rtn'"):
+        dq.compress(x, _config(method="rtn"), "key", backend="triton")

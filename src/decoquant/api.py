@@ -8,6 +8,7 @@ from .codecs import get_codec
 from .codecs.base import Encoded
 from .compressed import CompressedKV
 from .config import KINDS, DecoQuantConfig
+from .kernels.compress import BACKENDS
 from .packing import pack_codes, unpack_codes
 
 
@@ -27,13 +28,17 @@ def _validate(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> None:
     config.check_head_dim(x.shape[-1])
 
 
-def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> tuple[Encoded, torch.Tensor]:
+def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -> tuple[Encoded, torch.Tensor]:
     """Encode x with non-finite rows zeroed (or flagged by the GPU kernels themselves, which read x once);
     returns the encoding and the exact-row mask [B]."""
     b = x.shape[0]
     codec = get_codec(config.method)
-    if getattr(codec, "uses_kernels", lambda *_: False)(x, config, kind):
-        enc = codec.encode(x, config, kind)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    if backend == "triton" and not hasattr(codec, "uses_kernels"):
+        raise ValueError(f"backend='triton' compresses method='decoquant' only; method={config.method!r} runs on torch")
+    if getattr(codec, "uses_kernels", lambda *_: False)(x, config, kind, backend):
+        enc = codec.encode(x, config, kind, backend)
         mask = enc.unsafe
     else:
         finite = torch.isfinite(x).reshape(b, -1).all(1)
@@ -52,8 +57,10 @@ def _restore(decoded: torch.Tensor, mask: torch.Tensor, exact: torch.Tensor | No
     return out
 
 
-def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> CompressedKV:
+def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key", backend: str = "auto") -> CompressedKV:
     """Compress a KV tensor x [batch, kv_heads, tokens, head_dim] (any float dtype).
+
+    backend: "auto" (Triton kernels on CUDA for the formats they take, else torch), "triton" or "torch".
 
     Returns a `CompressedKV` with packed codes and fp16 metadata. Batch rows that contain NaN/Inf
     or that the codec cannot compress safely are stored exactly (see `CompressedKV.exact_mask`).
@@ -66,7 +73,7 @@ def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> Com
     if config.method == "decoquant" and config.layout == "channel":
         raise ValueError("layout='channel' stores a tokens x rank fp16 tensor and saves no memory: it is "
                          "supported by decoquant.fake_quantize only; use layout='group' to compress")
-    enc, mask = _encode(x.detach(), config, kind)
+    enc, mask = _encode(x.detach(), config, kind, backend)
     exact = x.detach()[mask].clone() if bool(mask.any()) else None
     n_codes = shape[-1] if enc.packed else enc.codes.shape[-1]
     codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
@@ -84,13 +91,13 @@ def decompress(c: CompressedKV) -> torch.Tensor:
     return _restore(decoded, c.exact_mask, c.exact_values, c.dtype)
 
 
-def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key") -> torch.Tensor:
-    """Quantize and reconstruct without packing (accuracy studies). Decodes to exactly the values
-    `decompress(compress(x, config, kind))` returns, and also supports layout='channel'."""
+def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key", backend: str = "auto") -> torch.Tensor:
+    """Quantize and reconstruct (accuracy studies). Decodes to exactly the values
+    `decompress(compress(x, config, kind, backend))` returns, and also supports layout='channel'."""
     _validate(x, config, kind)
     if config.method == "none":
         return x.detach().clone()
-    enc, mask = _encode(x.detach(), config, kind)
+    enc, mask = _encode(x.detach(), config, kind, backend)
     if enc.packed:
         enc.codes = unpack_codes(enc.codes, config.bits, x.shape[-1])
     decoded = get_codec(config.method).decode(enc, config, kind, tuple(x.shape))

@@ -207,31 +207,36 @@ def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
 
 
 @torch.no_grad()
-def prefill_cost(model, device, contexts, bits=4):
-    """Prefill time of one sequence with DynamicCache vs DecoQuantCache (compression included)."""
+def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=3):
+    """Prefill time of one sequence with DynamicCache vs DecoQuantCache (compression included): the median of
+    `runs` timed runs after a warm-up, per context and preset."""
     import decoquant as dq
     from transformers import DynamicCache
+
+    def timed(make_cache, ids):
+        times = []
+        for _ in range(runs + 1):  # the first run warms up
+            cache = make_cache()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+            del cache
+        return sorted(times[1:])[runs // 2]
 
     rows = []
     for ctx in contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
-        times = {}
-        for kind in ("fp16", "decoquant"):
-            for _ in range(2):  # the second run is timed
-                cache = (DynamicCache(config=model.config) if kind == "fp16" else
-                         dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=bits), model.config, fused=True))
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
-                end.record()
-                torch.cuda.synchronize()
-                times[kind] = start.elapsed_time(end)
-                del cache
-        rows.append(dict(context=ctx, fp16_ms=times["fp16"], decoquant_ms=times["decoquant"],
-                         overhead=times["decoquant"] / times["fp16"] - 1))
-        print(f"| {ctx} | {times['fp16']:.1f} | {times['decoquant']:.1f} | {100 * rows[-1]['overhead']:+.1f}% |",
-              flush=True)
+        fp16 = timed(lambda: DynamicCache(config=model.config), ids)
+        for preset in presets:
+            cfg = decoquant_config(f"decoquant:{preset}", bits)
+            ms = timed(lambda: dq.DecoQuantCache(cfg, model.config, fused=True), ids)
+            rows.append(dict(context=ctx, preset=preset, bits=bits, fp16_ms=fp16, decoquant_ms=ms,
+                             overhead=ms / fp16 - 1))
+            print(f"| {ctx} | {preset} | {fp16:.1f} | {ms:.1f} | {100 * rows[-1]['overhead']:+.1f}% |", flush=True)
     return rows
 
 
@@ -255,9 +260,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     model = random_model(args.layers, device)
     if args.prefill:
-        print("| prefill tokens | DynamicCache ms | DecoQuantCache ms (4-bit, compression included) | overhead |")
-        print("|---:|---:|---:|---:|")
-        rows = prefill_cost(model, device, [int(c) for c in args.prefill.split(",")])
+        print("| prefill tokens | preset | DynamicCache ms | DecoQuantCache ms (4-bit, compression included) | overhead |")
+        print("|---:|---|---:|---:|---:|")
+        rows = prefill_cost(model, device, [int(c) for c in args.prefill.split(",")],
+                            [p for p in args.presets.split(",") if p])
         print(json.dumps({"device": torch.cuda.get_device_name(), "prefill": rows}))
         return 0
     presets = [p for p in args.presets.split(",") if p]
