@@ -106,7 +106,8 @@ class CompressedKVStore:
         if self.window_keys is not None:
             parts_k.append(self.window_keys)
             parts_v.append(self.window_values)
-        out = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        # one part (a first prefill without sinks): no copy
+        out = (parts_k[0], parts_v[0]) if len(parts_k) == 1 else (torch.cat(parts_k, -2), torch.cat(parts_v, -2))
         self.length = out[0].shape[-2]
         self._flush()
         return out
@@ -371,9 +372,10 @@ class CompressedKVStore:
 
 
 def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, H, n * S, D] -> [n * B, H, S, D], block-major (rows i*B .. i*B + B - 1 are block i)."""
+    """[B, H, n * S, D] -> [n * B, H, S, D], block-major (rows i*B .. i*B + B - 1 are block i): a strided view
+    for one sequence (the compression kernels read it in place), a copy otherwise."""
     b, h, t, d = x.shape
-    return x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, t // n, d).contiguous()
+    return x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, t // n, d)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -96,11 +96,12 @@ class PackedKV:
         channel = cfg.granularity(kind) == "channel"
         cg = cfg.quant_group_size if channel else 0
         shape = (lambda: (b, h, t // cg, d)) if channel else (lambda: (b, -1, t))
-        codes = torch.cat([c.codes for c in blocks], dim=2)
-        scales = torch.cat([c.params["scale"].reshape(shape()) for c in blocks], dim=2)
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=2)  # noqa: E731
+        codes = cat([c.codes for c in blocks])
+        scales = cat([c.params["scale"].reshape(shape()) for c in blocks])
         zeros = None
         if "zero" in blocks[0].params:
-            zeros = torch.cat([c.params["zero"].reshape(shape()) for c in blocks], dim=2)
+            zeros = cat([c.params["zero"].reshape(shape()) for c in blocks])
         ts = torch.stack([c.params["site2"].reshape(b, -1, g, g) for c in blocks], dim=2)
         return cls(codes, scales, ts, cfg.bits, t, g, zeros, cg)
 
