@@ -7,7 +7,7 @@ from conftest import outlier_kv
 
 import decoquant as dq
 from decoquant.codecs import decoquant as codec
-from decoquant.kernels.compress import gram, quantize_pack
+from decoquant.kernels.compress import factor, gram, quantize_pack
 from decoquant.packing import unpack_codes
 from decoquant.quant import dequantize_kv, QTensor
 
@@ -45,11 +45,30 @@ def test_gram_kernel_flags_non_finite_rows():
     x = kv(3, 2, 40, 64, torch.float16)
     x[1, 1, 7, 5] = float("nan")
     x[2, 0, 39, 0] = float("inf")
-    out = gram(x, 16, False, backend="triton")
-    finite = torch.isfinite(out.diagonal(dim1=-2, dim2=-1)).all(-1)
-    assert finite.tolist() == [True, False, False]
-    ref = gram(x[:1], 16, False, backend="torch")[0]
-    assert float((out[0] - ref).norm() / ref.norm()) < 1e-6
+    flags, ref_flags = (torch.zeros(3, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    out = gram(x, 16, False, flags, backend="triton")
+    ref = gram(x, 16, False, ref_flags, backend="torch")
+    assert flags.tolist() == ref_flags.tolist() == [0, 1, 1]
+    assert torch.equal(out[1:], ref[1:]) and torch.equal(out[1], torch.eye(16, dtype=torch.float64, device=DEVICE))
+    assert float((out[0] - ref[0]).norm() / ref[0].norm()) < 1e-6
+
+
+def test_factor_kernel_matches_reference():
+    """W and T_S from the eigenpairs: random Gram matrices of outlier-heavy K/V (per batch row and per head),
+    a zero block (rank deficient) and one whose T_S passes fp16's range, both flagged."""
+    grams = [gram(kv(2, 3, 64, 64, torch.float32, seed=s), 16, s == 1, backend="torch").reshape(-1, 16, 16)
+             for s in range(2)]
+    special = torch.stack([torch.zeros(16, 16), torch.eye(16) * 1e20]).double().to(DEVICE)
+    mats = torch.cat(grams + [special])  # 2 + 6 + 2 matrices: 5 batch rows of 2
+    evals, evecs = torch.linalg.eigh(mats)
+    flags, ref_flags = (torch.zeros(5, dtype=torch.int32, device=DEVICE) for _ in range(2))
+    w, t_s = factor(evals.reshape(5, 2, 16), evecs.reshape(5, 2, 16, 16), flags, backend="triton")
+    ref_w, ref_t_s = factor(evals.reshape(5, 2, 16), evecs.reshape(5, 2, 16, 16), ref_flags, backend="torch")
+    assert flags.tolist() == ref_flags.tolist() == [0, 0, 0, 0, 1]
+    assert w.dtype == torch.float32 and t_s.dtype == torch.float16 and w.shape == t_s.shape == (5, 2, 16, 16)
+    assert float((w - ref_w).norm() / ref_w.norm()) < 1e-6
+    ok = torch.isfinite(ref_t_s)
+    assert torch.equal(ok, torch.isfinite(t_s)) and torch.allclose(t_s[ok].float(), ref_t_s[ok].float(), rtol=1e-3)
 
 
 FORMATS = [  # scale granularity, symmetric, channel group, bits
@@ -68,8 +87,10 @@ def test_quantize_pack_kernel_matches_reference(shape, fmt):
         t = t - t % cg
     x = kv(b, h, t, d, torch.float16, seed=bits, strided=True)
     w, t_s, _ = codec._factor_gram(gram(x, g, per_head, backend="torch"))  # real W = V S^{-1/2}, T_S = W^-1
+    flags = torch.zeros(b, dtype=torch.int32, device=DEVICE)
     ref = quantize_pack(x, w, bits, gran, sym, cg, backend="torch")
-    out = quantize_pack(x, w, bits, gran, sym, cg, backend="triton")
+    out = quantize_pack(x, w, bits, gran, sym, cg, flags, backend="triton")
+    assert not flags.any()
     assert out[0].shape == ref[0].shape and out[1].shape == ref[1].shape
     assert (out[2] is None) == (ref[2] is None) == sym
     codes, ref_codes = (unpack_codes(c, bits, d).int() for c in (out[0], ref[0]))
@@ -87,6 +108,16 @@ def test_quantize_pack_kernel_matches_reference(shape, fmt):
         x_hat = (dequantize_kv(q, gran, cg or 32).double().reshape(b, h, -1, g) @ t_s).reshape(x.shape)
         sqnr.append(float(10 * torch.log10(x64.pow(2).sum() / (x_hat - x64).pow(2).sum())))
     assert sqnr[0] > sqnr[1] - 0.05 and sqnr[0] > {2: 1.0, 4: 10.0, 8: 30.0}[bits]
+
+
+def test_quantize_pack_kernel_flags_overflowing_scales():
+    x = kv(3, 2, 32, 64, torch.float32)
+    x[1, 0, 5] *= 1e9  # T_L past fp16: an infinite scale
+    w = torch.eye(16, device=DEVICE).expand(3, 16, 16)
+    for gran, cg in (("token", 0), ("token_head", 0), ("channel", 16)):
+        flags = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+        quantize_pack(x, w, 4, gran, False, cg, flags, backend="triton")
+        assert flags.tolist() == [0, 1, 0], gran
 
 
 def _config(**fields):

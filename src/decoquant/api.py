@@ -39,13 +39,12 @@ def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -
     if uses_kernels is None and backend == "triton":
         raise ValueError(f"backend='triton' compresses method='decoquant' only; method={config.method!r} runs on torch")
     if uses_kernels is not None and uses_kernels(x, config, kind, backend):
-        enc = codec.encode(x, config, kind, "triton")
-        mask = enc.unsafe
-    else:
-        finite = torch.isfinite(x).reshape(b, -1).all(1)
-        clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        enc = codec.encode(clean, config, kind) if uses_kernels is None else codec.encode(clean, config, kind, "torch")
-        mask = ~finite if enc.unsafe is None else ~finite | enc.unsafe
+        enc = codec.encode(x, config, kind, "triton")  # the kernels flag non-finite inputs and parameters
+        return enc, enc.unsafe
+    finite = torch.isfinite(x).reshape(b, -1).all(1)
+    clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+    enc = codec.encode(clean, config, kind) if uses_kernels is None else codec.encode(clean, config, kind, "torch")
+    mask = ~finite if enc.unsafe is None else ~finite | enc.unsafe
     for p in enc.params.values():  # e.g. an fp16 scale that overflowed
         mask = mask | ~torch.isfinite(p.float()).reshape(b, -1).all(1)
     return enc, mask

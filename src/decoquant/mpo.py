@@ -113,3 +113,20 @@ def mpo_contract(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def mpo_num_params(tensors: Sequence[torch.Tensor]) -> int:
     """Total number of entries of the local tensors (one batch element)."""
     return sum(math.prod(t.shape[-4:]) for t in tensors)
+
+
+# A 2-site MPO whose smallest singular value is below this fraction of its largest is rank deficient
+RANK_RTOL = 1e-6
+
+
+def two_sites_from_eigh(evals: torch.Tensor, evecs: torch.Tensor, rtol: float = RANK_RTOL):
+    """The symmetric-gauge 2-site MPO of a tall M [..., N, g] from the eigenpairs of M^T M = V S^2 V^T
+    (`torch.linalg.eigh`'s output: evals [..., g] ascending, evecs [..., g, g]): T_L = M W with
+    W = V S^{-1/2} (columns in descending singular value; zero for s_k <= rtol * s_max) and T_S = S^{1/2} V^T.
+    Returns (W [..., g, g], T_S [..., g, g], rank deficient bool [...]: s_min <= rtol * s_max)."""
+    s = evals.flip(-1).clamp_min(0).sqrt()
+    v = evecs.flip(-1)
+    keep = s > rtol * s[..., :1]
+    inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
+    t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
+    return v * inv_root.unsqueeze(-2), t_s, s[..., -1] <= rtol * s[..., 0]

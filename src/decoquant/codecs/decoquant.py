@@ -18,13 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..mpo import mpo_decompose
+from ..mpo import RANK_RTOL, mpo_decompose, two_sites_from_eigh
 from ..quant import QTensor, dequantize, dequantize_kv, quantize, quantize_kv
 from .base import Encoded
 
-# A block whose smallest singular value is below this fraction of its largest is "rank deficient"
-# (e.g. all zeros, constant, or a dead channel shared by every head) and is kept exact.
-RANK_RTOL = 1e-6
+# A block whose smallest singular value is below RANK_RTOL of its largest is "rank deficient" (e.g. all
+# zeros, constant, or a dead channel shared by every head) and is kept exact.
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -74,23 +73,16 @@ def _gram(m: torch.Tensor) -> torch.Tensor:
 
 
 def _factor_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The 2-site MPO from a float64 Gram matrix [..., g, g] of a tall M: M^T M = V S^2 V^T, T_L = M W with
-    W = V S^{-1/2} (singular values below RANK_RTOL * max get a zero column), T_S = S^{1/2} V^T. Returns
-    (W [..., g, g], T_S [..., g, 1, g, 1], unsafe bool [batch]): rank deficient (T_L's column
-    k has squared norm s_k, so the flag comes from S instead of another pass over T_L) or a non-finite Gram
-    matrix (a NaN/Inf in M; its eigenproblem is skipped)."""
+    """The 2-site MPO from a float64 Gram matrix [..., g, g] of a tall M (`mpo.two_sites_from_eigh`). Returns
+    (W [..., g, g], T_S [..., g, 1, g, 1], unsafe bool [batch]): rank deficient (T_L's column k has squared
+    norm s_k, so the flag comes from S instead of another pass over T_L) or a non-finite Gram matrix (a
+    NaN/Inf in M; its eigenproblem is skipped)."""
     nonfinite = ~torch.isfinite(gram).flatten(-2).all(-1)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     gram = torch.where(nonfinite[..., None, None], eye, gram)  # no host sync to ask whether any
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    s = evals.flip(-1).clamp_min(0).sqrt()
-    v = evecs.flip(-1)
-    keep = s > RANK_RTOL * s[..., :1]
-    inv_root = torch.where(keep, s.clamp_min(1e-300).rsqrt(), torch.zeros_like(s))
-    t_s = s.sqrt().unsqueeze(-1) * v.transpose(-1, -2)
-    bad = (s[..., -1] <= RANK_RTOL * s[..., 0]) | nonfinite
+    w, t_s, bad = two_sites_from_eigh(*torch.linalg.eigh(gram))
+    bad = bad | nonfinite
     bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
-    w = v * inv_root.unsqueeze(-2)
     return w, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1), bad
 
 
@@ -127,16 +119,21 @@ def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> b
 
 
 def _encode_kernels(x: torch.Tensor, config, kind: str) -> Encoded:
-    """Gram kernel -> float64 eigenproblem -> one kernel from x to packed codes (T_L never in memory)."""
-    from ..kernels.compress import gram, quantize_pack
+    """Gram kernel -> float64 eigenproblems -> factor kernel (W, fp16 T_S) -> one kernel from x to packed codes
+    (T_L never in memory). A handful of launches and no host sync: each kernel flags the batch rows it finds
+    unsafe (a non-finite input or parameter, a rank-deficient block) in one int32 vector."""
+    from ..kernels.compress import factor, gram, quantize_pack
 
-    w, t_s, bad = _factor_gram(gram(x, config.group_size, config.ts_sharing == "head", "triton"))
+    g = config.group_size
+    flags = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    evals, evecs = torch.linalg.eigh(gram(x, g, config.ts_sharing == "head", flags, "triton"))
+    w, t_s = factor(evals, evecs, flags, "triton")
     gran = config.granularity(kind)
     codes, scale, zero = quantize_pack(x, w, config.bits, gran, config.is_symmetric,
-                                       config.quant_group_size if gran == "channel" else 0, "triton")
+                                       config.quant_group_size if gran == "channel" else 0, flags, "triton")
     params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
-    params["site2"] = t_s.to(torch.float16)
-    return Encoded(codes, params, bad, packed=True)
+    params["site2"] = t_s.reshape(*t_s.shape[:-2], g, 1, g, 1)
+    return Encoded(codes, params, flags.bool(), packed=True)
 
 
 def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded:

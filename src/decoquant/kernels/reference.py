@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..mpo import two_sites_from_eigh
 from ..packing import pack_codes, unpack_codes
 from ..quant import quantize_kv
 from .layout import PackedKV
@@ -93,23 +94,46 @@ def merge_window_reference(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l:
     return torch.einsum("bhs,bhsd->bhd", w, o) / (w * l).sum(-1)[..., None]
 
 
-def gram_reference(x: torch.Tensor, group: int, per_head: bool) -> torch.Tensor:
-    """What triton/compress.py's Gram kernel computes, in float64: M^T M of the chunk matrix of x [B, H, T, D]
-    (rows (head, token, chunk), one matrix per batch row, or per batch row and head) -> [B, (H,) G, G]."""
+def _flag(flags: torch.Tensor | None, bad: torch.Tensor) -> None:
+    """flags[b] = 1 where any of batch row b's entries of bad [B, ...] is set (as the kernels' atomic max)."""
+    if flags is not None:
+        flags.copy_(torch.maximum(flags, bad.reshape(flags.shape[0], -1).any(1).to(flags.dtype)))
+
+
+def gram_reference(x: torch.Tensor, group: int, per_head: bool, flags: torch.Tensor | None = None) -> torch.Tensor:
+    """What triton/compress.py's Gram kernels compute, in float64: M^T M of the chunk matrix of x [B, H, T, D]
+    (rows (head, token, chunk), one matrix per batch row, or per batch row and head) -> [B, (H,) G, G], an
+    identity where x has a non-finite entry (flags[b] set)."""
     b, h, t, d = x.shape
     m = x.double().reshape(b, h, t * d // group, group)
     if not per_head:
         m = m.reshape(b, -1, group)
-    return m.transpose(-1, -2) @ m
+    gram = m.transpose(-1, -2) @ m
+    bad = ~torch.isfinite(gram).flatten(-2).all(-1)
+    _flag(flags, bad)
+    return torch.where(bad[..., None, None], torch.eye(group, dtype=gram.dtype, device=gram.device), gram)
+
+
+def factor_reference(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor | None = None):
+    """What triton/compress.py's factor kernel computes: (W float32, T_S float16) of mpo.two_sites_from_eigh;
+    flags[b] set for a rank-deficient matrix or an fp16 T_S overflow."""
+    w, t_s, deficient = two_sites_from_eigh(evals, evecs)
+    t_s = t_s.to(torch.float16)
+    _flag(flags, deficient | ~torch.isfinite(t_s).flatten(-2).all(-1))
+    return w.float(), t_s
 
 
 def quantize_pack_reference(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                            channel_group: int = 0):
+                            channel_group: int = 0, flags: torch.Tensor | None = None):
     """What triton/compress.py's quantize kernel computes: T_L = M W (fp32) for x [B, H, T, D] and w [B, G, G]
-    or [B, H, G, G], quantized by quant.quantize_kv and packed -> (codes, scale, zero or None)."""
+    or [B, H, G, G], quantized by quant.quantize_kv and packed -> (codes, scale, zero or None); flags[b] set
+    where a scale or zero is not finite."""
     b, h, t, d = x.shape
     g = w.shape[-1]
     wf = w.float() if w.dim() == 4 else w.float()[:, None]
     t_l = (x.float().reshape(b, h, t * d // g, g) @ wf).reshape(b, h, t, d)
     q = quantize_kv(t_l, bits, granularity, symmetric, channel_group or 32)
+    for p in (q.scale, q.zero):
+        if p is not None:
+            _flag(flags, ~torch.isfinite(p))
     return pack_codes(q.codes, bits), q.scale, q.zero

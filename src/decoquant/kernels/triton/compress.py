@@ -1,13 +1,18 @@
 """Block compression on the GPU, reading K/V in their own dtype (no float32 copy, no T_L in memory).
 
 x [B, H, T, D] is cut into G-channel chunks: the DecoQuant matrix M has one row per (head, token, chunk)
-(one matrix per batch row, or per batch row and head). Two kernels:
+(one matrix per batch row, or per batch row and head). Kernels, in the order the codec runs them (the
+g x g eigenproblems in between run in torch.linalg.eigh):
 - `_gram_kernel`: partial Gram products M^T M over tiles of BT tokens (fp32 accumulation; fp16 and bf16
-  products are exact in fp32; fp16 on tensor cores), summed in float64 by the launcher;
+  products are exact in fp32; fp16 on tensor cores); `_gram_reduce_kernel` sums them in float64 and puts an
+  identity in place of a non-finite matrix;
+- `_factor_kernel`: W = V S^{-1/2} (fp32) and T_S = S^{1/2} V^T (fp16) from the eigenpairs (mpo.two_sites_from_eigh);
 - `_quantize_pack_kernel`: T_L = M W (W = V S^{-1/2}, fp32 [G, G]) tile by tile, its scales (and zeros),
   round-half-to-even codes against the fp16 scales (as quant.py), packed in packing.py's bit order.
   Scales per token over all heads (two passes over the heads: first the ranges, then the codes), per
   token and head, or per T_L channel over CG-token groups (one tile of CG tokens).
+Each kernel sets flags[b] = 1 (int32, atomic max) for a batch row it finds unsafe: a non-finite entry of x, a
+rank-deficient matrix or a T_S entry past fp16, a non-finite scale or zero. No host sync anywhere.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...mpo import RANK_RTOL
 from ...quant import SCALE_MIN
 
 _SCALE_MIN = tl.constexpr(SCALE_MIN)
+_RANK_RTOL = tl.constexpr(RANK_RTOL)
 GRANULARITY_IDS = {"token": 0, "token_head": 1, "channel": 2}
 
 
@@ -53,6 +60,42 @@ def _gram_kernel(
     g = tl.arange(0, G)
     out = out_ptr + (pid.to(tl.int64) * tl.num_programs(1) + tile) * G * G
     tl.store(out + g[:, None] * G + g[None, :], acc)
+
+
+@triton.jit
+def _not_finite(x):
+    return (x != x) | (tl.abs(x) == float("inf"))
+
+
+@triton.jit
+def _gram_reduce_kernel(partial_ptr, gram_ptr, flag_ptr, TILES, MPB: tl.constexpr, G: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)  # one matrix; MPB matrices per batch row
+    g = tl.arange(0, G)
+    tile = g[:, None] * G + g[None, :]
+    acc = tl.zeros([G, G], dtype=tl.float64)
+    for i in range(TILES):
+        acc += tl.load(partial_ptr + (m * TILES + i) * G * G + tile).to(tl.float64)
+    bad = tl.max(tl.max(_not_finite(acc).to(tl.int32), axis=1), axis=0)
+    eye = (g[:, None] == g[None, :]).to(tl.float64)
+    tl.store(gram_ptr + m * G * G + tile, tl.where(bad > 0, eye, acc))
+    tl.atomic_max(flag_ptr + m // MPB, bad)
+
+
+@triton.jit
+def _factor_kernel(evals_ptr, evecs_ptr, w_ptr, ts_ptr, flag_ptr, MPB: tl.constexpr, G: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, G)  # row of V (a channel of the chunk)
+    j = tl.arange(0, G)  # column of W / row of T_S, in descending singular value (eigh's order reversed)
+    s = tl.sqrt(tl.maximum(tl.load(evals_ptr + m * G + (G - 1 - j)), 0.0))
+    v = tl.load(evecs_ptr + m * G * G + i[:, None] * G + (G - 1 - j)[None, :])
+    s_max = tl.max(s, axis=0)
+    inv_root = tl.where(s > _RANK_RTOL * s_max, 1.0 / tl.sqrt(tl.maximum(s, 1e-300)), 0.0)
+    tl.store(w_ptr + m * G * G + i[:, None] * G + j[None, :], (v * inv_root[None, :]).to(tl.float32))
+    ts = (v * tl.sqrt(s)[None, :]).to(tl.float16)  # [i, j] = T_S[j, i]
+    tl.store(ts_ptr + m * G * G + j[None, :] * G + i[:, None], ts)
+    overflow = tl.max(tl.max(_not_finite(ts.to(tl.float32)).to(tl.int32), axis=1), axis=0)
+    deficient = (tl.min(s, axis=0) <= _RANK_RTOL * s_max).to(tl.int32)
+    tl.atomic_max(flag_ptr + m // MPB, tl.maximum(overflow, deficient))
 
 
 @triton.jit
@@ -104,6 +147,12 @@ def _pack(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
+def _flag_params(flag_ptr, scale, zero, valid):
+    bad = (_not_finite(scale.to(tl.float32)) | _not_finite(zero.to(tl.float32))) & valid
+    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+
+
+@triton.jit
 def _range(t, axis: tl.constexpr, SYM: tl.constexpr):
     if SYM:
         return tl.zeros_like(tl.max(t, axis=axis)), tl.max(tl.abs(t), axis=axis)
@@ -112,7 +161,7 @@ def _range(t, axis: tl.constexpr, SYM: tl.constexpr):
 
 @triton.jit
 def _quantize_pack_kernel(
-    x_ptr, w_ptr, codes_ptr, scale_ptr, zero_ptr, T,
+    x_ptr, w_ptr, codes_ptr, scale_ptr, zero_ptr, flag_ptr, T,
     s_xb, s_xh, s_xt, s_xd, s_wb, s_wh, s_cb, s_ch, s_ct, s_sb, s_sh, s_st, s_sd,
     H: tl.constexpr, HL: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BITS: tl.constexpr, SYM: tl.constexpr, GRAN: tl.constexpr, W_PER_HEAD: tl.constexpr, PREC: tl.constexpr,
@@ -134,6 +183,7 @@ def _quantize_pack_kernel(
             lo_h, hi_h = _range(_t_l(x_b + i * s_xh, rows, T, s_xt, s_xd, w, BT, D, G, PREC), 1, SYM)
             lo, hi = tl.minimum(lo, lo_h), tl.maximum(hi, hi_h)
         scale, zero = _params(lo, hi, SYM, BITS)
+        _flag_params(flag_ptr + b, scale, zero, rows < T)
         tl.store(scale_ptr + b * s_sb + rows * s_st, scale, mask=rows < T)
         if not SYM:
             tl.store(zero_ptr + b * s_sb + rows * s_st, zero, mask=rows < T)
@@ -146,6 +196,7 @@ def _quantize_pack_kernel(
         if GRAN == 1:  # per token and head
             lo, hi = _range(t, 1, SYM)
             scale, zero = _params(lo, hi, SYM, BITS)
+            _flag_params(flag_ptr + b, scale, zero, rows < T)
             off = b * s_sb + h * s_sh + rows * s_st
             tl.store(scale_ptr + off, scale, mask=rows < T)
             if not SYM:
@@ -154,6 +205,7 @@ def _quantize_pack_kernel(
         elif GRAN == 2:  # per T_L channel over this tile of BT = CG tokens
             lo, hi = _range(t, 0, SYM)
             scale, zero = _params(lo, hi, SYM, BITS)
+            _flag_params(flag_ptr + b, scale, zero, tl.full([D], 1, tl.int1))
             off = b * s_sb + h * s_sh + tile * s_st + tl.arange(0, D) * s_sd
             tl.store(scale_ptr + off, scale)
             if not SYM:
@@ -172,9 +224,9 @@ def _tile(tokens: int, d: int, g: int, cap: int = 32) -> int:
     return bt
 
 
-def gram_triton(x: torch.Tensor, group: int, per_head: bool) -> torch.Tensor:
+def gram_triton(x: torch.Tensor, group: int, per_head: bool, flags: torch.Tensor) -> torch.Tensor:
     """M^T M of the chunk matrix of x [B, H, T, D] (fp16, bf16 or fp32): float64 [B, G, G], or [B, H, G, G]
-    with one matrix per head (per_head)."""
+    with one matrix per head (per_head); an identity where x has a non-finite entry (flags[b] set)."""
     b, h, t, d = x.shape
     bt = _tile(t, d, group)
     hp = h if per_head else 1
@@ -184,17 +236,31 @@ def gram_triton(x: torch.Tensor, group: int, per_head: bool) -> torch.Tensor:
         x, partial, t, x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         HP=hp, HL=h // hp, BT=bt, D=d, G=group, IEEE=x.dtype != torch.float16,
     )
-    gram = partial.double().sum(1)
+    gram = torch.empty(b * hp, group, group, dtype=torch.float64, device=x.device)
+    _gram_reduce_kernel[(b * hp,)](partial, gram, flags, tiles, MPB=hp, G=group)
     return gram.reshape(b, h, group, group) if per_head else gram
 
 
+def factor_triton(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor):
+    """W = V S^{-1/2} (float32) and T_S = S^{1/2} V^T (float16), both [..., G, G], from float64 eigenpairs
+    (evals [..., G] ascending, evecs [..., G, G]); flags[b] set for a rank-deficient matrix or an fp16 T_S
+    overflow (the leading dims flatten to batch rows x matrices per row)."""
+    g = evals.shape[-1]
+    m = evals.numel() // g
+    w = torch.empty(evecs.shape, dtype=torch.float32, device=evecs.device)
+    t_s = torch.empty(evecs.shape, dtype=torch.float16, device=evecs.device)
+    _factor_kernel[(m,)](evals.contiguous(), evecs.contiguous(), w, t_s, flags, MPB=m // flags.shape[0], G=g)
+    return w, t_s
+
+
 def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                         channel_group: int = 0, precision: str = "ieee", tile: int = 32, num_warps: int = 4):
+                         channel_group: int, flags: torch.Tensor, precision: str = "ieee", tile: int = 32,
+                         num_warps: int = 4):
     """Codes of T_L = M W for x [B, H, T, D] and w fp32 [B, G, G] or [B, H, G, G], packed along D.
 
     Returns (codes uint8 [B, H, T, D * bits / 8], scale fp16, zero fp16 or None) with the codec's parameter
     shapes: [B, 1, T, 1] (token), [B, H, T, 1] (token_head), [B, H, T / CG, 1, D] (channel, CG =
-    channel_group dividing T).
+    channel_group dividing T); flags[b] set where a scale or zero is not finite.
     """
     b, h, t, d = x.shape
     gsize = w.shape[-1]
@@ -212,7 +278,7 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
     zero = None if symmetric else torch.empty_like(scale)
     s_sd = scale.stride(4) if gran == 2 else 0
     _quantize_pack_kernel[(b * (h // hl), triton.cdiv(t, bt))](
-        x, w, codes, scale, scale if zero is None else zero, t,
+        x, w, codes, scale, scale if zero is None else zero, flags, t,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         w.stride(0), w.stride(1) if w_per_head else 0,
         codes.stride(0), codes.stride(1), codes.stride(2),
