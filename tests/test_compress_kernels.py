@@ -162,6 +162,24 @@ def test_kernel_route_through_compress():
     assert float((y[0] - x[0]).float().norm() / x[0].float().norm()) < 0.2  # 4 bits, outlier channels
 
 
+@pytest.mark.parametrize("fields", [dict(preset="paper"), dict(preset="channel64-token"),
+                                    dict(group_size=32, ts_sharing="head", scale_granularity="token_head")],
+                         ids=["paper", "channel64-token", "g32-head"])
+def test_compress_kv_equals_two_compress_calls(fields):
+    """compress_kv's shared eigenproblem batch and single sync change nothing: bit-identical blocks, each
+    tensor's own exact rows."""
+    cfg = _config(**fields)
+    k, v = kv(3, 2, 64, 64, torch.float16, seed=3), kv(3, 2, 64, 64, torch.float16, seed=4)
+    v[2, 1, 0, 0] = float("nan")
+    ck, cv = dq.compress_kv(k, v, cfg, backend="triton")
+    for c, x, kind in ((ck, k, "key"), (cv, v, "value")):
+        ref = dq.compress(x, cfg, kind, backend="triton")
+        assert torch.equal(c.codes, ref.codes) and torch.equal(c.exact_mask, ref.exact_mask)
+        assert all(torch.equal(c.params[n], ref.params[n]) for n in ref.params)
+    assert ck.num_exact == 0 and cv.exact_mask.tolist() == [False, False, True]
+    torch.testing.assert_close(dq.decompress(cv)[2], v[2], rtol=0, atol=0, equal_nan=True)
+
+
 def test_backend_errors():
     x = kv(1, 1, 64, 64, torch.float16)
     with pytest.raises(ValueError, match="backend='cuda'"):
@@ -170,3 +188,5 @@ def test_backend_errors():
         dq.compress(x, _config(bits=3), "key", backend="triton")
     with pytest.raises(ValueError, match="method='rtn'"):
         dq.compress(x, _config(method="rtn"), "key", backend="triton")
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        dq.compress_kv(x, x, _config(preset="paper"), backend="gpu")

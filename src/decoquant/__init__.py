@@ -1,11 +1,11 @@
 """decoquant: data-free low-bit KV-cache compression by matrix decomposition (DecoQuant)."""
 
-from .api import compress, decompress, fake_quantize
+from .api import compress, compress_kv, decompress, fake_quantize
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 
-__all__ = ["DecoQuantConfig", "CompressedKV", "compress", "decompress", "fake_quantize", "DecoQuantCache",
-           "enable_fused_attention", "generate", "GraphDecoder"]
+__all__ = ["DecoQuantConfig", "CompressedKV", "compress", "compress_kv", "decompress", "fake_quantize",
+           "DecoQuantCache", "enable_fused_attention", "generate", "GraphDecoder"]
 __version__ = "0.1.0"
 
 

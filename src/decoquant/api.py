@@ -74,10 +74,32 @@ def compress(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key", backen
         raise ValueError("layout='channel' stores a tokens x rank fp16 tensor and saves no memory: it is "
                          "supported by decoquant.fake_quantize only; use layout='group' to compress")
     enc, mask = _encode(x.detach(), config, kind, backend)
-    exact = x.detach()[mask].clone() if bool(mask.any()) else None
-    n_codes = shape[-1] if enc.packed else enc.codes.shape[-1]
+    return _stored(x, enc, mask, bool(mask.any()), config, kind)
+
+
+def _stored(x: torch.Tensor, enc: Encoded, mask: torch.Tensor, any_exact: bool, config: DecoQuantConfig,
+            kind: str) -> CompressedKV:
+    """The CompressedKV of an encoding: packed codes, parameters, and x's rows under `mask` kept exact."""
+    exact = x.detach()[mask].clone() if any_exact else None
+    n_codes = x.shape[-1] if enc.packed else enc.codes.shape[-1]
     codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
-    return CompressedKV(config, kind, shape, x.dtype, codes, n_codes, enc.params, mask, exact)
+    return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact)
+
+
+def compress_kv(keys: torch.Tensor, values: torch.Tensor, config: DecoQuantConfig,
+                backend: str = "auto") -> tuple[CompressedKV, CompressedKV]:
+    """`compress(keys, config, "key", backend)` and `compress(values, config, "value", backend)`; where both
+    take the GPU kernels (same shape), one batch of eigenproblems and one host sync serve both."""
+    _validate(keys, config, "key")
+    _validate(values, config, "value")
+    if config.method == "decoquant" and config.layout == "group" and keys.shape == values.shape:
+        codec = get_codec(config.method)
+        if codec.uses_kernels(keys, config, "key", backend) and codec.uses_kernels(values, config, "value", backend):
+            encs = codec.encode_kernels([keys.detach(), values.detach()], config, ["key", "value"])
+            any_exact = torch.stack([e.unsafe.any() for e in encs]).tolist()  # one sync for both
+            return tuple(_stored(x, e, e.unsafe, a, config, kind)
+                         for x, e, a, kind in zip((keys, values), encs, any_exact, ("key", "value")))
+    return compress(keys, config, "key", backend), compress(values, config, "value", backend)
 
 
 def decompress(c: CompressedKV) -> torch.Tensor:

@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-from .api import compress
+from .api import compress, compress_kv
 from .blocks import Block, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
@@ -146,7 +146,7 @@ class CompressedKVStore:
     def _compress_blocks(self, ks: torch.Tensor, vs: torch.Tensor, n: int, b: int) -> None:
         """Compress n blocks folded into the batch dim ([n * b, H, S, D]) and store them."""
         cfg = self.config
-        ck, cv = compress(ks, cfg, "key"), compress(vs, cfg, "value")
+        ck, cv = compress_kv(ks, vs, cfg)
         if (self.fused and len(self.blocks) == self.buffers[0].blocks
                 and not bool((ck.exact_mask | cv.exact_mask).any())):
             # the packed buffers take all n blocks at once; the blocks become views into them

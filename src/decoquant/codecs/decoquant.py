@@ -118,22 +118,28 @@ def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> b
     return ok and (backend == "triton" or x.is_cuda)
 
 
-def _encode_kernels(x: torch.Tensor, config, kind: str) -> Encoded:
-    """Gram kernel -> float64 eigenproblems -> factor kernel (W, fp16 T_S) -> one kernel from x to packed codes
-    (T_L never in memory). A handful of launches and no host sync: each kernel flags the batch rows it finds
-    unsafe (a non-finite input or parameter, a rank-deficient block) in one int32 vector."""
+def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Encoded]:
+    """Encode tensors of one shape (e.g. a layer's keys and values) with the Triton kernels: Gram kernel ->
+    one batch of float64 eigenproblems for all of them -> factor kernel (W, fp16 T_S) -> one kernel from each
+    x to its packed codes (T_L never in memory). A few launches and no host sync: each kernel flags the batch
+    rows it finds unsafe (a non-finite input or parameter, a rank-deficient block) in one int32 vector."""
     from ..kernels.compress import factor, gram, quantize_pack
 
-    g = config.group_size
-    flags = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-    evals, evecs = torch.linalg.eigh(gram(x, g, config.ts_sharing == "head", flags, "triton"))
-    w, t_s = factor(evals, evecs, flags, "triton")
-    gran = config.granularity(kind)
-    codes, scale, zero = quantize_pack(x, w, config.bits, gran, config.is_symmetric,
-                                       config.quant_group_size if gran == "channel" else 0, flags, "triton")
-    params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
-    params["site2"] = t_s.reshape(*t_s.shape[:-2], g, 1, g, 1)
-    return Encoded(codes, params, flags.bool(), packed=True)
+    g, b = config.group_size, xs[0].shape[0]
+    flags = torch.zeros(len(xs), b, dtype=torch.int32, device=xs[0].device)
+    grams = [gram(x, g, config.ts_sharing == "head", f, "triton") for x, f in zip(xs, flags)]
+    evals, evecs = torch.linalg.eigh(torch.cat(grams) if len(grams) > 1 else grams[0])
+    w, t_s = factor(evals, evecs, flags.view(-1), "triton")
+    out = []
+    for i, (x, kind) in enumerate(zip(xs, kinds)):
+        gran = config.granularity(kind)
+        codes, scale, zero = quantize_pack(x, w[i * b:(i + 1) * b], config.bits, gran, config.is_symmetric,
+                                           config.quant_group_size if gran == "channel" else 0, flags[i], "triton")
+        params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
+        t_s_i = t_s[i * b:(i + 1) * b]
+        params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)
+        out.append(Encoded(codes, params, flags[i].bool(), packed=True))
+    return out
 
 
 def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded:
@@ -142,7 +148,7 @@ def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded
     if config.layout == "channel":
         return _encode_channel(x, config)
     if uses_kernels(x, config, kind, backend):
-        return _encode_kernels(x, config, kind)
+        return encode_kernels([x], config, [kind])[0]
     g, n_sites = config.group_size, config.num_sites
     m = _matrix_view(x.to(_compute_dtype(x)), config)
     n_rows = m.shape[-2]
