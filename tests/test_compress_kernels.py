@@ -191,5 +191,7 @@ def test_backend_errors():
         dq.compress(x, _config(bits=3), "key", backend="triton")
     with pytest.raises(ValueError, match="method='rtn'"):
         dq.compress(x, _config(method="rtn"), "key", backend="triton")
+    with pytest.raises(ValueError, match="backend='triton'"):  # 8 chunk rows per head: fewer than g = 16
+        dq.compress(kv(1, 2, 1, 128, torch.float16), _config(ts_sharing="head"), "key", backend="triton")
     with pytest.raises(ValueError, match="backend='gpu'"):
         dq.compress_kv(x, x, _config(preset="paper"), backend="gpu")

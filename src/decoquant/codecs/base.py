@@ -6,9 +6,9 @@ A codec is a module with two pure functions:
     decode(enc, config, kind, shape) -> Tensor    float32 [batch, kv_heads, tokens, head_dim]
 
 `Encoded.codes` are unsigned integer codes (uint8, one per element of whatever tensor the codec
-quantizes, last dim = the dim that gets packed; or already packed, `packed`); `params` are the fp16 tensors stored beside them
-(scales, zero points, local tensors); `unsafe` marks batch rows that could not be compressed
-safely (they are kept exact by the caller).
+quantizes, last dim = the dim that gets packed; or already packed, `packed`); `params` are the fp16
+tensors stored beside them (scales, zero points, local tensors); `unsafe` marks batch rows that could
+not be compressed safely (they are kept exact by the caller).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..quant import QTensor
 
 @dataclass
 class Encoded:
-    codes: torch.Tensor | None  # uint8, unpacked
+    codes: torch.Tensor | None  # uint8, unpacked (packed if `packed`)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     unsafe: torch.Tensor | None = None  # bool [batch]
     packed: bool = False  # codes already packed along their last dim (packing.py's order)

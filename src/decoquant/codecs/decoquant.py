@@ -101,7 +101,7 @@ def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
-    """Whether `encode` compresses x with the Triton kernels (CUDA, a format they take, at least g chunk rows):
+    """Whether `encode` compresses x with the Triton kernels (CUDA, a format they take, >= g rows per matrix):
     they read x in its dtype, return packed codes and flag non-finite rows themselves."""
     from ..kernels.compress import BACKENDS, kernel_format_ok
 
@@ -109,8 +109,8 @@ def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> b
         raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
     if backend == "torch":
         return False
-
-    ok = kernel_format_ok(x, config, kind) and x.shape[1] * x.shape[2] * x.shape[3] >= config.group_size ** 2
+    rows = x.shape[2] * x.shape[3] // config.group_size * (1 if config.ts_sharing == "head" else x.shape[1])
+    ok = kernel_format_ok(x, config, kind) and rows >= config.group_size  # fewer rows: the SVD route pads
     if backend == "triton" and not ok:
         raise ValueError(f"backend='triton' compresses decoquant group-layout 2-site blocks at 2/4/8 bits with "
                          f"token, token_head or tiling channel scales; got {config.label()} for {kind}s of shape "
