@@ -174,3 +174,30 @@ def test_fused_store_blocks_follow_regrown_buffers_and_batch_changes():
         assert lo <= a.keys.codes.data_ptr() < hi  # a view into the current buffer
         (ka, va), (kb, vb) = a.decode(), b.decode()
         assert ka.shape[0] == 3 and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
+    """On the kernel route a fused store queues the copies into its packed buffers before it learns whether a
+    block keeps exact rows; when one does, the appends are undone (also after a regrow), the blocks keep their
+    exact rows outside the buffers, and every block decodes as a store on the torch route decodes it.
+    (On a CPU the kernels run through Triton's interpreter.)"""
+    pytest.importorskip("triton")
+    x = outlier_kv(batch=2, heads=2, tokens=100, seed=7)
+    x[1, 0, 40, 3] = float("nan")  # in the block a decode step compresses (tokens 32..63; the buffer regrows)
+    config = cfg(block_size=32, residual_length=16)
+    fast, ref = CompressedKVStore(config, fused=True, backend="triton"), CompressedKVStore(config, backend="torch")
+    for store in (fast, ref):
+        store.append(x[..., :60, :], x[..., :60, :] * 0.5)
+    assert fast.buffers[0].blocks == len(fast.blocks) == 1
+    for t in range(60, 100):
+        for store in (fast, ref):
+            store.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
+    assert len(fast.blocks) == len(ref.blocks) == 2 and fast.buffers[0].blocks == 1  # the second: exact rows
+    assert fast.blocks[1].keys.exact_mask.tolist() == [False, True]
+    for a, b in zip(fast.blocks, ref.blocks):
+        (ka, va), (kb, vb) = a.decode(), b.decode()
+        for fast_x, ref_x in ((ka, kb), (va, vb)):
+            torch.testing.assert_close(fast_x[1:], ref_x[1:], rtol=0, atol=0, equal_nan=True)  # the exact row
+            assert float((fast_x[0] - ref_x[0]).norm() / ref_x[0].norm()) < 1e-3  # one decomposition up to signs
+    k, _ = fast.append(x[..., :1, :], x[..., :1, :])  # decoding from now on
+    assert torch.isnan(k[1, 0, 40, 3]) and not torch.isnan(k[0]).any()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .codecs import get_codec
@@ -90,16 +92,35 @@ def compress_kv(keys: torch.Tensor, values: torch.Tensor, config: DecoQuantConfi
                 backend: str = "auto") -> tuple[CompressedKV, CompressedKV]:
     """`compress(keys, config, "key", backend)` and `compress(values, config, "value", backend)`; where both
     take the GPU kernels (same shape), one batch of eigenproblems and one host sync serve both."""
+    ck, cv, any_exact = compress_kv_deferred(keys, values, config, backend)
+    if bool(any_exact):
+        ck, cv = with_exact_rows(ck, keys), with_exact_rows(cv, values)
+    return ck, cv
+
+
+def compress_kv_deferred(keys: torch.Tensor, values: torch.Tensor, config: DecoQuantConfig,
+                         backend: str = "auto") -> tuple[CompressedKV, CompressedKV, torch.Tensor]:
+    """`compress_kv` without its host sync: (keys block, values block, any exact row: a bool tensor on the
+    device). On the kernel route the blocks lack their exact rows until `with_exact_rows` adds them (needed
+    only where that flag is True), so the caller can queue more GPU work before it asks."""
     _validate(keys, config, "key")
     _validate(values, config, "value")
     if config.method == "decoquant" and config.layout == "group" and keys.shape == values.shape:
         codec = get_codec(config.method)
         if codec.uses_kernels(keys, config, "key", backend) and codec.uses_kernels(values, config, "value", backend):
             encs = codec.encode_kernels([keys.detach(), values.detach()], config, ["key", "value"])
-            any_exact = torch.stack([e.unsafe.any() for e in encs]).tolist()  # one sync for both
-            return tuple(_stored(x, e, e.unsafe, a, config, kind)
-                         for x, e, a, kind in zip((keys, values), encs, any_exact, ("key", "value")))
-    return compress(keys, config, "key", backend), compress(values, config, "value", backend)
+            ck, cv = (_stored(x, e, e.unsafe, False, config, kind)
+                      for x, e, kind in zip((keys, values), encs, ("key", "value")))
+            return ck, cv, (encs[0].unsafe | encs[1].unsafe).any()
+    ck, cv = compress(keys, config, "key", backend), compress(values, config, "value", backend)
+    return ck, cv, (ck.exact_mask | cv.exact_mask).any()
+
+
+def with_exact_rows(c: CompressedKV, x: torch.Tensor) -> CompressedKV:
+    """c with x's rows under its exact mask stored (a no-op if they are, or there are none)."""
+    if c.exact_values is not None or c.exact_mask is None or not bool(c.exact_mask.any()):
+        return c
+    return replace(c, exact_values=x.detach()[c.exact_mask].clone())
 
 
 def decompress(c: CompressedKV) -> torch.Tensor:

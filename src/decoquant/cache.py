@@ -19,11 +19,12 @@ from functools import partial
 
 import torch
 
-from .api import compress, compress_kv
+from .api import compress, compress_kv_deferred, with_exact_rows
 from .blocks import Block, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 from .kernels.attention import dequantize
+from .kernels.compress import BACKENDS
 from .kernels.layout import PackedKVBuffer, fused_compatible
 
 
@@ -42,16 +43,19 @@ class CompressedKVStore:
     and answer single-token steps with a `FusedKV` for the fused attention kernel instead of
     decoding the history. Needs a fused-compatible config (`kernels.layout.fused_compatible`); steps
     that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
-    decoding.
+    decoding. backend: of block compression ("auto": the Triton kernels on CUDA, see `api.compress`).
     """
 
-    def __init__(self, config: DecoQuantConfig, fused: bool = False):
+    def __init__(self, config: DecoQuantConfig, fused: bool = False, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
         if fused and not fused_compatible(config):
             raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, "
                              f"bits in (2, 4, 8), group_size 16 or 32, value scales per token (or token and head) and "
                              f"key scales per token or per channel over 32/64/128-token groups; got {config.label()}")
         self.config = config
         self.fused = fused
+        self.backend = backend
         self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
         self.blocks: list[Block] = []
         self._like = None  # (keys, values) template of the buffered blocks' views
@@ -144,28 +148,38 @@ class CompressedKVStore:
         self.window_values = self.window_values[..., cut:, :].contiguous()
 
     def _compress_blocks(self, ks: torch.Tensor, vs: torch.Tensor, n: int, b: int) -> None:
-        """Compress n blocks folded into the batch dim ([n * b, H, S, D]) and store them."""
+        """Compress n blocks folded into the batch dim ([n * b, H, S, D]) and store them. A fused store queues
+        the copies into its packed buffers before the one host sync (whether any row must stay exact), so the
+        GPU has work while the host waits; in the rare case it must, the appends are undone."""
         cfg = self.config
-        ck, cv = compress_kv(ks, vs, cfg)
-        if (self.fused and len(self.blocks) == self.buffers[0].blocks
-                and not bool((ck.exact_mask | cv.exact_mask).any())):
-            # the packed buffers take all n blocks at once; the blocks become views into them
+        ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
+        # (blocks that come with their exact rows, off the kernel route, have them: never into the buffers)
+        buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks and ck.exact_values is None
+                    and cv.exact_values is None)
+        if buffered:  # the packed buffers take all n blocks at once; the blocks become views into them
             storage = [None if buf.codes is None else buf.codes.data_ptr() for buf in self.buffers]
             self.buffers[0].append(ck, n)
             self.buffers[1].append(cv, n)
+            regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
+        if buffered and not bool(any_exact):
             # one batch row of the new blocks: the template (shapes, metadata) of every buffered block's views
             first = torch.arange(1, device=ks.device)
             self._like = (select_batch(ck, first), select_batch(cv, first))
             self.blocks += [Block(None, None, cfg.block_size) for _ in range(n)]
-            regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
             # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
             # step that compresses a block stays O(1) in the number of blocks)
             self._repoint(0 if regrown else len(self.blocks) - n)
-        else:
-            for i in range(n):
-                rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
-                self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
-                                         cv if n == 1 else select_batch(cv, rows), cfg.block_size))
+            return
+        if buffered:  # rows to keep exact: the blocks stay out of the packed buffers (the store decodes from now)
+            for buf in self.buffers:
+                buf.truncate(len(self.blocks))
+            if regrown:
+                self._repoint()
+        ck, cv = with_exact_rows(ck, ks), with_exact_rows(cv, vs)
+        for i in range(n):
+            rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
+            self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
+                                     cv if n == 1 else select_batch(cv, rows), cfg.block_size))
 
     # ------------------------------------------------------------------ static (CUDA-graph) decoding
     @property
@@ -221,7 +235,7 @@ class CompressedKVStore:
         gen = torch.Generator(device=self.window_keys.device).manual_seed(0)
         x = torch.randn(b, h, self.config.block_size, d, generator=gen, device=self.window_keys.device)
         for buf, kind in zip(self.buffers, ("key", "value")):
-            buf.append(compress(x.to(self.window_keys.dtype), self.config, kind))
+            buf.append(compress(x.to(self.window_keys.dtype), self.config, kind, self.backend))
             buf.truncate(0)
 
     def _static_append(self, keys: torch.Tensor, values: torch.Tensor):

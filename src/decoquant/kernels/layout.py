@@ -78,9 +78,9 @@ class PackedKV:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @classmethod
-    def from_blocks(cls, blocks: Sequence[CompressedKV]) -> "PackedKV":
+    def from_blocks(cls, blocks: Sequence[CompressedKV], check_exact: bool = True) -> "PackedKV":
         """Concatenate equally sized compressed blocks (a config `fused_compatible` accepts, one kind,
-        no exact rows)."""
+        no exact rows; check_exact=False: the caller vouches for that, and no host sync counts them)."""
         if not blocks:
             raise ValueError("blocks must hold at least one CompressedKV")
         cfg, kind = blocks[0].config, blocks[0].kind
@@ -89,7 +89,7 @@ class PackedKV:
                              "2/4/8 bits, scales per token or per token and head (keys also per channel over "
                              f"32/64/128-token groups); got {cfg.label()} (granularities {cfg.granularity('key')!r}/"
                              f"{cfg.granularity('value')!r}, quant_group_size={cfg.quant_group_size})")
-        if any(c.num_exact for c in blocks):
+        if check_exact and any(c.num_exact for c in blocks):
             raise ValueError("blocks with exact rows cannot be read by the fused kernels")
         b, h, t, d = blocks[0].shape
         g = cfg.group_size
@@ -123,8 +123,9 @@ class PackedKVBuffer:
 
     def append(self, block: CompressedKV, n: int = 1) -> None:
         """Append `n` blocks given folded into the batch dim ([n * B, ...], block-major, as the
-        cache compresses a prefill), or one block (n = 1)."""
-        p = PackedKV.from_blocks([block])
+        cache compresses a prefill), or one block (n = 1). The caller keeps blocks with exact rows out (the
+        store truncates them off again when it learns of such rows after the append)."""
+        p = PackedKV.from_blocks([block], check_exact=False)
         b = p.codes.shape[0] // n
         unfold = lambda t: t.reshape(n, b, *t.shape[1:]).movedim(0, 2)  # noqa: E731  [b, H, n, ...]
         codes = unfold(p.codes).reshape(b, p.codes.shape[1], n * p.tokens, -1)
