@@ -182,7 +182,7 @@ def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
     exact rows outside the buffers, and every block decodes as a store on the torch route decodes it.
     (On a CPU the kernels run through Triton's interpreter.)"""
     pytest.importorskip("triton")
-    x = outlier_kv(batch=2, heads=2, tokens=100, seed=7)
+    x = outlier_kv(batch=2, heads=2, tokens=100, seed=7).to("cuda" if torch.cuda.is_available() else "cpu")
     x[1, 0, 40, 3] = float("nan")  # in the block a decode step compresses (tokens 32..63; the buffer regrows)
     config = cfg(block_size=32, residual_length=16)
     fast, ref = CompressedKVStore(config, fused=True, backend="triton"), CompressedKVStore(config, backend="torch")

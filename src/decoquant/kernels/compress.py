@@ -55,28 +55,6 @@ def factor(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor | None 
     return factor_triton(evals, evecs, _flags(flags, evals))
 
 
-def eig_factor(grams: torch.Tensor, flags: torch.Tensor | None = None, backend: str = "auto"):
-    """(W float32, T_S float16), both [..., G, G], of the 2-site MPO from finite float64 Gram matrices
-    [..., G, G]; flags[b] = 1 for a rank-deficient matrix or an fp16 T_S overflow. backend "triton": on CUDA
-    with G = 16 one Jacobi kernel (no host sync), else torch.linalg.eigh + the factor kernel; "torch":
-    torch.linalg.eigh + the reference."""
-    if _backend(backend, grams) == "torch":
-        return factor_reference(*torch.linalg.eigh(grams), flags)
-    if grams.is_cuda and grams.shape[-1] == 16:
-        return jacobi_factor(grams, flags, "triton")
-    return factor(*torch.linalg.eigh(grams), flags, "triton")
-
-
-def jacobi_factor(grams: torch.Tensor, flags: torch.Tensor | None = None, backend: str = "auto"):
-    """As `eig_factor` through cyclic Jacobi sweeps in one kernel (any power-of-two G; in Jacobi's order:
-    W's columns and T_S's rows permuted and signed consistently). backend "torch": the eigh reference."""
-    if _backend(backend, grams) == "torch":
-        return factor_reference(*torch.linalg.eigh(grams), flags)
-    from .triton.eigh import jacobi_factor_triton
-
-    return jacobi_factor_triton(grams, _flags(flags, grams))
-
-
 def quantize_pack(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
                   channel_group: int = 0, flags: torch.Tensor | None = None, backend: str = "auto"):
     """Packed codes of T_L = M W, M the chunk matrix of x [B, H, T, D], w [B, G, G] or [B, H, G, G] (fp32):
