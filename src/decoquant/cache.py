@@ -162,9 +162,9 @@ class CompressedKVStore:
             self.buffers[1].append(cv, n)
             regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
         if buffered and not bool(any_exact):
-            # one batch row of the new blocks: the template (shapes, metadata) of every buffered block's views
-            first = torch.arange(1, device=ks.device)
-            self._like = (select_batch(ck, first), select_batch(cv, first))
+            if self._like is None:  # one batch row: the template (shapes, metadata) of every buffered block's views
+                first = torch.arange(1, device=ks.device)
+                self._like = (select_batch(ck, first), select_batch(cv, first))
             self.blocks += [Block(None, None, cfg.block_size) for _ in range(n)]
             # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
             # step that compresses a block stays O(1) in the number of blocks)
