@@ -10,7 +10,7 @@ from .codecs import get_codec
 from .codecs.base import Encoded
 from .compressed import CompressedKV
 from .config import KINDS, DecoQuantConfig
-from .kernels.compress import BACKENDS
+from .kernels.attention import check_backend
 from .packing import pack_codes, unpack_codes
 
 
@@ -35,13 +35,12 @@ def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -
     returns the encoding and the exact-row mask [B]."""
     b = x.shape[0]
     codec = get_codec(config.method)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    check_backend(backend)
     uses_kernels = getattr(codec, "uses_kernels", None)  # only decoquant's codec has GPU kernels
     if uses_kernels is None and backend == "triton":
         raise ValueError(f"backend='triton' compresses method='decoquant' only; method={config.method!r} runs on torch")
     if uses_kernels is not None and uses_kernels(x, config, kind, backend):
-        enc = codec.encode(x, config, kind, "triton")  # the kernels flag non-finite inputs and parameters
+        enc = codec.encode_kernels([x], config, [kind])[0]  # they flag non-finite inputs and parameters
         return enc, enc.unsafe
     finite = torch.isfinite(x).reshape(b, -1).all(1)
     clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -24,7 +24,7 @@ from .blocks import Block, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 from .kernels.attention import dequantize
-from .kernels.compress import BACKENDS
+from .kernels.attention import check_backend
 from .kernels.layout import PackedKVBuffer, fused_compatible
 
 
@@ -47,8 +47,7 @@ class CompressedKVStore:
     """
 
     def __init__(self, config: DecoQuantConfig, fused: bool = False, backend: str = "auto"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+        check_backend(backend)
         if fused and not fused_compatible(config):
             raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, "
                              f"bits in (2, 4, 8), group_size 16 or 32, value scales per token (or token and head) and "

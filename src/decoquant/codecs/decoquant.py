@@ -103,10 +103,10 @@ def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
     """Whether `encode` compresses x with the Triton kernels (CUDA, a format they take, >= g rows per matrix):
     they read x in its dtype, return packed codes and flag non-finite rows themselves."""
-    from ..kernels.compress import BACKENDS, kernel_format_ok
+    from ..kernels.attention import check_backend
+    from ..kernels.compress import kernel_format_ok
 
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    check_backend(backend)
     if backend == "torch":
         return False
     rows = x.shape[2] * x.shape[3] // config.group_size * (1 if config.ts_sharing == "head" else x.shape[1])

@@ -13,6 +13,12 @@ from .reference import decode_attention_reference, dequantize_packed
 BACKENDS = ("auto", "triton", "torch")
 
 
+def check_backend(backend: str) -> None:
+    """A clear error for a backend name outside BACKENDS (every `backend=` argument takes these)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+
+
 @lru_cache(maxsize=64)
 def _whole_cache(batch: int, tokens: int, device: torch.device):
     """(kv_start, kv_len) that attend every compressed token; cached (read-only) since a decode step
@@ -32,8 +38,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the fused kernel), "torch"
     (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    check_backend(backend)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "torch":
@@ -54,8 +59,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
 def dequantize(p: PackedKV, dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:
     """Dense [B, KVH, T, D] K or V from packed blocks (prefill and multi-token steps). backend:
     "triton", "torch" (the reference) or "auto" (triton on CUDA, torch elsewhere)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    check_backend(backend)
     if backend == "auto":  # the Triton kernel reads symmetric per-token scales (the paper preset)
         backend = "triton" if p.codes.is_cuda and p.symmetric and not p.channel_group else "torch"
     if backend == "torch":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import BACKENDS
+from .attention import check_backend
 from .reference import factor_reference, gram_reference, quantize_pack_reference
 
 PACK_BITS = (2, 4, 8)
@@ -27,8 +27,7 @@ def kernel_format_ok(x: torch.Tensor, config, kind: str) -> bool:
 
 
 def _backend(backend: str, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    check_backend(backend)
     return ("triton" if x.is_cuda else "torch") if backend == "auto" else backend
 
 

@@ -99,11 +99,11 @@ def _factor_kernel(evals_ptr, evecs_ptr, w_ptr, ts_ptr, flag_ptr, MPB: tl.conste
 
 
 @triton.jit
-def _t_l(x_ptr, rows, T, s_xt, s_xd, w, BT: tl.constexpr, D: tl.constexpr, G: tl.constexpr, PREC: tl.constexpr):
+def _t_l(x_ptr, rows, T, s_xt, s_xd, w, BT: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
     """T_L of BT tokens of one head: fp32 [BT, D], chunk c of token t = x[t, cG:(c+1)G] @ W."""
     x = _load_rows(x_ptr, rows, T, s_xt, s_xd, D).to(tl.float32)
     m = tl.reshape(x, [BT * (D // G), G])
-    return tl.reshape(tl.dot(m, w, input_precision=PREC), [BT, D])
+    return tl.reshape(tl.dot(m, w, input_precision="ieee"), [BT, D])
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _quantize_pack_kernel(
     x_ptr, w_ptr, codes_ptr, scale_ptr, zero_ptr, flag_ptr, T,
     s_xb, s_xh, s_xt, s_xd, s_wb, s_wh, s_cb, s_ch, s_ct, s_sb, s_sh, s_st, s_sd,
     H: tl.constexpr, HL: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    BITS: tl.constexpr, SYM: tl.constexpr, GRAN: tl.constexpr, W_PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    BITS: tl.constexpr, SYM: tl.constexpr, GRAN: tl.constexpr, W_PER_HEAD: tl.constexpr,
 ):
     HP: tl.constexpr = H // HL
     pid = tl.program_id(0)  # batch row x head slice
@@ -180,7 +180,7 @@ def _quantize_pack_kernel(
         hi = tl.full([BT], float("-inf"), tl.float32)
         for i in range(H):
             w = tl.load(w_ptr + b * s_wb + (i if W_PER_HEAD else 0) * s_wh + g[:, None] * G + g[None, :])
-            lo_h, hi_h = _range(_t_l(x_b + i * s_xh, rows, T, s_xt, s_xd, w, BT, D, G, PREC), 1, SYM)
+            lo_h, hi_h = _range(_t_l(x_b + i * s_xh, rows, T, s_xt, s_xd, w, BT, D, G), 1, SYM)
             lo, hi = tl.minimum(lo, lo_h), tl.maximum(hi, hi_h)
         scale, zero = _params(lo, hi, SYM, BITS)
         _flag_params(flag_ptr + b, scale, zero, rows < T)
@@ -192,7 +192,7 @@ def _quantize_pack_kernel(
         h = (h0 + i).to(tl.int64)
         wh = h if W_PER_HEAD else 0
         w = tl.load(w_ptr + b * s_wb + wh * s_wh + g[:, None] * G + g[None, :])
-        t = _t_l(x_b + h * s_xh, rows, T, s_xt, s_xd, w, BT, D, G, PREC)
+        t = _t_l(x_b + h * s_xh, rows, T, s_xt, s_xd, w, BT, D, G)
         if GRAN == 1:  # per token and head
             lo, hi = _range(t, 1, SYM)
             scale, zero = _params(lo, hi, SYM, BITS)
@@ -254,8 +254,7 @@ def factor_triton(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor)
 
 
 def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                         channel_group: int, flags: torch.Tensor, precision: str = "ieee", tile: int = 32,
-                         num_warps: int = 4):
+                         channel_group: int, flags: torch.Tensor):
     """Codes of T_L = M W for x [B, H, T, D] and w fp32 [B, G, G] or [B, H, G, G], packed along D.
 
     Returns (codes uint8 [B, H, T, D * bits / 8], scale fp16, zero fp16 or None) with the codec's parameter
@@ -271,7 +270,7 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
         bt, hl = channel_group, 1
         pshape = (b, h, t // channel_group, 1, d)
     else:
-        bt, hl = _tile(t, d, gsize, tile), (h if gran == 0 else 1)
+        bt, hl = _tile(t, d, gsize), (h if gran == 0 else 1)
         pshape = (b, 1 if gran == 0 else h, t, 1)
     codes = torch.empty(b, h, t, d * bits // 8, dtype=torch.uint8, device=x.device)
     scale = torch.empty(pshape, dtype=torch.float16, device=x.device)
@@ -284,6 +283,5 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
         codes.stride(0), codes.stride(1), codes.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2), s_sd,
         H=h, HL=hl, BT=bt, D=d, G=gsize, BITS=bits, SYM=symmetric, GRAN=gran, W_PER_HEAD=w_per_head,
-        PREC=precision, num_warps=num_warps,
     )
     return codes, scale, zero
