@@ -10,7 +10,8 @@ Token order inside a store: [sinks | block_0 | block_1 | ... | window].
 
 `append` returns the keys/values attention needs for the current step: the sinks, the decoded
 blocks that existed before this step, and every token of the window plus the new tokens exact
-(a prefill attends over its own tokens exactly, as in generation).
+(a prefill attends over its own tokens exactly, as in generation). With `defer=True` the blocks a
+prefill fills are compressed later, at `settle()`, on a side CUDA stream (see `streams`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .config import DecoQuantConfig
 from .kernels.attention import dequantize
 from .kernels.attention import check_backend
 from .kernels.layout import PackedKVBuffer, fused_compatible
+from .streams import after, mark
 
 
 # at most this many elements of K (and of V) are compressed in one call
@@ -62,11 +64,19 @@ class CompressedKVStore:
         self.window_keys = self.window_values = None
         self.length = 0
         self._static: StaticWindow | None = None
+        self._deferred = False
+        self._event = None  # of a deferred compression: the main stream's work it waits for
 
     # ------------------------------------------------------------------ update
-    def append(self, keys: torch.Tensor, values: torch.Tensor):
+    def append(self, keys: torch.Tensor, values: torch.Tensor, defer: bool = False):
         """Add new tokens; return (all keys, all values) for attention, or (FusedKV, FusedKV) for a
-        single-token step of a fused store."""
+        single-token step of a fused store.
+
+        defer: leave the compression of the blocks that several new tokens fill (a prefill) to `settle()`,
+        which queues it on a side CUDA stream after this call's work: a caller that settles layer l while
+        layer l+1 runs keeps the GPU busy through compression's host syncs. The store settles itself before
+        anything else reads or changes it."""
+        self.settle()
         self._check(keys, values)
         if self._static is not None:
             return self._static_append(keys, values)
@@ -112,8 +122,26 @@ class CompressedKVStore:
         # one part (a first prefill without sinks): no copy
         out = (parts_k[0], parts_v[0]) if len(parts_k) == 1 else (torch.cat(parts_k, -2), torch.cat(parts_v, -2))
         self.length = out[0].shape[-2]
-        self._flush()
+        # (only several new tokens defer: `out` is then fresh memory of this stream, never the side stream's)
+        if defer and keys.shape[-2] > 1 and self._due():
+            self._deferred, self._event = True, mark(keys.device)
+        else:
+            self._flush()
         return out
+
+    @property
+    def deferred(self) -> bool:
+        """Whether a deferred append left blocks to compress (done at `settle()`)."""
+        return self._deferred
+
+    def settle(self) -> None:
+        """Compress what a deferred `append` left, on a side stream after that append's work (CUDA)."""
+        if not self._deferred:
+            return
+        event, self._deferred, self._event = self._event, False, None
+        reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.buffers or ()), ())
+        with after(event, self.window_keys.device, reads):
+            self._flush()
 
     def _all_buffered(self) -> bool:
         # every block in the packed buffers (no exact rows) and none shortened by a crop; O(1), no sync
@@ -123,17 +151,20 @@ class CompressedKVStore:
     def _can_fuse(self, keys: torch.Tensor) -> bool:
         return keys.shape[-2] == 1 and self.window_keys is not None and self._all_buffered()
 
+    def _due(self) -> int:
+        """Full blocks of the window to compress (past the `residual_length` newest tokens)."""
+        if self.window_keys is None:
+            return 0
+        return max(0, (self.window_keys.shape[-2] - self.config.residual_length) // self.config.block_size)
+
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.
         Blocks due together (a prefill) are compressed a few at a time folded into the batch dim
         (at most COMPRESS_ELEMENTS each); every codec works per batch row, so this equals
         compressing them one by one. A fused store keeps blocks with exact rows out of its buffers
         (and from then on decodes instead)."""
-        cfg = self.config
-        if self.window_keys is None:
-            return
-        n = (self.window_keys.shape[-2] - cfg.residual_length) // cfg.block_size
-        if n <= 0:
+        cfg, n = self.config, self._due()
+        if n == 0:
             return
         cut = n * cfg.block_size
         b, h, _, d = self.window_keys.shape
@@ -191,6 +222,7 @@ class CompressedKVStore:
         `append` then does only device work (writes the token, advances device counters), so a decode step
         can be captured in a CUDA graph and replayed. After every step call `advance()` (host bookkeeping;
         compresses a block every `block_size` steps, outside the graph)."""
+        self.settle()
         cfg = self.config
         if not self.fused:
             raise ValueError("static decoding needs a fused store (DecoQuantCache(..., fused=True) with a "
@@ -280,7 +312,8 @@ class CompressedKVStore:
         return True
 
     def leave_static(self) -> None:
-        """Back to the ordinary (dynamic) store, same tokens."""
+        """Back to the ordinary (dynamic) store, same tokens (and any deferred compression done)."""
+        self.settle()
         if self._static is not None:
             self._leave_static()
 
@@ -363,6 +396,7 @@ class CompressedKVStore:
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:
         """Bytes held, by part, and the fp16 bytes the same tokens would take."""
+        self.settle()
         n = 0 if self.buffers is None else self.buffers[0].blocks
         # buffered blocks are views: count the buffers' whole allocation (spare capacity included)
         blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks[n:])

@@ -208,8 +208,9 @@ def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
 
 @torch.no_grad()
 def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=3):
-    """Prefill time of one sequence with DynamicCache vs DecoQuantCache (compression included): the median of
-    `runs` timed runs after a warm-up, per context and preset."""
+    """Prefill time of one sequence with DynamicCache vs DecoQuantCache (compression included), with the
+    compression overlapped with the next layer (the default) and without: the median of `runs` timed runs
+    after a warm-up, per context and preset. Gated: both DecoQuantCaches must hold the same packed blocks."""
     import decoquant as dq
     from transformers import DynamicCache
 
@@ -224,19 +225,26 @@ def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=3):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-            del cache
-        return sorted(times[1:])[runs // 2]
+        return sorted(times[1:])[runs // 2], cache
+
+    def same_blocks(a, b) -> bool:
+        return all(torch.equal(x, y) for la, lb in zip(a.layers, b.layers)
+                   for ba, bb in zip(la.store.buffers, lb.store.buffers) for x, y in zip(ba.tensors, bb.tensors))
 
     rows = []
     for ctx in contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
-        fp16 = timed(lambda: DynamicCache(config=model.config), ids)
+        fp16, _ = timed(lambda: DynamicCache(config=model.config), ids)
         for preset in presets:
             cfg = decoquant_config(f"decoquant:{preset}", bits)
-            ms = timed(lambda: dq.DecoQuantCache(cfg, model.config, fused=True), ids)
+            ms, a = timed(lambda: dq.DecoQuantCache(cfg, model.config, fused=True), ids)
+            serial, b = timed(lambda: dq.DecoQuantCache(cfg, model.config, fused=True, overlap=False), ids)
             rows.append(dict(context=ctx, preset=preset, bits=bits, fp16_ms=fp16, decoquant_ms=ms,
-                             overhead=ms / fp16 - 1))
-            print(f"| {ctx} | {preset} | {fp16:.1f} | {ms:.1f} | {100 * rows[-1]['overhead']:+.1f}% |", flush=True)
+                             overhead=ms / fp16 - 1, no_overlap_ms=serial, no_overlap_overhead=serial / fp16 - 1,
+                             same_blocks=same_blocks(a, b)))
+            del a, b
+            print(f"| {ctx} | {preset} | {fp16:.1f} | {ms:.1f} | {100 * rows[-1]['overhead']:+.1f}% | {serial:.1f} | "
+                  f"{100 * rows[-1]['no_overlap_overhead']:+.1f}% | {rows[-1]['same_blocks']} |", flush=True)
     return rows
 
 
@@ -260,12 +268,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     model = random_model(args.layers, device)
     if args.prefill:
-        print("| prefill tokens | preset | DynamicCache ms | DecoQuantCache ms (4-bit, compression included) | overhead |")
-        print("|---:|---|---:|---:|---:|")
+        print("| prefill tokens | preset | DynamicCache ms | DecoQuantCache ms (4-bit, compression included) | "
+              "overhead | without overlap ms | overhead | same blocks |")
+        print("|---:|---|---:|---:|---:|---:|---:|---|")
         rows = prefill_cost(model, device, [int(c) for c in args.prefill.split(",")],
                             [p for p in args.presets.split(",") if p])
         print(json.dumps({"device": torch.cuda.get_device_name(), "prefill": rows}))
-        return 0
+        return 0 if all(r["same_blocks"] for r in rows) else 1
     presets = [p for p in args.presets.split(",") if p]
     errs = {p: check_fused(model, device, kind="decoquant" if p == "paper" else f"decoquant:{p}") for p in presets}
     err = max(errs.values())

@@ -24,10 +24,11 @@ class DecoQuantLayer(DynamicLayer):
 
     is_croppable = True
 
-    def __init__(self, config: DecoQuantConfig, fused: bool = False):
+    def __init__(self, config: DecoQuantConfig, fused: bool = False, defer: bool = False):
         super().__init__()
         self.config = config
         self.fused = fused
+        self.defer = defer  # the cache settles the deferred compression (see DecoQuantCache.update)
         self.store = CompressedKVStore(config, fused)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -39,7 +40,7 @@ class DecoQuantLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.store.append(key_states, value_states)
+        return self.store.append(key_states, value_states, defer=self.defer)
 
     def get_seq_length(self) -> int:
         return self.store.length
@@ -110,9 +111,12 @@ class DecoQuantCache(DynamicCache):
     fused: answer decode steps with packed blocks for the fused attention kernel
         (`decoquant.enable_fused_attention(model)`). "auto": when the model uses that attention
         and the config can be fused.
+    overlap: on CUDA, compress the blocks a prefill fills in layer l on a side stream while
+        layer l+1 runs (the last layer's before the forward returns); False compresses each layer
+        in its own update. The cache holds the same blocks either way.
     """
 
-    def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto"):
+    def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
         layer_types, kv_heads, head_dim, window = _model_geometry(model_config)
@@ -127,13 +131,33 @@ class DecoQuantCache(DynamicCache):
                               "decompress the history and use SDPA instead", stacklevel=2)
         elif fused not in (True, False):
             raise ValueError(f"fused={fused!r} is not supported; allowed values: True, False, 'auto'")
+        if overlap not in (True, False):
+            raise ValueError(f"overlap={overlap!r} is not supported; allowed values: True, False")
         self.fused = bool(fused)
         self.config = config
         self.kv_heads, self.head_dim = kv_heads, head_dim
-        layers = [DecoQuantLayer(config, self.fused) if t == "full_attention" else DynamicSlidingWindowLayer(sliding_window=window)
-                  for t in layer_types]
+        layers = [DecoQuantLayer(config, self.fused, overlap) if t == "full_attention"
+                  else DynamicSlidingWindowLayer(sliding_window=window) for t in layer_types]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
+        self._last = max((i for i, t in enumerate(layer_types) if t == "full_attention"), default=-1)
+        self._unsettled: list[int] = []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' per-layer update; a deferred compression of an earlier layer is queued first, so
+        its host syncs wait for work the GPU has done while this layer's work stays queued."""
+        for i in self._unsettled:
+            if i != layer_idx:
+                self.layers[i].store.settle()
+        self._unsettled = [i for i in self._unsettled if i == layer_idx]
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, DecoQuantLayer) and layer.store.deferred:
+            if layer_idx == self._last:  # the forward ends with its cache complete
+                layer.store.settle()
+            else:
+                self._unsettled.append(layer_idx)
+        return out
 
     @classmethod
     def from_model(cls, model, config: DecoQuantConfig | None = None, **fields) -> "DecoQuantCache":

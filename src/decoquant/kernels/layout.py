@@ -218,8 +218,10 @@ class PackedKVBuffer:
                 self.zeros = self.zeros.index_select(0, index.to(self.zeros.device))
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for t in (self.codes, self.scales, self.zeros, self.ts) if t is not None)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the capacity actually allocated."""
-        if self.codes is None:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.ts) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
