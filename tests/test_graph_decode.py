@@ -103,10 +103,10 @@ def test_static_store_refuses_what_it_cannot_serve():
         store.advance()
 
 
-def tiny_llama(kv_heads: int, device="cpu", dtype=torch.float32):
+def tiny_llama(kv_heads: int, device="cpu", dtype=torch.float32, layers: int = 2):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                                    num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=512,
                                    max_position_embeddings=1024)
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()

@@ -11,7 +11,7 @@ Token order inside a store: [sinks | block_0 | block_1 | ... | window].
 `append` returns the keys/values attention needs for the current step: the sinks, the decoded
 blocks that existed before this step, and every token of the window plus the new tokens exact
 (a prefill attends over its own tokens exactly, as in generation). With `defer=True` the blocks a
-prefill fills are compressed later, at `settle()`, on a side CUDA stream (see `streams`).
+prefill fills are compressed later (`launch()`, then `settle()`), off the critical path (see `streams`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .config import DecoQuantConfig
 from .kernels.attention import dequantize
 from .kernels.attention import check_backend
 from .kernels.layout import PackedKVBuffer, fused_compatible
-from .streams import after, mark
+from .streams import launch, mark
 
 
 # at most this many elements of K (and of V) are compressed in one call
@@ -66,16 +66,17 @@ class CompressedKVStore:
         self._static: StaticWindow | None = None
         self._deferred = False
         self._event = None  # of a deferred compression: the main stream's work it waits for
+        self._job = None  # the deferred compression, once launched
 
     # ------------------------------------------------------------------ update
     def append(self, keys: torch.Tensor, values: torch.Tensor, defer: bool = False):
         """Add new tokens; return (all keys, all values) for attention, or (FusedKV, FusedKV) for a
         single-token step of a fused store.
 
-        defer: leave the compression of the blocks that several new tokens fill (a prefill) to `settle()`,
-        which queues it on a side CUDA stream after this call's work: a caller that settles layer l while
-        layer l+1 runs keeps the GPU busy through compression's host syncs. The store settles itself before
-        anything else reads or changes it."""
+        defer: leave the compression of the blocks that several new tokens fill (a prefill) to `launch()`
+        (on CUDA: a worker thread and a side stream, after this call's work) and `settle()` (waits for it):
+        a caller that launches layer l's compression and goes on with layer l+1 keeps the GPU busy through
+        compression's host syncs. The store settles itself before anything else reads or changes it."""
         self.settle()
         self._check(keys, values)
         if self._static is not None:
@@ -134,14 +135,22 @@ class CompressedKVStore:
         """Whether a deferred append left blocks to compress (done at `settle()`)."""
         return self._deferred
 
+    def launch(self) -> None:
+        """Start compressing what a deferred `append` left (see `streams.launch`); `settle()` waits for it."""
+        if self._deferred and self._job is None:
+            reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.buffers or ()), ())
+            self._job = launch(self._flush, self._event, self.window_keys.device, reads)
+
     def settle(self) -> None:
-        """Compress what a deferred `append` left, on a side stream after that append's work (CUDA)."""
+        """Finish the compression a deferred `append` left."""
         if not self._deferred:
             return
-        event, self._deferred, self._event = self._event, False, None
-        reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.buffers or ()), ())
-        with after(event, self.window_keys.device, reads):
-            self._flush()
+        self.launch()
+        job, self._job, self._event = self._job, None, None
+        try:
+            job.wait()
+        finally:
+            self._deferred = False
 
     def _all_buffered(self) -> bool:
         # every block in the packed buffers (no exact rows) and none shortened by a crop; O(1), no sync

@@ -111,9 +111,9 @@ class DecoQuantCache(DynamicCache):
     fused: answer decode steps with packed blocks for the fused attention kernel
         (`decoquant.enable_fused_attention(model)`). "auto": when the model uses that attention
         and the config can be fused.
-    overlap: on CUDA, compress the blocks a prefill fills in layer l on a side stream while
-        layer l+1 runs (the last layer's before the forward returns); False compresses each layer
-        in its own update. The cache holds the same blocks either way.
+    overlap: on CUDA, compress the blocks a prefill fills in each layer on a worker thread and a side
+        stream while the following layers run (a layer's fp16 K/V stays until its compression is
+        done); False compresses each layer in its own update. The cache holds the same blocks either way.
     """
 
     def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True):
@@ -141,22 +141,21 @@ class DecoQuantCache(DynamicCache):
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
         self._last = max((i for i, t in enumerate(layer_types) if t == "full_attention"), default=-1)
-        self._unsettled: list[int] = []
+        self._unsettled: list[int] = []  # layers whose compression was launched in this forward
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """transformers' per-layer update; a deferred compression of an earlier layer is queued first, so
-        its host syncs wait for work the GPU has done while this layer's work stays queued."""
-        for i in self._unsettled:
-            if i != layer_idx:
-                self.layers[i].store.settle()
-        self._unsettled = [i for i in self._unsettled if i == layer_idx]
+        """transformers' per-layer update. With overlap, a prefill's compression in a layer is launched at
+        once and runs beside the following layers; the last layer waits for all of them, so a forward returns
+        with its cache complete."""
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, DecoQuantLayer) and layer.store.deferred:
-            if layer_idx == self._last:  # the forward ends with its cache complete
-                layer.store.settle()
-            else:
-                self._unsettled.append(layer_idx)
+            layer.store.launch()
+            self._unsettled.append(layer_idx)
+        if layer_idx == self._last:
+            for i in self._unsettled:
+                self.layers[i].store.settle()
+            self._unsettled = []
         return out
 
     @classmethod
