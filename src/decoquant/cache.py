@@ -27,8 +27,8 @@ from .compressed import CompressedKV
 from .config import DecoQuantConfig
 from .kernels.attention import check_backend, dequantize
 from .kernels.layout import PackedKVBuffer, fused_compatible
+from . import streams
 from .static_store import StaticDecoding
-from .streams import launch, mark
 
 
 # at most this many elements of K (and of V) are compressed in one call
@@ -126,7 +126,7 @@ class CompressedKVStore(StaticDecoding):
         self.length = out[0].shape[-2]
         # (only several new tokens defer: `out` is then fresh memory of this stream, never the side stream's)
         if defer and keys.shape[-2] > 1 and self._due():
-            self._deferred, self._event = True, mark(keys.device)
+            self._deferred, self._event = True, streams.mark(keys.device)
         else:
             self._flush()
         return out
@@ -140,7 +140,7 @@ class CompressedKVStore(StaticDecoding):
         """Start compressing what a deferred `append` left (see `streams.launch`); `settle()` waits for it."""
         if self._deferred and self._job is None:
             reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.buffers or ()), ())
-            self._job = launch(self._flush, self._event, self.window_keys.device, reads)
+            self._job = streams.launch(self._flush, self._event, self.window_keys.device, reads)
 
     def settle(self) -> None:
         """Finish the compression a deferred `append` left."""

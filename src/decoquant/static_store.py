@@ -14,6 +14,8 @@ from .blocks import FusedKV, StaticWindow
 
 
 class StaticDecoding:
+    """Mixed into `CompressedKVStore` (uses its `buffers`, `blocks`, window, `_static`, `_compress_blocks`)."""
+
     @property
     def is_static(self) -> bool:
         return self._static is not None

@@ -244,8 +244,8 @@ def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=5):
                 first = cache if first is None else first
                 rows.append(dict(context=ctx, preset=preset, bits=bits, overlap=overlap, fp16_ms=fp16,
                                  decoquant_ms=ms, overhead=ms / fp16 - 1, same_blocks=same_blocks(first, cache)))
-                print(f"| {ctx} | {preset} | {'yes' if overlap else 'no'} | {fp16:.1f} | {ms:.1f} | {100 * rows[-1]['overhead']:+.1f}% | "
-                      f"{rows[-1]['same_blocks']} |", flush=True)
+                print(f"| {ctx} | {preset} | {'yes' if overlap else 'no'} | {fp16:.1f} | {ms:.1f} | "
+                      f"{100 * rows[-1]['overhead']:+.1f}% | {rows[-1]['same_blocks']} |", flush=True)
             del first, cache
     return rows
 
