@@ -206,7 +206,7 @@ def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_deferred_prefill_compression_equals_immediate(device):
-    """append(defer=True) leaves a prefill's blocks to settle() (on CUDA: a side stream after the append's work).
+    """append(defer=True) leaves a prefill's blocks to launch()/settle() (on CUDA: a worker thread, a side stream).
     It returns what an immediate append returns, every later read settles first, and the store then holds
     the same blocks, buffers and window; single-token steps never defer."""
     x = outlier_kv(batch=2, heads=2, tokens=300, seed=3).to(device)
