@@ -174,6 +174,12 @@ BAD_INPUT = [
     (dict(group_size=0), "group_size=0"),
     (dict(num_sites=4, group_size=6), "group_size=6"),
     (dict(method="rtn", preset="paper"), "preset='paper'"),
+    (dict(bits=4.0), "bits=4.0"),
+    (dict(bits=True), "bits=True"),
+    (dict(num_sites=2.0), "num_sites=2.0"),
+    (dict(preset="paper", group_size=32), "preset='paper' pins group_size=16, but group_size=32"),
+    (dict(preset="paper", symmetric=False), "pins symmetric=True, but symmetric=False"),
+    (dict(preset="channel64-token", scale_granularity="token_head"), "pins scale_granularity='channel'"),
 ]
 
 
@@ -191,7 +197,7 @@ def test_bad_tensors_and_kinds():
         dq.compress(torch.ones(1, 1, 4, 64, dtype=torch.int32), c)
     with pytest.raises(ValueError, match="kind='query'"):
         dq.compress(torch.randn(1, 1, 4, 64), c, kind="query")
-    with pytest.raises(ValueError, match="group_size=16 must divide head_dim=24"):
+    with pytest.raises(ValueError, match="group_size=16.*head_dim=24"):
         dq.compress(torch.randn(1, 1, 4, 24), c)
     with pytest.raises(ValueError, match="power-of-two"):
         dq.compress(torch.randn(1, 1, 4, 24), cfg("rotation", 4))
@@ -200,7 +206,7 @@ def test_bad_tensors_and_kinds():
 
 
 def test_config_round_trip_and_paper_preset():
-    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="paper", group_size=8, symmetric=False)
+    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="paper")
     assert (c.group_size, c.symmetric, c.ts_sharing, c.scale_granularity) == (16, True, "layer", "token")
     assert dq.DecoQuantConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown config fields"):
@@ -220,12 +226,23 @@ def test_value_scale_granularity_splits_keys_and_values():
     assert split.label() == "decoquant-g16-channel-vtoken_head-4b"
     with pytest.raises(ValueError, match="value_scale_granularity='tokens'"):
         dq.DecoQuantConfig(value_scale_granularity="tokens")
-    paper = dq.DecoQuantConfig(method="decoquant", preset="paper", value_scale_granularity="channel")
-    assert paper.granularity("value") == "token"
+    with pytest.raises(ValueError, match="pins value_scale_granularity=None"):
+        dq.DecoQuantConfig(method="decoquant", preset="paper", value_scale_granularity="channel")
+
+
+def test_presets_follow_replace_and_name_their_head_dim_conflict():
+    kv = dq.DecoQuantConfig(preset="kv-split")
+    assert kv.replace(block_size=256).quant_group_size == 256  # the pinned group follows the block
+    paper = dq.DecoQuantConfig(preset="paper", bits=2)
+    assert paper.replace(bits=4).preset == "paper"
+    free = paper.replace(preset=None, group_size=8)  # leaving the preset keeps its recipe, now explicit
+    assert (free.group_size, free.is_symmetric, free.scale_granularity) == (8, True, "token")
+    with pytest.raises(ValueError, match="preset='paper' pins group_size=16.*head_dim=72.*preset=None.*8"):
+        paper.check_head_dim(72)
 
 
 def test_kv_split_preset_pins_its_recipe():
-    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="kv-split", block_size=64, symmetric=True)
+    c = dq.DecoQuantConfig(method="decoquant", bits=2, preset="kv-split", block_size=64)
     assert (c.granularity("key"), c.granularity("value"), c.is_symmetric, c.quant_group_size, c.ts_sharing) == (
         "channel", "token_head", False, 64, "layer")
     assert c.label() == "decoquant-kv-split-2b"

@@ -26,7 +26,8 @@ PRESETS = (None, "paper", "kv-split", "channel64-token")
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    # `4.0 in (2, 4)` and `True in (1,)` hold in Python: a value must also have an allowed value's type
+    if value not in allowed or not any(type(value) is type(a) for a in allowed if a == value):
         shown = ", ".join(repr(a) for a in allowed)
         raise ValueError(f"{name}={value!r} is not supported; allowed values: {shown}")
 
@@ -111,21 +112,15 @@ class DecoQuantConfig:
         if self.preset is not None:
             if self.method != "decoquant":
                 raise ValueError(f"preset={self.preset!r} applies to method='decoquant', got method={self.method!r}")
-            if self.preset == "paper":
-                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="token",
-                              value_scale_granularity=None, symmetric=True, num_sites=2)
-            elif self.preset == "kv-split":
-                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
-                              value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
-                              quant_group_size=self.block_size)
-            else:  # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md)
-                if self.block_size % 64:
-                    raise ValueError(f"preset='channel64-token' groups keys by 64 tokens: block_size={self.block_size} "
-                                     "must be a multiple of 64")
-                pinned = dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
-                              value_scale_granularity="token", symmetric=False, num_sites=2, layout="group",
-                              quant_group_size=64)
-            for name, value in pinned.items():
+            if self.preset == "channel64-token" and self.block_size % 64:
+                raise ValueError(f"preset='channel64-token' groups keys by 64 tokens: block_size={self.block_size} "
+                                 "must be a multiple of 64")
+            for name, value in preset_fields(self.preset, self.block_size).items():
+                given = getattr(self, name)
+                if given != value and given != _DEFAULTS[name]:
+                    raise ValueError(
+                        f"preset={self.preset!r} pins {name}={value!r}, but {name}={given!r} was given; drop "
+                        f"{name} to use the preset, or pass preset=None to set every field yourself")
                 object.__setattr__(self, name, value)
         if self.num_sites > 2 and self.layout == "channel":
             raise ValueError("num_sites > 2 is only defined for layout='group'")
@@ -167,7 +162,12 @@ class DecoQuantConfig:
         return _site_factors(self.group_size, self.num_sites) or (self.group_size,)
 
     def replace(self, **changes: Any) -> "DecoQuantConfig":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). With a preset, the fields it pins are derived
+        again (e.g. kv-split's key scale group follows a new block_size) unless `changes` sets them; with
+        preset=None they stay as they are (the preset's recipe, now with explicit fields)."""
+        if self.preset is not None and changes.get("preset", self.preset) is not None:
+            for name in preset_fields(self.preset, self.block_size):
+                changes.setdefault(name, _DEFAULTS[name])
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -201,9 +201,13 @@ class DecoQuantConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise a ValueError if this config cannot compress heads of size `head_dim`."""
         if self.method == "decoquant" and self.layout == "group" and head_dim % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} must divide head_dim={head_dim}; allowed group sizes: "
-                f"{[d for d in range(2, head_dim + 1) if head_dim % d == 0]}")
+            sizes = [d for d in range(2, head_dim + 1) if head_dim % d == 0]
+            if self.preset is not None:
+                raise ValueError(
+                    f"preset={self.preset!r} pins group_size={self.group_size}, which does not divide "
+                    f"head_dim={head_dim}; pass preset=None with a group_size that does: {sizes}")
+            raise ValueError(f"group_size={self.group_size} must divide head_dim={head_dim}; allowed group sizes: "
+                             f"{sizes}")
         if self.method == "rotation" and head_dim & (head_dim - 1):
             raise ValueError(f"method='rotation' needs a power-of-two head_dim, got head_dim={head_dim}")
         if self.method == "kivi" or (self.method == "decoquant" and "group" in (self.granularity("key"),
@@ -212,6 +216,23 @@ class DecoQuantConfig:
                 raise ValueError(
                     f"quant_group_size={self.quant_group_size} must divide head_dim={head_dim} "
                     "(channel groups of values)")
+
+
+def preset_fields(preset: str, block_size: int) -> dict[str, Any]:
+    """The fields a preset pins (see `DecoQuantConfig.preset`)."""
+    if preset == "paper":
+        return dict(group_size=16, ts_sharing="layer", scale_granularity="token", value_scale_granularity=None,
+                    symmetric=True, num_sites=2)
+    if preset == "kv-split":
+        return dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
+                    value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
+                    quant_group_size=block_size)
+    # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md)
+    return dict(group_size=16, ts_sharing="layer", scale_granularity="channel", value_scale_granularity="token",
+                symmetric=False, num_sites=2, layout="group", quant_group_size=64)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoQuantConfig) if f.name != "extra"}
 
 
 def _site_factors(g: int, n_sites: int) -> tuple[int, ...] | None:
