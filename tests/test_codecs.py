@@ -111,7 +111,7 @@ def test_nbytes_counts_every_stored_tensor():
 
 
 @pytest.mark.parametrize("method", ["rtn", "kivi", "rotation", "decoquant"])
-def test_nan_inf_and_degenerate_rows_stay_exact(method):
+def test_nan_inf_rows_stay_exact_and_degenerate_rows_compress(method):
     x = outlier_kv(batch=5, tokens=32)
     x[1, 0, 3, 2] = float("nan")
     x[2, 1, 0, 0] = float("inf")
@@ -125,15 +125,33 @@ def test_nan_inf_and_degenerate_rows_stay_exact(method):
     assert torch.isfinite(y[1]).sum() == x[1].numel() - 1
     assert torch.equal(y[3], x[3]) and rel(y[4], x[4]) < 0.2  # constant rows: finite, close
     assert c.exact_mask[1] and c.exact_mask[2] and not c.exact_mask[0]
-    if method == "decoquant":  # rank deficient blocks are kept exact too
-        assert c.exact_mask[3] and c.exact_mask[4] and torch.equal(y[4], x[4])
+    assert not c.exact_mask[3] and not c.exact_mask[4]  # degenerate but finite: compressed, not full width
+    if method == "decoquant":  # rank deficient: the T_S = I fallback (plain RTN in the same format), reported
+        assert c.fallback_mask.tolist() == [False, False, False, True, True]
+        assert c.num_fallback == 2 and "fallback_rows=2" in repr(c)
     assert rel(y[0], x[0]) < 0.35
 
 
-def test_rank_deficient_block_is_exact():
-    x = (torch.randn(1, 2 * 40 * 4, 4) @ torch.randn(4, 16)).reshape(1, 2, 40, 64)  # chunk matrix of rank 4
-    c = dq.compress(x, cfg("decoquant", 4), "key")
-    assert c.num_exact == 1 and torch.equal(dq.decompress(c), x)
+@pytest.mark.parametrize("bits,max_err", [(8, 0.01), (4, 0.2), (2, 0.85)])
+def test_rank_deficient_block_falls_back_to_rtn_in_the_same_format(bits, max_err):
+    gen = torch.Generator().manual_seed(bits)
+    x = (torch.randn(1, 2 * 40 * 4, 4, generator=gen) @ torch.randn(4, 16, generator=gen)).reshape(1, 2, 40, 64)
+    c = dq.compress(x, cfg("decoquant", bits), "key")  # (its chunk matrix has rank 4)
+    rtn = dq.fake_quantize(x, cfg("rtn", bits), "key")  # one symmetric scale per token: the paper's T_L scales
+    assert c.num_exact == 0 and c.num_fallback == 1 and c.effective_bits < bits + 1
+    assert torch.equal(c.params["site2"].reshape(16, 16), torch.eye(16, dtype=torch.float16))
+    y = dq.decompress(c)
+    assert torch.isfinite(y).all() and rel(y, x) < max_err
+    torch.testing.assert_close(y, rtn)  # T_L = M, quantized as RTN quantizes x
+
+
+def test_repeated_token_blocks_are_compressed_not_kept_at_full_width():
+    tok = torch.randn(1, 3, 1, 64, generator=torch.Generator().manual_seed(0)) * 4
+    x = tok.expand(2, 3, 128, 64).contiguous()  # one token repeated: rank deficient
+    for preset in ("paper", "channel64-token"):
+        c = dq.compress(x, dq.DecoQuantConfig(preset=preset, bits=4), "value")
+        assert c.num_exact == 0 and c.num_fallback == 2 and c.nbytes < 0.35 * c.fp16_nbytes
+        assert rel(dq.decompress(c), x) < 0.2  # 4-bit RTN of the token (paper: 0.15, per-token absmax)
 
 
 @pytest.mark.parametrize("rows", [40 * 8, 3 * 512, 4 * 512 + 16])
@@ -149,12 +167,13 @@ def test_gram_route_equals_the_svd_route(rows):
     m[..., 3] *= 30
     m[1] = torch.randn(rows, 4, generator=gen, dtype=torch.float64) @ torch.randn(4, 16, generator=gen,
                                                                                     dtype=torch.float64)
-    t_l, t_s, bad = _two_sites_gram(m)
+    t_l, t_s, bad, fallback = _two_sites_gram(m)
     assert torch.allclose(t_l @ t_s.reshape(3, 16, 16), m, atol=1e-8)
     sites = mpo_decompose(m, (rows, 1), (1, 16))
     ref_t_l = sites[0].reshape(3, rows, -1)
     assert torch.allclose(t_l[[0, 2]].pow(2).sum(1), ref_t_l[[0, 2]].pow(2).sum(1), rtol=1e-9)
-    assert bad.tolist() == _rank_deficient(ref_t_l).tolist() == [False, True, False]
+    assert fallback.tolist() == _rank_deficient(ref_t_l).tolist() == [False, True, False]
+    assert not bad.any() and torch.equal(t_l[1], m[1])  # the fallback: T_L = M, T_S = I
 
 
 def test_single_token_block():

@@ -57,7 +57,8 @@ def test_gram_kernel_flags_non_finite_rows():
 
 def test_factor_kernel_matches_reference():
     """W and T_S from the eigenpairs: random Gram matrices of outlier-heavy K/V (per batch row and per head),
-    a zero block (rank deficient) and one whose T_S passes fp16's range, both flagged."""
+    a zero block (rank deficient) and one whose T_S passes fp16's range: both fall back to W = T_S = I and set
+    the FALLBACK bit (2)."""
     grams = [gram(kv(2, 3, 64, 64, torch.float32, seed=s), 16, s == 1, backend="torch").reshape(-1, 16, 16)
              for s in range(2)]
     special = torch.stack([torch.zeros(16, 16), torch.eye(16) * 1e20]).double().to(DEVICE)
@@ -66,7 +67,9 @@ def test_factor_kernel_matches_reference():
     flags, ref_flags = (torch.zeros(5, dtype=torch.int32, device=DEVICE) for _ in range(2))
     w, t_s = factor(evals.reshape(5, 2, 16), evecs.reshape(5, 2, 16, 16), flags, backend="triton")
     ref_w, ref_t_s = factor(evals.reshape(5, 2, 16), evecs.reshape(5, 2, 16, 16), ref_flags, backend="torch")
-    assert flags.tolist() == ref_flags.tolist() == [0, 0, 0, 0, 1]
+    assert flags.tolist() == ref_flags.tolist() == [0, 0, 0, 0, 2]
+    eye = torch.eye(16, device=DEVICE)
+    assert torch.equal(w[4], eye.expand(2, 16, 16)) and torch.equal(t_s[4].float(), eye.expand(2, 16, 16))
     assert w.dtype == torch.float32 and t_s.dtype == torch.float16 and w.shape == t_s.shape == (5, 2, 16, 16)
     assert float((w - ref_w).norm() / ref_w.norm()) < 1e-6
     ok = torch.isfinite(ref_t_s)
@@ -88,7 +91,7 @@ def test_quantize_pack_kernel_matches_reference(shape, fmt):
     if gran == "channel" and t % cg:
         t = t - t % cg
     x = kv(b, h, t, d, torch.float16, seed=bits, strided=True)
-    w, t_s, _ = codec._factor_gram(gram(x, g, per_head, backend="torch"))  # real W = V S^{-1/2}, T_S = W^-1
+    w, t_s, _, _ = codec._factor_gram(gram(x, g, per_head, backend="torch"))  # real W = V S^{-1/2}, T_S = W^-1
     flags = torch.zeros(b, dtype=torch.int32, device=DEVICE)
     ref = quantize_pack(x, w, bits, gran, sym, cg, backend="torch")
     out = quantize_pack(x, w, bits, gran, sym, cg, flags, backend="triton")
@@ -150,18 +153,21 @@ def test_kernel_route_reconstructs_like_the_torch_route(fields):
 
 def test_kernel_route_through_compress():
     """compress() on the kernel route (on a CPU through the interpreter): packed codes straight from the
-    kernel, decompress == fake_quantize bit for bit, NaN/Inf and degenerate rows kept exact."""
+    kernel, decompress == fake_quantize bit for bit, NaN/Inf rows kept exact, a degenerate row through the
+    T_S = I fallback (as the torch route)."""
     cfg = _config(preset="paper")
     x = kv(4, 2, 64, 64, torch.float16, seed=9)
     x[1, 0, 3, 3] = float("nan")
     x[2] = 0.0  # rank deficient
     x[3, 1, 60, 0] = float("-inf")
     c = dq.compress(x, cfg, "key", backend="triton")
-    assert c.exact_mask.tolist() == [False, True, True, True]
+    assert c.exact_mask.tolist() == [False, True, False, True]
+    assert c.fallback_mask.tolist() == [False, False, True, False]
     assert c.codes.shape == (4, 2, 64, 64 * 4 // 8) and c.n_codes == 64
     y = dq.decompress(c)
     torch.testing.assert_close(y, dq.fake_quantize(x, cfg, "key", backend="triton"), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(y[1:], x[1:], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(y[[1, 3]], x[[1, 3]], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(y[2], x[2])  # zeros: T_L = 0 under the identity fallback
     assert float((y[0] - x[0]).float().norm() / x[0].float().norm()) < 0.2  # 4 bits, outlier channels
 
 

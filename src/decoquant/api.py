@@ -84,7 +84,8 @@ def _stored(x: torch.Tensor, enc: Encoded, mask: torch.Tensor, any_exact: bool, 
     exact = x.detach()[mask].clone() if any_exact else None
     n_codes = x.shape[-1] if enc.packed else enc.codes.shape[-1]
     codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
-    return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact)
+    fallback = None if enc.fallback is None else enc.fallback & ~mask  # exact rows are not the fallback's
+    return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact, fallback)
 
 
 def compress_kv(keys: torch.Tensor, values: torch.Tensor, config: DecoQuantConfig,

@@ -23,11 +23,13 @@ class Block:
     after a buffer regrows, re-pointing costs O(1) per block instead of ~20 tensor ops (at 16k tokens
     that was ~20 ms per layer in the decode step that regrew)."""
 
-    __slots__ = ("_keys", "_values", "length", "_view")
+    __slots__ = ("_keys", "_values", "length", "_view", "_fallback")
 
-    def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int):
+    def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int,
+                 fallback: torch.Tensor | None = None):
         self._keys, self._values, self.length = keys, values, length
         self._view = None
+        self._fallback = fallback  # bool (device): the codec's fallback stored part of it, when it was compressed
 
     def point(self, view) -> None:
         """Take keys and values from `view()` when first read (drops views of an older buffer now)."""
@@ -49,6 +51,16 @@ class Block:
         self._resolve()
         return self._values
 
+    @property
+    def exact(self) -> bool:
+        """Whether rows of this block are kept exact (not finite: NaN/Inf)."""
+        return self.keys.num_exact + self.values.num_exact > 0
+
+    @property
+    def fallback(self) -> bool:
+        """Whether the codec stored some of this block with its fallback (`CompressedKV.fallback_mask`)."""
+        return self._fallback is not None and bool(self._fallback)
+
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = decompress(self.keys), decompress(self.values)
         if self.length < k.shape[-2]:
@@ -56,7 +68,7 @@ class Block:
         return k, v
 
     def select_batch(self, index: torch.Tensor) -> "Block":
-        return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length)
+        return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length, self._fallback)
 
 
 def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
@@ -70,7 +82,9 @@ def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:
     params = {k: v.index_select(0, index.to(v.device)) for k, v in c.params.items()}
     codes = None if c.codes is None else c.codes.index_select(0, index.to(c.codes.device))
     shape = (int(index.numel()),) + tuple(c.shape[1:])
-    return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact)
+    fallback = None if c.fallback_mask is None else c.fallback_mask.index_select(0, index.to(c.fallback_mask.device))
+    return replace(c, shape=shape, codes=codes, params=params, exact_mask=mask, exact_values=exact,
+                   fallback_mask=fallback)
 
 
 @dataclass

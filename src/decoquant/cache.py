@@ -64,6 +64,8 @@ class CompressedKVStore(StaticDecoding):
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.length = 0
+        self.dtype = None  # of the keys and values appended
+        self.exact_prefix = config.sink_tokens  # sinks, plus a padded batch's leading pads (set_padding)
         self._static: StaticWindow | None = None
         self._deferred = False
         self._event = None  # of a deferred compression: the main stream's work it waits for
@@ -80,6 +82,7 @@ class CompressedKVStore(StaticDecoding):
         compression's host syncs. The store settles itself before anything else reads or changes it."""
         self.settle()
         self._check(keys, values)
+        self.dtype = keys.dtype
         if self._static is not None:
             return self._static_append(keys, values)
         if self._can_fuse(keys):
@@ -106,7 +109,7 @@ class CompressedKVStore(StaticDecoding):
                 parts_k.append(k)
                 parts_v.append(v)
         # sinks first fill up, the rest goes to the window
-        room = self.config.sink_tokens - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
+        room = self.exact_prefix - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
         if room > 0 and not self.blocks and self.window_keys is None:
             take = min(room, keys.shape[-2])
             # copies: a view would pin the whole incoming chunk (a prefill) for the sequence's lifetime
@@ -193,6 +196,8 @@ class CompressedKVStore(StaticDecoding):
         GPU has work while the host waits; in the rare case it must, the appends are undone."""
         cfg = self.config
         ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
+        fell = [m.reshape(n, b).any(1) for m in (ck.fallback_mask, cv.fallback_mask) if m is not None]
+        fallback = (fell[0] | fell[1]) if len(fell) == 2 else (fell[0] if fell else None)  # [n] per block
         # (blocks that come with their exact rows, off the kernel route, have them: never into the buffers)
         buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks and ck.exact_values is None
                     and cv.exact_values is None)
@@ -205,7 +210,8 @@ class CompressedKVStore(StaticDecoding):
             if self._like is None:  # one batch row: the template (shapes, metadata) of every buffered block's views
                 first = torch.arange(1, device=ks.device)
                 self._like = (select_batch(ck, first), select_batch(cv, first))
-            self.blocks += [Block(None, None, cfg.block_size) for _ in range(n)]
+            self.blocks += [Block(None, None, cfg.block_size, None if fallback is None else fallback[i])
+                            for i in range(n)]
             # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
             # step that compresses a block stays O(1) in the number of blocks)
             self._repoint(0 if regrown else len(self.blocks) - n)
@@ -219,7 +225,8 @@ class CompressedKVStore(StaticDecoding):
         for i in range(n):
             rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
             self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
-                                     cv if n == 1 else select_batch(cv, rows), cfg.block_size))
+                                     cv if n == 1 else select_batch(cv, rows), cfg.block_size,
+                                     None if fallback is None else fallback[i]))
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
@@ -230,6 +237,11 @@ class CompressedKVStore(StaticDecoding):
             raise ValueError(
                 f"inconsistent shapes: the cache holds batch={ref.shape[0]}, kv_heads={ref.shape[1]}, "
                 f"head_dim={ref.shape[3]} but got {tuple(keys.shape)}; reset the cache for a new batch")
+
+    @property
+    def kv_heads(self) -> int | None:
+        ref = self._reference()
+        return None if ref is None else ref.shape[1]
 
     def _reference(self) -> torch.Tensor | None:
         for t in (self.window_keys, self.sink_keys, self._static and self._static.keys):
@@ -304,12 +316,15 @@ class CompressedKVStore(StaticDecoding):
             exact_parts = (st.keys[:, :, :s], st.values[:, :, :s], st.keys[:, :, s:], st.values[:, :, s:])
         exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()
-        per_token = 0 if ref is None else 2 * 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]
+        per_token = 0 if ref is None else 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]  # elements of K and V
+        itemsize = 0 if self.dtype is None else torch.empty((), dtype=self.dtype).element_size()
         return {"compressed_blocks": blocks, "exact_tokens": exact, "total": blocks + exact,
                 "exact_elements": sum(0 if t is None else t.numel() for t in exact_parts),
                 "sink_elements": sum(0 if t is None else t.numel() for t in exact_parts[:2]),
                 "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
-                "fp16_equivalent": per_token * self.length, "tokens": self.length,
+                "fp16_equivalent": 2 * per_token * self.length, "dynamic_cache": itemsize * per_token * self.length,
+                "tokens": self.length, "fallback_blocks": sum(b.fallback for b in self.blocks),
+                "exact_blocks": sum(b.exact for b in self.blocks),
                 "compressed_tokens": sum(b.length for b in self.blocks)}
 
 

@@ -22,6 +22,8 @@ class CompressedKV:
     exact_mask: bool [batch]; True where a batch row was kept exact (NaN/Inf, or a degenerate
         block the codec could not compress safely; every row for method "none").
     exact_values: the exact rows, in the input dtype, [num_exact, kv_heads, tokens, head_dim].
+    fallback_mask: bool [batch] or None; True where the codec stored a row with its simpler fallback (DecoQuant:
+        T_S = I for a rank-deficient block, i.e. plain RTN in the same format). For reports; not stored data.
     """
 
     config: DecoQuantConfig
@@ -33,6 +35,7 @@ class CompressedKV:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     exact_mask: torch.Tensor | None = None
     exact_values: torch.Tensor | None = None
+    fallback_mask: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -56,6 +59,10 @@ class CompressedKV:
         return 8.0 * self.nbytes / max(self.numel, 1)
 
     @property
+    def num_fallback(self) -> int:
+        return 0 if self.fallback_mask is None else int(self.fallback_mask.sum())
+
+    @property
     def num_exact(self) -> int:
         return 0 if self.exact_mask is None else int(self.exact_mask.sum())
 
@@ -69,8 +76,10 @@ class CompressedKV:
     def to(self, device: torch.device | str) -> "CompressedKV":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return replace(self, codes=move(self.codes), params={k: move(v) for k, v in self.params.items()},
-                       exact_mask=move(self.exact_mask), exact_values=move(self.exact_values))
+                       exact_mask=move(self.exact_mask), exact_values=move(self.exact_values),
+                       fallback_mask=move(self.fallback_mask))
 
     def __repr__(self) -> str:
         return (f"CompressedKV({self.config.label()}, kind={self.kind!r}, shape={list(self.shape)}, "
-                f"nbytes={self.nbytes}, effective_bits={self.effective_bits:.3f}, exact_rows={self.num_exact})")
+                f"nbytes={self.nbytes}, effective_bits={self.effective_bits:.3f}, exact_rows={self.num_exact}, "
+                f"fallback_rows={self.num_fallback})")

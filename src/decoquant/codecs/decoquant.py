@@ -22,8 +22,11 @@ from ..mpo import RANK_RTOL, mpo_decompose, two_sites_from_eigh
 from ..quant import QTensor, dequantize, dequantize_kv, quantize, quantize_kv
 from .base import Encoded
 
-# A block whose smallest singular value is below RANK_RTOL of its largest is "rank deficient" (e.g. all
-# zeros, constant, or a dead channel shared by every head) and is kept exact.
+# A matrix whose smallest singular value is below RANK_RTOL of its largest is "rank deficient" (e.g. all
+# zeros, one repeated token, or a dead channel shared by every head): its 1/sqrt(s) scaling is ill-conditioned,
+# so it falls back to W = T_S = I (T_L = M: plain RTN at the config's scale granularity, same stored format) and
+# is reported (`Encoded.fallback`). Only a non-finite input or parameter is kept exact. (num_sites > 2 keeps
+# rank-deficient blocks exact: their identity sites would not match the other rows' bond shapes.)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -31,9 +34,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _rank_deficient(t_l: torch.Tensor) -> torch.Tensor:
-    """t_l [..., N, r] = U sqrt(S): column k has squared norm s_k. -> bool [batch]."""
+    """t_l [..., N, r] = U sqrt(S): column k has squared norm s_k. -> bool [...] per matrix."""
     s = t_l.pow(2).sum(-2)  # [..., r]
-    bad = s.amin(-1) <= RANK_RTOL * s.amax(-1)
+    return s.amin(-1) <= RANK_RTOL * s.amax(-1)
+
+
+def _per_row(bad: torch.Tensor) -> torch.Tensor:
+    """bool [batch, ...] per matrix -> [batch]."""
     return bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
 
 
@@ -72,32 +79,35 @@ def _gram(m: torch.Tensor) -> torch.Tensor:
     return (parts.transpose(-1, -2) @ parts).double().sum(-3)
 
 
-def _factor_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factor_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2-site MPO from a float64 Gram matrix [..., g, g] of a tall M (`mpo.two_sites_from_eigh`). Returns
-    (W [..., g, g], T_S [..., g, 1, g, 1], unsafe bool [batch]): rank deficient (T_L's column k has squared
-    norm s_k, so the flag comes from S instead of another pass over T_L) or a non-finite Gram matrix (a
-    NaN/Inf in M; its eigenproblem is skipped)."""
+    (W [..., g, g], T_S [..., g, 1, g, 1], unsafe bool [batch], fallback bool [batch]): unsafe for a non-finite
+    Gram matrix (a NaN/Inf in M; its eigenproblem is skipped); a rank-deficient matrix (T_L's column k has
+    squared norm s_k, so the flag comes from S instead of another pass over T_L) gets W = T_S = I."""
+    from ..kernels.reference import identity_where
+
     nonfinite = ~torch.isfinite(gram).flatten(-2).all(-1)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     gram = torch.where(nonfinite[..., None, None], eye, gram)  # no host sync to ask whether any
     w, t_s, bad = two_sites_from_eigh(*torch.linalg.eigh(gram))
-    bad = bad | nonfinite
-    bad = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
-    return w, t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1), bad
+    bad = bad & ~nonfinite
+    w, t_s = identity_where(bad, w, t_s)
+    t_s = t_s.reshape(*t_s.shape[:-2], t_s.shape[-2], 1, t_s.shape[-1], 1)
+    return w, t_s, _per_row(nonfinite), _per_row(bad)
 
 
-def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 2-site MPO of a tall m [..., N, g] through its g x g Gram matrix (fast on GPUs); the Gram products
-    and T_L run in m's dtype (float32 on GPUs, tf32 off). Returns (T_L, T_S, unsafe [batch]) as
-    `_factor_gram`."""
+    and T_L run in m's dtype (float32 on GPUs, tf32 off). Returns (T_L, T_S, unsafe [batch], fallback [batch])
+    as `_factor_gram`."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        w, t_s, bad = _factor_gram(_gram(m))
+        w, t_s, bad, fallback = _factor_gram(_gram(m))
         t_l = m @ w.to(m.dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    return t_l, t_s, bad
+    return t_l, t_s, bad, fallback
 
 
 def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
@@ -125,6 +135,7 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
     unsafe (a non-finite input or parameter, a rank-deficient block) in one int32 vector, so no host sync
     asks which rows until the caller does."""
     from ..kernels.compress import factor, gram, quantize_pack
+    from ..kernels.reference import FALLBACK, UNSAFE
 
     g, b = config.group_size, xs[0].shape[0]
     flags = torch.zeros(len(xs), b, dtype=torch.int32, device=xs[0].device)
@@ -141,7 +152,8 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
         params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         t_s_i = t_s[i * b:(i + 1) * b]
         params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)
-        out.append(Encoded(codes, params, flags[i].bool(), packed=True))
+        out.append(Encoded(codes, params, (flags[i] & UNSAFE).bool(), packed=True,
+                           fallback=(flags[i] & FALLBACK).bool()))
     return out
 
 
@@ -155,19 +167,26 @@ def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded
     g, n_sites = config.group_size, config.num_sites
     m = _matrix_view(x.to(_compute_dtype(x)), config)
     n_rows = m.shape[-2]
+    fallback = None
     if x.is_cuda and n_sites == 2 and n_rows >= g:
-        t_l, t_s, unsafe = _two_sites_gram(m)
+        t_l, t_s, unsafe, fallback = _two_sites_gram(m)
         sites = [t_l, t_s]
     else:
         rows = (n_rows,) + (1,) * (n_sites - 1)
         cols = (1,) + config.site_factors
         sites = mpo_decompose(m, rows, cols, gauge="symmetric")
         t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
-        unsafe = _rank_deficient(t_l)
+        deficient = _rank_deficient(t_l)
+        unsafe = _per_row(deficient)
     r1 = t_l.shape[-1]
     if r1 < g:  # fewer rows than g: pad the bond with zeros (still exact)
         t_l = F.pad(t_l, (0, g - r1))
         sites[1] = F.pad(sites[1], (0, 0, 0, 0, 0, 0, 0, g - r1))
+    if fallback is None and n_sites == 2:  # rank deficient: W = T_S = I, T_L = M (see the top of this module)
+        eye = torch.eye(g, dtype=sites[1].dtype, device=x.device).reshape(g, 1, g, 1)
+        t_l = torch.where(deficient[..., None, None], m.to(t_l.dtype), t_l)
+        sites[1] = torch.where(deficient[..., None, None, None, None], eye, sites[1])
+        unsafe, fallback = torch.zeros_like(unsafe), _per_row(deficient)
     q = quantize_kv(t_l.reshape(x.shape), config.bits, config.granularity(kind),
                     config.is_symmetric, config.quant_group_size)
     params = {"scale": q.scale}
@@ -175,7 +194,7 @@ def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded
         params["zero"] = q.zero
     for k, site in enumerate(sites[1:], start=2):
         params[f"site{k}"] = site.to(torch.float16)
-    return Encoded(q.codes, params, unsafe)
+    return Encoded(q.codes, params, unsafe, fallback=fallback)
 
 
 def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:

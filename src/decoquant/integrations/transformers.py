@@ -16,7 +16,6 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from ..cache import CompressedKVStore
 from ..config import DecoQuantConfig
 
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class DecoQuantLayer(DynamicLayer):
@@ -79,51 +78,82 @@ class DecoQuantLayer(DynamicLayer):
         pass
 
 
-def _model_geometry(model_config) -> tuple[list[str], int, int, int | None]:
+def _cache_argument() -> str:
+    """The name the forwards and `generate` take a cache under: `cache` since transformers 5.24 (the old
+    `past_key_values` warns there), `past_key_values` before."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
+
+
+CACHE_ARG = _cache_argument()
+
+
+def cache_kwargs(cache) -> dict:
+    """{CACHE_ARG: cache}, for `model(**inputs, **cache_kwargs(cache))` on every supported transformers."""
+    return {CACHE_ARG: cache}
+
+
+def attention_implementation(model_config) -> str | None:
+    """The attention a model config selects (transformers keeps it in `_attn_implementation`)."""
+    return getattr(model_config, "_attn_implementation", None)
+
+
+def _text_config(model_config):
     cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError("DecoQuantCache supports decoder-only causal LMs; got an encoder-decoder model config")
-    n_layers = getattr(cfg, "num_hidden_layers", None)
-    n_heads = getattr(cfg, "num_attention_heads", None)
-    if not n_layers or not n_heads:
+    if not getattr(cfg, "num_hidden_layers", None) or not getattr(cfg, "num_attention_heads", None):
         raise ValueError("model_config must define num_hidden_layers and num_attention_heads "
                          f"(got a {type(cfg).__name__})")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    if getattr(cfg, "num_kv_shared_layers", 0):
-        raise ValueError("models that share KV across layers (num_kv_shared_layers > 0) are not supported")
-    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n_layers)
-    bad = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
-    if bad:
-        raise ValueError(f"unsupported attention layer types {bad}; DecoQuantCache supports {SUPPORTED_LAYER_TYPES}")
-    window = getattr(cfg, "sliding_window", None)
-    if "sliding_attention" in layer_types and not window:
-        raise ValueError("the model has sliding_attention layers but no sliding_window in its config")
-    return layer_types, int(kv_heads), int(head_dim), window
+    return cfg
+
+
+def _head_dim(cfg) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def _reference_layers(model_config) -> list:
+    """The layers transformers' own DynamicCache builds for this model: it knows every way a config marks
+    sliding-window or chunked layers (`layer_types`, a bare `sliding_window` as on Mistral and Phi-3, Qwen2's
+    `use_sliding_window` / `max_window_layers`, `attention_chunk_size`) and layers that hold no cache."""
+    layers = DynamicCache(config=model_config).layers
+    for i, layer in enumerate(layers):
+        if not (type(layer) is DynamicLayer or isinstance(layer, DynamicSlidingWindowLayer)
+                or type(layer).__name__ == "DummyLayer"):
+            raise ValueError(f"layer {i} of this model needs a {type(layer).__name__} cache, which DecoQuantCache "
+                             "does not support; it compresses full-attention layers and keeps sliding-window "
+                             "layers as transformers does")
+    return layers
 
 
 class DecoQuantCache(DynamicCache):
-    """A compressed KV cache for `model.generate(..., past_key_values=cache)` or a plain forward.
+    """A compressed KV cache for `model.generate(..., cache=cache)` or a plain forward.
 
     config: the codec and streaming settings (`DecoQuantConfig`: method, bits, block_size,
         residual_length, sink_tokens, ...).
     model_config: the model's transformers config (layer count, kv heads, head_dim, layer types).
     fused: answer decode steps with packed blocks for the fused attention kernel
-        (`decoquant.enable_fused_attention(model)`). "auto": when the model uses that attention
-        and the config can be fused.
+        (`decoquant.enable_fused_attention(model)`; True needs the model switched to it). "auto": when the
+        model uses that attention and the config can be fused.
     overlap: on CUDA, compress the blocks a prefill fills in each layer on a worker thread and a side
         stream while the following layers run (a layer's fp16 K/V stays until its compression is
         done); False compresses each layer in its own update. The cache holds the same blocks either way.
+
+    Left-padded batches: `set_padding(attention_mask)` before the prefill (`from_model` installs a hook that
+    does it from every forward's `attention_mask`) keeps each row's padding and its first `sink_tokens` real
+    tokens exact, so no pad position enters a block's scales, zero points or T_S.
     """
 
     def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
-        layer_types, kv_heads, head_dim, window = _model_geometry(model_config)
-        config.check_head_dim(head_dim)
+        text = _text_config(model_config)
+        config.check_head_dim(_head_dim(text))
         from ..kernels.layout import fused_compatible
 
-        wanted = getattr(model_config, "_attn_implementation", None) == "decoquant"
+        wanted = attention_implementation(model_config) == "decoquant"
         if fused == "auto":
             fused = wanted and fused_compatible(config)
             if wanted and not fused:
@@ -131,22 +161,66 @@ class DecoQuantCache(DynamicCache):
                               "decompress the history and use SDPA instead", stacklevel=2)
         elif fused not in (True, False):
             raise ValueError(f"fused={fused!r} is not supported; allowed values: True, False, 'auto'")
+        elif fused and not wanted:
+            raise ValueError(f"fused=True needs the model's attention switched to decoquant's fused kernel "
+                             f"(decoquant.enable_fused_attention(model) before building the cache); this model "
+                             f"uses {attention_implementation(model_config)!r}. Use fused='auto' or False")
         if overlap not in (True, False):
             raise ValueError(f"overlap={overlap!r} is not supported; allowed values: True, False")
         self.fused = bool(fused)
         self.config = config
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        layers = [DecoQuantLayer(config, self.fused, overlap) if t == "full_attention"
-                  else DynamicSlidingWindowLayer(sliding_window=window) for t in layer_types]
+        self.head_dim = _head_dim(text)
+        reference = _reference_layers(model_config)
+        layers = [DecoQuantLayer(config, self.fused, overlap) if type(layer) is DynamicLayer else layer
+                  for layer in reference]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
-        self._last = max((i for i, t in enumerate(layer_types) if t == "full_attention"), default=-1)
+        if not self.compressed_layers and config.method != "none":
+            warnings.warn("every layer of this model is a sliding-window (or cache-less) layer, which transformers "
+                          "already bounds by its window: DecoQuantCache compresses nothing here", stacklevel=2)
+        self._last = max(self.compressed_layers, default=-1)
         self._unsettled: list[int] = []  # layers whose compression was launched in this forward
+        self.padding = 0  # leading pad positions of the most padded row (see set_padding)
+
+    @property
+    def kv_heads(self) -> int | None:
+        """kv heads of the keys the cache holds (None before the first update): read from the tensors, as
+        configs name them in many ways (multi-query Falcon keeps one kv head under num_kv_heads)."""
+        for layer in self.layers:
+            keys = getattr(layer, "keys", None)
+            if isinstance(layer, DecoQuantLayer) and layer.store.length:
+                return layer.store.kv_heads
+            if keys is not None and keys.dim() == 4:
+                return keys.shape[1]
+        return None
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """Record a left-padded batch's padding from its 2-D attention_mask [batch, tokens] (1 = real token)
+        before its prefill: every row's first `sink_tokens` real tokens (and the pads before them) stay
+        exact. Has no effect once the cache holds compressed blocks (the exact prefix is fixed by then)."""
+        if attention_mask is None or attention_mask.dim() != 2:
+            return
+        mask = attention_mask.bool()
+        lead = (mask.cumsum(1) == 0).sum(1)  # leading pads per row
+        if bool((~mask).sum(1).ne(lead).any()):
+            warnings.warn("attention_mask masks positions after a row's first real token (right padding?); "
+                          "DecoQuantCache keeps left padding out of its blocks, other masked positions are "
+                          "compressed with the rest", stacklevel=2)
+        pad = int(lead.max()) if mask.numel() else 0
+        self.padding = pad
+        for i in self.compressed_layers:
+            self.layers[i].store.exact_prefix = self.config.sink_tokens + pad
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """transformers' per-layer update. With overlap, a prefill's compression in a layer is launched at
-        once and runs beside the following layers; the last layer waits for all of them, so a forward returns
-        with its cache complete."""
+        """transformers' per-layer update (`cache_kwargs` positionally before 5.25, `kwargs=` since). With
+        overlap, a prefill's compression in a layer is launched at once and runs beside the following layers;
+        the last layer waits for all of them, so a forward returns with its cache complete."""
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer_idx={layer_idx} but this cache was built for a model with {len(self.layers)} "
+                             "layers: build it from the config of the model it serves")
+        if key_states.shape[-1] != self.head_dim and isinstance(self.layers[layer_idx], DecoQuantLayer):
+            raise ValueError(f"keys of head_dim={key_states.shape[-1]} but this cache was built for a model with "
+                             f"head_dim={self.head_dim}: build it from the config of the model it serves")
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, DecoQuantLayer) and layer.store.deferred:
@@ -159,24 +233,35 @@ class DecoQuantCache(DynamicCache):
         return out
 
     @classmethod
-    def from_model(cls, model, config: DecoQuantConfig | None = None, **fields) -> "DecoQuantCache":
-        """Build a cache for `model`; `fields` override the config (e.g. bits=2).
+    def from_model(cls, model, config: DecoQuantConfig | None = None, **options) -> "DecoQuantCache":
+        """Build a cache for `model`; `options` are config fields (e.g. bits=2) or the cache's own `fused`
+        and `overlap`; a config field that is neither raises a ValueError naming it.
 
         config None picks the default: the frontier's preset, `DecoQuantConfig(preset="channel64-token",
         sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it).
+        Where its group size (16) does not divide the model's head_dim (e.g. 72), the same recipe with the
+        largest group size that does is used, with a warning.
+
+        Installs a forward pre-hook on `model` (once) that hands each forward's attention_mask to the
+        DecoQuantCache it is given, so left-padded batches keep their pads and first real tokens exact.
 
         Under tensor parallelism (`tp_plan="auto"`) each rank holds some of the kv heads and compresses
         them with no communication; the config must then be head-local (`config.head_local`, e.g.
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
+        cache_options = {k: options.pop(k) for k in ("fused", "overlap") if k in options}
+        default = config is None
         config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
-        config = config.replace(**fields) if fields else config
+        config = config.replace(**options) if options else config
+        if default:
+            config = _fit_head_dim(config, _head_dim(_text_config(model.config)))
         tp_size = getattr(model, "tp_size", None) or 1
         if tp_size > 1 and not config.head_local:
             raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares scales or "
                              "T_S across kv heads, which the ranks would compute from different heads; use a "
                              "head-local config, e.g. DecoQuantConfig(method='decoquant', ts_sharing='head', "
                              "scale_granularity='token_head')")
-        return cls(config, model.config)
+        track_padding(model)
+        return cls(config, model.config, **cache_options)
 
     # ---------------------------------------------------------------- static (CUDA-graph) decoding
     def make_static(self, steps: int) -> None:
@@ -214,20 +299,25 @@ class DecoQuantCache(DynamicCache):
         return [i for i, layer in enumerate(self.layers) if isinstance(layer, DecoQuantLayer)]
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes held by part: compressed blocks, exact tokens (sinks, windows, uncompressed sliding
-        layers), the total, the fp16 bytes of the same tokens, and element counts of both parts."""
-        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "fp16_equivalent": 0,
-               "exact_elements": 0, "compressed_elements": 0, "sink_elements": 0}
+        """Bytes held by part: compressed blocks, exact tokens (sinks, padding, windows, sliding layers), the
+        total; `dynamic_cache`: what transformers' DynamicCache holds for the same tokens in the model's dtype
+        (sliding layers bounded the same way); `fp16_equivalent`: the same tokens at 2 bytes per element; and
+        element counts. `fallback_blocks`: blocks the codec stored with its simpler fallback (see
+        `CompressedKV.fallback_mask`); `exact_blocks`: blocks with rows kept exact (NaN/Inf)."""
+        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "dynamic_cache": 0, "fp16_equivalent": 0,
+               "exact_elements": 0, "compressed_elements": 0, "sink_elements": 0, "fallback_blocks": 0,
+               "exact_blocks": 0}
         for layer in self.layers:
             if isinstance(layer, DecoQuantLayer):
                 mem = layer.store.memory()
                 for key in out:
                     out[key] += mem[key]
-            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            elif layer.is_initialized and getattr(layer, "keys", None) is not None and layer.keys.numel():
                 exact = layer.keys.numel() * layer.keys.element_size() * 2
                 out["exact_elements"] += layer.keys.numel() * 2
                 out["exact_tokens"] += exact
                 out["total"] += exact
+                out["dynamic_cache"] += exact
                 out["fp16_equivalent"] += layer.keys.numel() * 2 * 2
         return out
 
@@ -239,3 +329,36 @@ class DecoQuantCache(DynamicCache):
         n_c, n = len(self.compressed_layers), len(self.layers)
         return (f"DecoQuantCache({self.config.label()}, compressed layers {n_c}/{n}, fused={self.fused}, "
                 f"seq_len={self.get_seq_length()})")
+
+
+def _fit_head_dim(config: DecoQuantConfig, head_dim: int) -> DecoQuantConfig:
+    """The default config for a head_dim its group size does not divide: the same recipe (preset=None) with
+    the largest group size <= 16 that divides head_dim, announced with a warning."""
+    try:
+        config.check_head_dim(head_dim)
+        return config
+    except ValueError:
+        pass
+    g = max((d for d in range(2, 17) if head_dim % d == 0), default=None)
+    if g is None:
+        raise ValueError(f"head_dim={head_dim} has no even group size <= 16; pass a DecoQuantConfig with "
+                         "method='kivi' or 'rtn'")
+    fitted = config.replace(preset=None, group_size=g)
+    warnings.warn(f"head_dim={head_dim} is not a multiple of {config.group_size}: the default "
+                  f"{config.label()} runs with group_size={g} ({fitted.label()}); the fused GPU kernels need 16 "
+                  "or 32", stacklevel=3)
+    return fitted
+
+
+def _padding_hook(module, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if isinstance(cache, DecoQuantCache) and cache.get_seq_length() == 0:
+        cache.set_padding(kwargs.get("attention_mask"))
+
+
+def track_padding(model) -> None:
+    """Make every forward of `model` hand its 2-D attention_mask to the empty DecoQuantCache it is given
+    (`DecoQuantCache.set_padding`), once per model."""
+    if not getattr(model, "_decoquant_padding_hook", False):
+        model.register_forward_pre_hook(_padding_hook, with_kwargs=True)
+        model._decoquant_padding_hook = True

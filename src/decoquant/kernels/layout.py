@@ -193,7 +193,8 @@ class PackedKVBuffer:
         if self.zeros is not None:
             params["zero"] = as_param(self.zeros).reshape(batch("zero"))
         return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
-                       exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None)
+                       exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None,
+                       fallback_mask=None)
 
     def view(self, capacity: bool = False) -> PackedKV:
         """The blocks appended so far (slices: later appends do not change them), or (capacity) the whole

@@ -11,8 +11,9 @@ g x g eigenproblems in between run in torch.linalg.eigh):
   round-half-to-even codes against the fp16 scales (as quant.py), packed in packing.py's bit order.
   Scales per token over all heads (two passes over the heads: first the ranges, then the codes), per
   token and head, or per T_L channel over CG-token groups (one tile of CG tokens).
-Each kernel sets flags[b] = 1 (int32, atomic max) for a batch row it finds unsafe: a non-finite entry of x, a
-rank-deficient matrix or a T_S entry past fp16, a non-finite scale or zero. No host sync anywhere.
+Each kernel ORs bits into flags[b] (int32) for a batch row: 1 (UNSAFE, kept exact) for a non-finite entry of x,
+a non-finite scale or zero; 2 (FALLBACK) for a rank-deficient matrix or a T_S entry past fp16, whose W and T_S
+the factor kernel replaces by the identity (plain RTN of that matrix). No host sync anywhere.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _gram_reduce_kernel(partial_ptr, gram_ptr, flag_ptr, TILES, MPB: tl.constexp
     bad = tl.max(tl.max(_not_finite(acc).to(tl.int32), axis=1), axis=0)
     eye = (g[:, None] == g[None, :]).to(tl.float64)
     tl.store(gram_ptr + m * G * G + tile, tl.where(bad > 0, eye, acc))
-    tl.atomic_max(flag_ptr + m // MPB, bad)
+    tl.atomic_or(flag_ptr + m // MPB, bad)
 
 
 @triton.jit
@@ -90,12 +91,17 @@ def _factor_kernel(evals_ptr, evecs_ptr, w_ptr, ts_ptr, flag_ptr, MPB: tl.conste
     v = tl.load(evecs_ptr + m * G * G + i[:, None] * G + (G - 1 - j)[None, :])
     s_max = tl.max(s, axis=0)
     inv_root = tl.where(s > _RANK_RTOL * s_max, 1.0 / tl.sqrt(tl.maximum(s, 1e-300)), 0.0)
-    tl.store(w_ptr + m * G * G + i[:, None] * G + j[None, :], (v * inv_root[None, :]).to(tl.float32))
+    w = v * inv_root[None, :]
     ts = (v * tl.sqrt(s)[None, :]).to(tl.float16)  # [i, j] = T_S[j, i]
-    tl.store(ts_ptr + m * G * G + j[None, :] * G + i[:, None], ts)
     overflow = tl.max(tl.max(_not_finite(ts.to(tl.float32)).to(tl.int32), axis=1), axis=0)
     deficient = (tl.min(s, axis=0) <= _RANK_RTOL * s_max).to(tl.int32)
-    tl.atomic_max(flag_ptr + m // MPB, tl.maximum(overflow, deficient))
+    fallback = tl.maximum(overflow, deficient)  # then W = T_S = I: T_L = M, plain RTN of the block
+    eye = (i[:, None] == j[None, :]).to(tl.float32)
+    w = tl.where(fallback != 0, eye, w)
+    ts = tl.where(fallback != 0, eye.to(tl.float16), ts)
+    tl.store(w_ptr + m * G * G + i[:, None] * G + j[None, :], w.to(tl.float32))
+    tl.store(ts_ptr + m * G * G + j[None, :] * G + i[:, None], ts)
+    tl.atomic_or(flag_ptr + m // MPB, fallback * 2)
 
 
 @triton.jit
@@ -149,7 +155,7 @@ def _pack(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr, BT: tl.constexp
 @triton.jit
 def _flag_params(flag_ptr, scale, zero, valid):
     bad = (_not_finite(scale.to(tl.float32)) | _not_finite(zero.to(tl.float32))) & valid
-    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+    tl.atomic_or(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
 
 
 @triton.jit
