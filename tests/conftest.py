@@ -1,3 +1,4 @@
+import importlib
 import os
 
 import pytest
@@ -19,15 +20,32 @@ def outlier_kv(batch=2, heads=4, tokens=256, head_dim=64, seed=0, dtype=torch.fl
     return x.to(dtype)
 
 
+if os.environ.get("CI"):  # under CI a missing dependency fails the run: a test that skips cannot fail
+    def _import_or_fail(modname, *args, **kwargs):
+        try:
+            return importlib.import_module(modname)
+        except ImportError as err:
+            pytest.fail(f"{modname} is needed under CI and failed to import: {err}")
+
+    pytest.importorskip = _import_or_fail
+
+
+def real_model(name: str):
+    """A built-in real model; where it cannot load, skip, except under CI (`CI` set), where a test that cannot
+    run must fail the run instead of passing green."""
+    try:
+        from decoquant.integrations.models import load_model
+
+        return load_model(name)
+    except Exception as err:  # package missing, or a transformers release that cannot load it
+        if os.environ.get("CI"):
+            pytest.fail(f"real model {name!r} failed to load under CI: {type(err).__name__}: {err}")
+        pytest.skip(f"{name}: {err}")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    pytest.importorskip("transformers")
-    from decoquant.integrations.models import load_model
-
-    try:
-        return load_model("smollm2-135m")
-    except ValueError as err:  # package not installed
-        pytest.skip(str(err))
+    return real_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -43,10 +61,4 @@ def smollm2_kv(smollm2):
 
 @pytest.fixture(scope="session")
 def gemma3():
-    pytest.importorskip("transformers")
-    from decoquant.integrations.models import load_model
-
-    try:
-        return load_model("gemma3-270m")
-    except ValueError as err:
-        pytest.skip(str(err))
+    return real_model("gemma3-270m")

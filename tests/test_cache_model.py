@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import decoquant as dq
+from decoquant.integrations.transformers import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +15,7 @@ def generate(model, tok, batch, cache, **kw):
     tok.padding_side = "left"
     enc = tok(PROMPTS[:batch], return_tensors="pt", padding=True)
     kw.setdefault("do_sample", False)
-    return model.generate(**enc, max_new_tokens=kw.pop("max_new_tokens", 64), past_key_values=cache,
+    return model.generate(**enc, max_new_tokens=kw.pop("max_new_tokens", 64), **cache_kwargs(cache),
                           pad_token_id=tok.pad_token_id, **kw)
 
 
@@ -78,13 +79,13 @@ def test_crop_and_seq_length(smollm2):
     ids = tok(" ".join(["word"] * 90), return_tensors="pt").input_ids
     cache = dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", block_size=16, residual_length=8), model.config)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     n = ids.shape[1]
     assert cache.get_seq_length() == n
     cache.crop(-20)
     assert cache.get_seq_length() == n - 20
     with torch.no_grad():
-        logits = model(input_ids=ids[:, n - 20:n - 19], past_key_values=cache).logits
+        logits = model(input_ids=ids[:, n - 20:n - 19], **cache_kwargs(cache)).logits
     assert torch.isfinite(logits).all() and cache.get_seq_length() == n - 19
 
 
@@ -94,7 +95,7 @@ def test_compressed_blocks_take_at_most_027x_of_fp16(smollm2):
                               model.config)
     ids = tok(" ".join(["The quick brown fox jumps over the lazy dog."] * 80), return_tensors="pt").input_ids[:, :600]
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     mem = cache.memory_report()
     assert mem["compressed_elements"] > 0
     assert mem["compressed_blocks"] / (2 * mem["compressed_elements"]) <= 0.27
@@ -107,7 +108,7 @@ def test_long_generation_to_the_maximum_length(smollm2):
     ids = torch.randint(100, 40000, (1, limit - 24), generator=torch.Generator().manual_seed(0))
     cache = dq.DecoQuantCache(dq.DecoQuantConfig(preset="paper", bits=4), model.config)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                         past_key_values=cache, min_new_tokens=24, pad_token_id=tok.pad_token_id)
+                         **cache_kwargs(cache), min_new_tokens=24, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == limit
     assert cache.get_seq_length() == limit - 1  # the last generated token is never fed back
     store = cache.layers[0].store

@@ -11,6 +11,7 @@ from decoquant.cache import CompressedKVStore, FusedKV
 from decoquant.config import DecoQuantConfig
 from decoquant.kernels.attention import decode_attention
 from decoquant.kernels.reference import attention_reference
+from decoquant.integrations.transformers import cache_kwargs
 
 CUDA = torch.cuda.is_available()
 CONFIGS = {"paper": dict(preset="paper", block_size=32, residual_length=16),
@@ -118,16 +119,16 @@ def tiny_llama(kv_heads: int, device="cpu", dtype=torch.float32, layers: int = 2
 
 def _teacher_forced(model, cache, ids, tokens):
     """Logits of each decode step of an ordinary eager loop fed `tokens` [B, n]."""
-    out = [model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+    out = [model(input_ids=ids, **cache_kwargs(cache), use_cache=True).logits[:, -1]]
     for i in range(tokens.shape[1] - 1):
-        out.append(model(input_ids=tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        out.append(model(input_ids=tokens[:, i:i + 1], **cache_kwargs(cache), use_cache=True).logits[:, -1])
     return out
 
 
 def _decode(model, cache, ids, steps, cuda_graph):
     from decoquant.integrations.graph_decode import GraphDecoder
 
-    first = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    first = model(input_ids=ids, **cache_kwargs(cache), use_cache=True).logits[:, -1]
     dec = GraphDecoder(model, cache, first.argmax(-1), ids.shape[1], steps, cuda_graph=cuda_graph)
     logits, tokens = [first], [first.argmax(-1)]
     for _ in range(steps):

@@ -7,6 +7,7 @@ import torch
 
 import decoquant as dq
 from test_graph_decode import tiny_llama
+from decoquant.integrations.transformers import cache_kwargs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -24,10 +25,10 @@ def test_overlapped_prefill_holds_the_same_cache(device, fused):
     logits = []
     with torch.no_grad():
         for cache in caches:
-            out = [model(input_ids=ids[:, :100], past_key_values=cache).logits,  # a prefill in two chunks
-                   model(input_ids=ids[:, 100:140], past_key_values=cache).logits]
+            out = [model(input_ids=ids[:, :100], **cache_kwargs(cache)).logits,  # a prefill in two chunks
+                   model(input_ids=ids[:, 100:140], **cache_kwargs(cache)).logits]
             assert not any(layer.store.deferred for layer in cache.layers)  # every forward returns settled
-            out += [model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits for t in range(140, 150)]
+            out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(140, 150)]
             logits.append(out)
     for other, cache in zip(logits[1:], caches[1:]):
         assert all(torch.equal(a, b) for a, b in zip(logits[0], other))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import decoquant as dq
+from decoquant.integrations.transformers import cache_kwargs
 
 CONFIGS = {
     "none": dq.DecoQuantConfig(method="none"),
@@ -20,7 +21,7 @@ def _generate(model, name):
     cache = dq.DecoQuantCache.from_model(model, CONFIGS[name])
     ids = (torch.arange(50)[None] * 7) % 256
     with torch.no_grad():
-        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=16, do_sample=False,
+        out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=16, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     return out.sequences[0, 50:].tolist(), torch.stack(out.logits).float()
 

@@ -98,12 +98,9 @@ def test_weights_command_labels_quantizer_variants(tmp_path):
     pytest.importorskip("transformers")
     from decoquant.cli import main
 
-    try:
-        from decoquant.integrations.models import load_model
+    from conftest import real_model
 
-        load_model("smollm2-135m")
-    except ValueError as err:
-        pytest.skip(str(err))
+    real_model("smollm2-135m")
     assert main(["weights", "--model", "smollm2-135m", "--methods", "rtn,decoquant-sym", "--bits", "8",
                  "--window", "256", "--chunk", "256", "--max-windows", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "weights.json").read_text())["rows"]

@@ -165,6 +165,9 @@ class DecoQuantConfig:
         """A copy with some fields changed (validated again). With a preset, the fields it pins are derived
         again (e.g. kv-split's key scale group follows a new block_size) unless `changes` sets them; with
         preset=None they stay as they are (the preset's recipe, now with explicit fields)."""
+        unknown = sorted(set(changes) - set(_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(_DEFAULTS)}")
         if self.preset is not None and changes.get("preset", self.preset) is not None:
             for name in preset_fields(self.preset, self.block_size):
                 changes.setdefault(name, _DEFAULTS[name])

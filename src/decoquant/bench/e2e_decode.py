@@ -26,6 +26,7 @@ import gc
 import json
 
 import torch
+from ..integrations.transformers import cache_kwargs
 
 
 def llama2_7b_config(layers: int):
@@ -76,7 +77,7 @@ def decode(model, cache, batch, context, steps, device):
         if i == 2:  # two warm-up steps (kernel compilation, allocator)
             torch.cuda.synchronize()
             start.record()
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, use_cache=True, logits_to_keep=1).logits
         ids = logits[:, -1:].argmax(-1)
         pos = pos + 1
     end.record()
@@ -201,7 +202,7 @@ def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
         attention.decode_attention = lambda *a, _b=backend, **k: original(*a, backend=_b, **k)
         for layer in cache.layers:  # forget the step's token so both runs see the same state
             layer.crop(-1) if layer.get_seq_length() > context else None
-        outs[backend] = model(input_ids=ids, past_key_values=cache, position_ids=pos, logits_to_keep=1).logits.float()
+        outs[backend] = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, logits_to_keep=1).logits.float()
     attention.decode_attention = original
     return float((outs["triton"] - outs["torch"]).norm() / outs["torch"].norm())
 
@@ -222,7 +223,7 @@ def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=5):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
             start.record()
-            model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(cache), logits_to_keep=1)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))

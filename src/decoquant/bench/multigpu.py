@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import torch
+from ..integrations.transformers import cache_kwargs
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=32768)
@@ -121,7 +122,7 @@ def decode_ms(model, cache, batch: int, context: int, steps: int) -> float:
             barrier()
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        logits = model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, use_cache=True, logits_to_keep=1).logits
         ids = logits[:, -1:].argmax(-1).to(first)
         pos = pos + 1
     end = torch.cuda.Event(enable_timing=True)
@@ -160,9 +161,9 @@ def reference_logits(model, kinds) -> dict:
     out = {}
     for kind, bits in kinds:
         cache = make_cache(model, kind, bits)
-        logits = [model(input_ids=ids[:, :700], past_key_values=cache, logits_to_keep=1).logits]
+        logits = [model(input_ids=ids[:, :700], **cache_kwargs(cache), logits_to_keep=1).logits]
         for t in range(700, 708):
-            logits.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache).logits)
+            logits.append(model(input_ids=ids[:, t:t + 1], **cache_kwargs(cache)).logits)
         out["fp16" if kind == "fp16" else f"decoquant-{bits}b"] = torch.cat(logits, 1).float().cpu()
     return out
 

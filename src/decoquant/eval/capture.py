@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from ..integrations.transformers import cache_kwargs
 
 
 @torch.no_grad()
@@ -11,5 +12,5 @@ def capture_kv(model, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids.to(model.device), past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids.to(model.device), **cache_kwargs(cache), use_cache=True)
     return [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]

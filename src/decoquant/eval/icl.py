@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..api import compress, decompress
 from ..config import DecoQuantConfig
 from .data import IclTask, icl_split
+from ..integrations.transformers import cache_kwargs
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 MAX_DEMO_WORDS = 150  # demonstrations are drawn from train records of at most this many words
@@ -91,7 +92,7 @@ class _Scorer:
         self.bits = 16.0
         if prefix:
             ids = tok(prefix, return_tensors="pt").input_ids.to(self.device)
-            model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(self.cache), use_cache=True, logits_to_keep=1)
             self.cache.crop(0)  # sliding layers back to their window
             nbytes, numel = compress_cache_(self.cache, config)
             self.bits = 8.0 * nbytes / numel
@@ -112,7 +113,7 @@ class _Scorer:
                 scores.append(first[opt[0]])
                 continue
             ids = torch.tensor([q + opt[:-1]], device=self.device)
-            logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+            logits = self.model(input_ids=ids, **cache_kwargs(self.cache), use_cache=True,
                                 logits_to_keep=len(opt)).logits[0].float()
             self.cache.crop(-ids.shape[1])
             logp = F.log_softmax(logits, -1)

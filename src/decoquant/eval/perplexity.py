@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DecoQuantConfig
+from ..integrations.transformers import cache_kwargs
 
 
 @dataclass
@@ -74,7 +75,7 @@ def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, w
         cache = make_cache(model, config)
         for start in range(0, window, chunk):
             piece = ids[:, start:start + chunk]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()
+            logits = model(input_ids=piece, **cache_kwargs(cache), use_cache=True).logits.float()
             targets = ids[:, start + 1:start + 1 + piece.shape[1]]
             logits = logits[:, : targets.shape[1]]
             nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))

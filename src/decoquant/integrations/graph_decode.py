@@ -13,6 +13,7 @@ Sequences of one length (no padding); greedy (argmax) tokens; a fixed number of 
 from __future__ import annotations
 
 import torch
+from .transformers import cache_kwargs
 
 
 def _check_cache(cache) -> None:
@@ -58,7 +59,7 @@ class GraphDecoder:
             cache.make_static(steps)
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.ids, position_ids=self.positions, **cache_kwargs(self.cache), use_cache=True)
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -103,7 +104,7 @@ def generate(model, input_ids: torch.Tensor, past_key_values, max_new_tokens: in
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     _check_cache(past_key_values)
-    out = model(input_ids=input_ids, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=input_ids, **cache_kwargs(past_key_values), use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     if max_new_tokens > 1:
         decoder = GraphDecoder(model, past_key_values, tokens[0], input_ids.shape[1], max_new_tokens - 1, cuda_graph)
