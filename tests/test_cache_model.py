@@ -126,7 +126,7 @@ def test_bad_models_and_configs_are_clear_errors(smollm2):
     with pytest.raises(ValueError, match="encoder-decoder"):
         dq.DecoQuantCache(dq.DecoQuantConfig(), T5Config())
     odd = LlamaConfig(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
-    with pytest.raises(ValueError, match="unsupported attention layer types"):
+    with pytest.raises(ValueError, match="needs a LinearAttentionLayer cache, which DecoQuantCache does not support"):
         dq.DecoQuantCache(dq.DecoQuantConfig(), odd)
     cache = dq.DecoQuantCache.from_model(model, bits=2)
     assert cache.config.bits == 2 and len(cache.layers) == model.config.num_hidden_layers
