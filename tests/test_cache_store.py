@@ -236,3 +236,18 @@ def test_deferred_prefill_compression_equals_immediate(device):
     later.crop(50)
     now.crop(50)
     assert later.memory() == now.memory()
+
+
+def test_degenerate_blocks_are_compressed_and_reported():
+    """A run of one repeated token (padding, whitespace) is rank deficient: compressed with the T_S = I
+    fallback and counted, not kept at full width; a NaN block stays exact and is counted apart."""
+    store = CompressedKVStore(cfg(block_size=16, residual_length=8))
+    tok = torch.randn(1, 2, 1, 64, generator=torch.Generator().manual_seed(0))
+    keys = torch.cat([tok.expand(1, 2, 32, 64), torch.randn(1, 2, 24, 64)], -2)
+    store.append(keys, keys.clone())
+    nan = torch.randn(1, 2, 16, 64)
+    nan[0, 0, 3, 5] = float("nan")
+    store.append(nan, nan.clone())
+    mem = store.memory()
+    assert mem["fallback_blocks"] == 2 and mem["exact_blocks"] == 1 and len(store.blocks) == 4
+    assert mem["dynamic_cache"] == 4 * 2 * 2 * 72 * 64  # float32 K and V of 72 tokens, as DynamicCache holds them

@@ -84,8 +84,13 @@ def _stored(x: torch.Tensor, enc: Encoded, mask: torch.Tensor, any_exact: bool, 
     exact = x.detach()[mask].clone() if any_exact else None
     n_codes = x.shape[-1] if enc.packed else enc.codes.shape[-1]
     codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
-    fallback = None if enc.fallback is None else enc.fallback & ~mask  # exact rows are not the fallback's
-    return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact, fallback)
+    return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact,
+                        _not_exact(enc.fallback, mask) if any_exact else enc.fallback)
+
+
+def _not_exact(fallback: torch.Tensor | None, exact: torch.Tensor) -> torch.Tensor | None:
+    """The fallback rows that are not kept exact (only asked where some are: no work on the common path)."""
+    return None if fallback is None else fallback & ~exact
 
 
 def compress_kv(keys: torch.Tensor, values: torch.Tensor, config: DecoQuantConfig,
@@ -120,7 +125,8 @@ def with_exact_rows(c: CompressedKV, x: torch.Tensor) -> CompressedKV:
     """c with x's rows under its exact mask stored (a no-op if they are, or there are none)."""
     if c.exact_values is not None or c.exact_mask is None or not bool(c.exact_mask.any()):
         return c
-    return replace(c, exact_values=x.detach()[c.exact_mask].clone())
+    return replace(c, exact_values=x.detach()[c.exact_mask].clone(),
+                   fallback_mask=_not_exact(c.fallback_mask, c.exact_mask))
 
 
 def decompress(c: CompressedKV) -> torch.Tensor:

@@ -26,10 +26,10 @@ class Block:
     __slots__ = ("_keys", "_values", "length", "_view", "_fallback")
 
     def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int,
-                 fallback: torch.Tensor | None = None):
+                 fallback: tuple = (None, None)):
         self._keys, self._values, self.length = keys, values, length
         self._view = None
-        self._fallback = fallback  # bool (device): the codec's fallback stored part of it, when it was compressed
+        self._fallback = fallback  # (keys, values) bool [batch] on the device, or None: rows the codec's fallback stored
 
     def point(self, view) -> None:
         """Take keys and values from `view()` when first read (drops views of an older buffer now)."""
@@ -59,7 +59,7 @@ class Block:
     @property
     def fallback(self) -> bool:
         """Whether the codec stored some of this block with its fallback (`CompressedKV.fallback_mask`)."""
-        return self._fallback is not None and bool(self._fallback)
+        return any(m is not None and bool(m.any()) for m in self._fallback)
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = decompress(self.keys), decompress(self.values)

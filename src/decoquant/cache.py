@@ -196,8 +196,6 @@ class CompressedKVStore(StaticDecoding):
         GPU has work while the host waits; in the rare case it must, the appends are undone."""
         cfg = self.config
         ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
-        fell = [m.reshape(n, b).any(1) for m in (ck.fallback_mask, cv.fallback_mask) if m is not None]
-        fallback = (fell[0] | fell[1]) if len(fell) == 2 else (fell[0] if fell else None)  # [n] per block
         # (blocks that come with their exact rows, off the kernel route, have them: never into the buffers)
         buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks and ck.exact_values is None
                     and cv.exact_values is None)
@@ -210,8 +208,7 @@ class CompressedKVStore(StaticDecoding):
             if self._like is None:  # one batch row: the template (shapes, metadata) of every buffered block's views
                 first = torch.arange(1, device=ks.device)
                 self._like = (select_batch(ck, first), select_batch(cv, first))
-            self.blocks += [Block(None, None, cfg.block_size, None if fallback is None else fallback[i])
-                            for i in range(n)]
+            self.blocks += [Block(None, None, cfg.block_size, _fallback_rows(ck, cv, i, b)) for i in range(n)]
             # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
             # step that compresses a block stays O(1) in the number of blocks)
             self._repoint(0 if regrown else len(self.blocks) - n)
@@ -226,7 +223,7 @@ class CompressedKVStore(StaticDecoding):
             rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
             self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
                                      cv if n == 1 else select_batch(cv, rows), cfg.block_size,
-                                     None if fallback is None else fallback[i]))
+                                     _fallback_rows(ck, cv, i, b)))
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
@@ -326,6 +323,11 @@ class CompressedKVStore(StaticDecoding):
                 "tokens": self.length, "fallback_blocks": sum(b.fallback for b in self.blocks),
                 "exact_blocks": sum(b.exact for b in self.blocks),
                 "compressed_tokens": sum(b.length for b in self.blocks)}
+
+
+def _fallback_rows(ck: CompressedKV, cv: CompressedKV, i: int, b: int) -> tuple:
+    """Block i's rows of the keys' and values' fallback masks (views; reduced only when reported)."""
+    return tuple(None if c.fallback_mask is None else c.fallback_mask[i * b:(i + 1) * b] for c in (ck, cv))
 
 
 def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -216,6 +216,9 @@ def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=5):
     import decoquant as dq
     from transformers import DynamicCache
 
+    # the fused caches' packed buffers need the fused attention (a prefill runs SDPA through it, as DynamicCache's)
+    dq.enable_fused_attention(model)
+
     def timed(make_cache, ids):
         times = []
         for _ in range(runs + 1):  # the first run warms up

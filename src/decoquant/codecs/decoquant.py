@@ -144,6 +144,7 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
     # per launch on an H100 against 0.3 ms for eigh and the factor kernel
     evals, evecs = torch.linalg.eigh(torch.cat(grams) if len(grams) > 1 else grams[0])
     w, t_s = factor(evals, evecs, flags.view(-1), "triton")
+    unsafe, fallback = (flags & UNSAFE).bool(), (flags & FALLBACK).bool()  # [len(xs), B]: rows are views
     out = []
     for i, (x, kind) in enumerate(zip(xs, kinds)):
         gran = config.granularity(kind)
@@ -152,8 +153,7 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
         params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         t_s_i = t_s[i * b:(i + 1) * b]
         params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)
-        out.append(Encoded(codes, params, (flags[i] & UNSAFE).bool(), packed=True,
-                           fallback=(flags[i] & FALLBACK).bool()))
+        out.append(Encoded(codes, params, unsafe[i], packed=True, fallback=fallback[i]))
     return out
 
 
