@@ -131,20 +131,20 @@ def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> b
 def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Encoded]:
     """Encode tensors of one shape (e.g. a layer's keys and values) with the Triton kernels: Gram kernel ->
     one batch of float64 eigenproblems for all of them -> factor kernel (W, fp16 T_S) -> one kernel from each
-    x to its packed codes (T_L never in memory). A few launches; each kernel flags the batch rows it finds
-    unsafe (a non-finite input or parameter, a rank-deficient block) in one int32 vector, so no host sync
-    asks which rows until the caller does."""
+    x to its packed codes (T_L never in memory). A few launches; the kernels flag the batch rows they find
+    unsafe (a non-finite input or parameter) or that fell back to T_S = I (a rank-deficient block) in int32
+    vectors, so no host sync asks which rows until the caller does."""
     from ..kernels.compress import factor, gram, quantize_pack
-    from ..kernels.reference import FALLBACK, UNSAFE
 
     g, b = config.group_size, xs[0].shape[0]
-    flags = torch.zeros(len(xs), b, dtype=torch.int32, device=xs[0].device)
+    # flags[0]: unsafe rows (kept exact), flags[1]: rows of the T_S = I fallback; one allocation, one cast
+    both = torch.zeros(2, len(xs), b, dtype=torch.int32, device=xs[0].device)
+    flags, fell = both[0], both[1]
     grams = [gram(x, g, config.ts_sharing == "head", f, "triton") for x, f in zip(xs, flags)]
     # torch.linalg.eigh syncs with the host to check its result; a Jacobi kernel without that sync took 1.0 ms
     # per launch on an H100 against 0.3 ms for eigh and the factor kernel
     evals, evecs = torch.linalg.eigh(torch.cat(grams) if len(grams) > 1 else grams[0])
-    w, t_s = factor(evals, evecs, flags.view(-1), "triton")
-    unsafe, fallback = (flags & UNSAFE).bool(), (flags & FALLBACK).bool()  # [len(xs), B]: rows are views
+    w, t_s = factor(evals, evecs, fell.view(-1), "triton")
     out = []
     for i, (x, kind) in enumerate(zip(xs, kinds)):
         gran = config.granularity(kind)
@@ -153,8 +153,10 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
         params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         t_s_i = t_s[i * b:(i + 1) * b]
         params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)
-        out.append(Encoded(codes, params, unsafe[i], packed=True, fallback=fallback[i]))
-    return out
+        out.append((codes, params))
+    unsafe, fallback = both.bool()  # after the kernels: [len(xs), B] each, rows are views
+    return [Encoded(codes, params, unsafe[i], packed=True, fallback=fallback[i])
+            for i, (codes, params) in enumerate(out)]
 
 
 def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded:

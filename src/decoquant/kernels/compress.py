@@ -47,7 +47,7 @@ def gram(x: torch.Tensor, group: int, per_head: bool, flags: torch.Tensor | None
 def factor(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor | None = None, backend: str = "auto"):
     """(W float32, T_S float16), both [..., G, G], of the 2-site MPO from the float64 eigenpairs of its Gram
     matrices (`mpo.two_sites_from_eigh`); a rank-deficient matrix or an fp16 T_S
-    overflow gets W = T_S = I instead and sets bit 2 (FALLBACK) of flags[b]."""
+    overflow gets W = T_S = I instead and flags[b] = 1 (`flags`: the fallback rows, not the unsafe ones)."""
     if _backend(backend, evals) == "torch":
         return factor_reference(evals, evecs, flags)
     from .triton.compress import factor_triton

@@ -94,9 +94,6 @@ def merge_window_reference(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l:
     return torch.einsum("bhs,bhsd->bhd", w, o) / (w * l).sum(-1)[..., None]
 
 
-UNSAFE, FALLBACK = 1, 2  # flag bits: a row kept exact; a matrix stored with W = T_S = I
-
-
 def identity_where(fallback: torch.Tensor, w: torch.Tensor, t_s: torch.Tensor):
     """W and T_S [..., G, G] with the identity where fallback [...]: T_L = M, plain RTN of that matrix."""
     eye = torch.eye(w.shape[-1], device=w.device)
@@ -104,10 +101,10 @@ def identity_where(fallback: torch.Tensor, w: torch.Tensor, t_s: torch.Tensor):
     return torch.where(pick, eye.to(w.dtype), w), torch.where(pick, eye.to(t_s.dtype), t_s)
 
 
-def _flag(flags: torch.Tensor | None, bad: torch.Tensor, bit: int = UNSAFE) -> None:
-    """flags[b] |= bit where any of batch row b's entries of bad [B, ...] is set (as the kernels' atomic or)."""
+def _flag(flags: torch.Tensor | None, bad: torch.Tensor) -> None:
+    """flags[b] = 1 where any of batch row b's entries of bad [B, ...] is set (as the kernels' atomic max)."""
     if flags is not None:
-        flags.copy_(flags | bad.reshape(flags.shape[0], -1).any(1).to(flags.dtype) * bit)
+        flags.copy_(torch.maximum(flags, bad.reshape(flags.shape[0], -1).any(1).to(flags.dtype)))
 
 
 def gram_reference(x: torch.Tensor, group: int, per_head: bool, flags: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,12 +123,12 @@ def gram_reference(x: torch.Tensor, group: int, per_head: bool, flags: torch.Ten
 
 def factor_reference(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor | None = None):
     """What triton/compress.py's factor kernel computes: (W float32, T_S float16) of mpo.two_sites_from_eigh;
-    W = T_S = I and flags[b] |= FALLBACK for a rank-deficient matrix or an fp16 T_S overflow."""
+    W = T_S = I and flags[b] = 1 (the fallback rows) for a rank-deficient matrix or an fp16 T_S overflow."""
     w, t_s, deficient = two_sites_from_eigh(evals, evecs)
     t_s = t_s.to(torch.float16)
     fallback = deficient | ~torch.isfinite(t_s).flatten(-2).all(-1)
     w, t_s = identity_where(fallback, w.float(), t_s)
-    _flag(flags, fallback, FALLBACK)
+    _flag(flags, fallback)
     return w, t_s
 
 

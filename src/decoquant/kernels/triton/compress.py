@@ -11,9 +11,10 @@ g x g eigenproblems in between run in torch.linalg.eigh):
   round-half-to-even codes against the fp16 scales (as quant.py), packed in packing.py's bit order.
   Scales per token over all heads (two passes over the heads: first the ranges, then the codes), per
   token and head, or per T_L channel over CG-token groups (one tile of CG tokens).
-Each kernel ORs bits into flags[b] (int32) for a batch row: 1 (UNSAFE, kept exact) for a non-finite entry of x,
-a non-finite scale or zero; 2 (FALLBACK) for a rank-deficient matrix or a T_S entry past fp16, whose W and T_S
-the factor kernel replaces by the identity (plain RTN of that matrix). No host sync anywhere.
+The Gram and quantize kernels set flags[b] = 1 (int32, atomic max) for a batch row they find unsafe (kept
+exact): a non-finite entry of x, a non-finite scale or zero. The factor kernel replaces W and T_S of a
+rank-deficient matrix or one whose T_S passes fp16 by the identity (plain RTN of that matrix) and sets its
+own flags[b] = 1 (the fallback rows). No host sync anywhere.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _gram_reduce_kernel(partial_ptr, gram_ptr, flag_ptr, TILES, MPB: tl.constexp
     bad = tl.max(tl.max(_not_finite(acc).to(tl.int32), axis=1), axis=0)
     eye = (g[:, None] == g[None, :]).to(tl.float64)
     tl.store(gram_ptr + m * G * G + tile, tl.where(bad > 0, eye, acc))
-    tl.atomic_or(flag_ptr + m // MPB, bad)
+    tl.atomic_max(flag_ptr + m // MPB, bad)
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def _factor_kernel(evals_ptr, evecs_ptr, w_ptr, ts_ptr, flag_ptr, MPB: tl.conste
     ts = tl.where(fallback != 0, eye.to(tl.float16), ts)
     tl.store(w_ptr + m * G * G + i[:, None] * G + j[None, :], w.to(tl.float32))
     tl.store(ts_ptr + m * G * G + j[None, :] * G + i[:, None], ts)
-    tl.atomic_or(flag_ptr + m // MPB, fallback * 2)
+    tl.atomic_max(flag_ptr + m // MPB, fallback)
 
 
 @triton.jit
@@ -155,7 +156,7 @@ def _pack(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr, BT: tl.constexp
 @triton.jit
 def _flag_params(flag_ptr, scale, zero, valid):
     bad = (_not_finite(scale.to(tl.float32)) | _not_finite(zero.to(tl.float32))) & valid
-    tl.atomic_or(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+    tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
 
 
 @triton.jit
