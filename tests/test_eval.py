@@ -294,10 +294,13 @@ def test_sweep_grid_frontier_and_budgets():
 
 @pytest.mark.slow
 def test_frontier_preset_and_sink_bits_in_the_sweep(smollm2):
-    """channel64-token pins its fields; the sweep charges fp16 sinks to the effective bits."""
+    """channel64-token pins its fields (and refuses explicit ones it would override); the sweep charges fp16
+    sinks to the effective bits."""
     from decoquant.eval.perplexity import perplexity
 
-    c = DecoQuantConfig(preset="channel64-token", bits=2, quant_group_size=8, symmetric=True)
+    with pytest.raises(ValueError, match="pins quant_group_size=64, but quant_group_size=8 was given"):
+        DecoQuantConfig(preset="channel64-token", bits=2, quant_group_size=8)
+    c = DecoQuantConfig(preset="channel64-token", bits=2)
     assert (c.granularity("key"), c.granularity("value"), c.quant_group_size, c.is_symmetric) == ("channel", "token", 64, False)
     with pytest.raises(ValueError, match="block_size=96 must be a multiple of 64"):
         DecoQuantConfig(preset="channel64-token", block_size=96)

@@ -26,10 +26,12 @@ class Block:
     __slots__ = ("_keys", "_values", "length", "_view", "_fallback")
 
     def __init__(self, keys: CompressedKV | None, values: CompressedKV | None, length: int,
-                 fallback: tuple = (None, None)):
+                 fallback: tuple = (None, None, None)):
         self._keys, self._values, self.length = keys, values, length
         self._view = None
-        self._fallback = fallback  # (keys, values) bool [batch] on the device, or None: rows the codec's fallback stored
+        # (keys' mask, values' mask, rows): the fallback masks of the compression call that made this block
+        # (bool on the device, or None) and this block's rows of them; reduced only when reported
+        self._fallback = fallback
 
     def point(self, view) -> None:
         """Take keys and values from `view()` when first read (drops views of an older buffer now)."""
@@ -58,8 +60,10 @@ class Block:
 
     @property
     def fallback(self) -> bool:
-        """Whether the codec stored some of this block with its fallback (`CompressedKV.fallback_mask`)."""
-        return any(m is not None and bool(m.any()) for m in self._fallback)
+        """Whether the codec stored some of this block with its fallback (`CompressedKV.fallback_mask`), as it was
+        compressed (a later batch selection keeps the record)."""
+        *masks, rows = self._fallback
+        return any(m is not None and bool(m[rows].any()) for m in masks)
 
     def decode(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = decompress(self.keys), decompress(self.values)

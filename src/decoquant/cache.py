@@ -326,8 +326,8 @@ class CompressedKVStore(StaticDecoding):
 
 
 def _fallback_rows(ck: CompressedKV, cv: CompressedKV, i: int, b: int) -> tuple:
-    """Block i's rows of the keys' and values' fallback masks (views; reduced only when reported)."""
-    return tuple(None if c.fallback_mask is None else c.fallback_mask[i * b:(i + 1) * b] for c in (ck, cv))
+    """Block i's record of the keys' and values' fallback masks: (masks, its rows), no tensor work."""
+    return ck.fallback_mask, cv.fallback_mask, slice(i * b, (i + 1) * b)
 
 
 def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..cache import CompressedKVStore
 from ..config import DecoQuantConfig
+from .model_config import (CACHE_ARG, attention_implementation, cache_kwargs, fit_head_dim,  # noqa: F401
+                           head_dim_of, reference_layers, text_config)
+from .padding import track_padding
 
 
 
@@ -78,56 +81,6 @@ class DecoQuantLayer(DynamicLayer):
         pass
 
 
-def _cache_argument() -> str:
-    """The name the forwards and `generate` take a cache under: `cache` since transformers 5.24 (the old
-    `past_key_values` warns there), `past_key_values` before."""
-    import transformers
-
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return "cache" if (major, minor) >= (5, 24) else "past_key_values"
-
-
-CACHE_ARG = _cache_argument()
-
-
-def cache_kwargs(cache) -> dict:
-    """{CACHE_ARG: cache}, for `model(**inputs, **cache_kwargs(cache))` on every supported transformers."""
-    return {CACHE_ARG: cache}
-
-
-def attention_implementation(model_config) -> str | None:
-    """The attention a model config selects (transformers keeps it in `_attn_implementation`)."""
-    return getattr(model_config, "_attn_implementation", None)
-
-
-def _text_config(model_config):
-    cfg = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-    if getattr(cfg, "is_encoder_decoder", False):
-        raise ValueError("DecoQuantCache supports decoder-only causal LMs; got an encoder-decoder model config")
-    if not getattr(cfg, "num_hidden_layers", None) or not getattr(cfg, "num_attention_heads", None):
-        raise ValueError("model_config must define num_hidden_layers and num_attention_heads "
-                         f"(got a {type(cfg).__name__})")
-    return cfg
-
-
-def _head_dim(cfg) -> int:
-    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-
-
-def _reference_layers(model_config) -> list:
-    """The layers transformers' own DynamicCache builds for this model: it knows every way a config marks
-    sliding-window or chunked layers (`layer_types`, a bare `sliding_window` as on Mistral and Phi-3, Qwen2's
-    `use_sliding_window` / `max_window_layers`, `attention_chunk_size`) and layers that hold no cache."""
-    layers = DynamicCache(config=model_config).layers
-    for i, layer in enumerate(layers):
-        if not (type(layer) is DynamicLayer or isinstance(layer, DynamicSlidingWindowLayer)
-                or type(layer).__name__ == "DummyLayer"):
-            raise ValueError(f"layer {i} of this model needs a {type(layer).__name__} cache, which DecoQuantCache "
-                             "does not support; it compresses full-attention layers and keeps sliding-window "
-                             "layers as transformers does")
-    return layers
-
-
 class DecoQuantCache(DynamicCache):
     """A compressed KV cache for `model.generate(..., cache=cache)` or a plain forward.
 
@@ -149,8 +102,8 @@ class DecoQuantCache(DynamicCache):
     def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
-        text = _text_config(model_config)
-        config.check_head_dim(_head_dim(text))
+        text = text_config(model_config)
+        config.check_head_dim(head_dim_of(text))
         from ..kernels.layout import fused_compatible
 
         wanted = attention_implementation(model_config) == "decoquant"
@@ -169,8 +122,8 @@ class DecoQuantCache(DynamicCache):
             raise ValueError(f"overlap={overlap!r} is not supported; allowed values: True, False")
         self.fused = bool(fused)
         self.config = config
-        self.head_dim = _head_dim(text)
-        reference = _reference_layers(model_config)
+        self.head_dim = head_dim_of(text)
+        reference = reference_layers(model_config)
         layers = [DecoQuantLayer(config, self.fused, overlap) if type(layer) is DynamicLayer else layer
                   for layer in reference]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
@@ -253,7 +206,7 @@ class DecoQuantCache(DynamicCache):
         config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
         config = config.replace(**options) if options else config
         if default:
-            config = _fit_head_dim(config, _head_dim(_text_config(model.config)))
+            config = fit_head_dim(config, head_dim_of(text_config(model.config)))
         tp_size = getattr(model, "tp_size", None) or 1
         if tp_size > 1 and not config.head_local:
             raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares scales or "
@@ -329,36 +282,3 @@ class DecoQuantCache(DynamicCache):
         n_c, n = len(self.compressed_layers), len(self.layers)
         return (f"DecoQuantCache({self.config.label()}, compressed layers {n_c}/{n}, fused={self.fused}, "
                 f"seq_len={self.get_seq_length()})")
-
-
-def _fit_head_dim(config: DecoQuantConfig, head_dim: int) -> DecoQuantConfig:
-    """The default config for a head_dim its group size does not divide: the same recipe (preset=None) with
-    the largest group size <= 16 that divides head_dim, announced with a warning."""
-    try:
-        config.check_head_dim(head_dim)
-        return config
-    except ValueError:
-        pass
-    g = max((d for d in range(2, 17) if head_dim % d == 0), default=None)
-    if g is None:
-        raise ValueError(f"head_dim={head_dim} has no even group size <= 16; pass a DecoQuantConfig with "
-                         "method='kivi' or 'rtn'")
-    fitted = config.replace(preset=None, group_size=g)
-    warnings.warn(f"head_dim={head_dim} is not a multiple of {config.group_size}: the default "
-                  f"{config.label()} runs with group_size={g} ({fitted.label()}); the fused GPU kernels need 16 "
-                  "or 32", stacklevel=3)
-    return fitted
-
-
-def _padding_hook(module, args, kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, DecoQuantCache) and cache.get_seq_length() == 0:
-        cache.set_padding(kwargs.get("attention_mask"))
-
-
-def track_padding(model) -> None:
-    """Make every forward of `model` hand its 2-D attention_mask to the empty DecoQuantCache it is given
-    (`DecoQuantCache.set_padding`), once per model."""
-    if not getattr(model, "_decoquant_padding_hook", False):
-        model.register_forward_pre_hook(_padding_hook, with_kwargs=True)
-        model._decoquant_padding_hook = True
