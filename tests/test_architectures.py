@@ -103,6 +103,10 @@ def test_bad_cache_input_is_a_clear_error():
     assert fitted.config.group_size == 12
     # cache options pass through from_model
     assert dq.DecoQuantCache.from_model(model, fused=False, overlap=False).fused is False
+    # another codec through from_model: its own defaults, not the default preset's pinned fields
+    for method in ("none", "kivi", "rtn"):
+        cfg = dq.DecoQuantCache.from_model(model, method=method, bits=2).config
+        assert (cfg.method, cfg.preset, cfg.bits, cfg.sink_tokens) == (method, None, 2, 4)
 
 
 def test_left_padding_keeps_pads_and_first_real_tokens_exact():

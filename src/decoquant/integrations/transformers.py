@@ -191,7 +191,8 @@ class DecoQuantCache(DynamicCache):
         and `overlap`; a config field that is neither raises a ValueError naming it.
 
         config None picks the default: the frontier's preset, `DecoQuantConfig(preset="channel64-token",
-        sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it).
+        sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it);
+        with `method=` another codec (`"kivi"`, `"none"`, ...) that codec's own defaults, with 4 sink tokens.
         Where its group size (16) does not divide the model's head_dim (e.g. 72), the same recipe with the
         largest group size that does is used, with a warning.
 
@@ -203,8 +204,11 @@ class DecoQuantCache(DynamicCache):
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
         cache_options = {k: options.pop(k) for k in ("fused", "overlap") if k in options}
         default = config is None
-        config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
-        config = config.replace(**options) if options else config
+        if default and options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
+            config = DecoQuantConfig(sink_tokens=4, **options)
+        else:
+            config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
+            config = config.replace(**options) if options else config
         if default:
             config = fit_head_dim(config, head_dim_of(text_config(model.config)))
         tp_size = getattr(model, "tp_size", None) or 1
