@@ -34,6 +34,63 @@ def _plane(packed, k: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_
         return bits.to(tl.float32) - QMAX
 
 
+@lru_cache(maxsize=None)  # built once per (width, offset): the launcher asks for it at every decode step
+def convert_asm(bits: int, qmax: int) -> str:
+    """PTX converting 4 packed code bytes (the last input) into the 8 / bits bit planes of their codes minus
+    qmax, as fp16, two per output register (plane k: outputs 2k, 2k + 1). Per pair of codes: one lop3 ((x &
+    mask) | 0x6400 puts 1024 + code * 2**s in each half) and one fma.f16x2 (* 2**-s - 1024 * 2**-s - qmax),
+    exact; two prmt per 4 bytes spread them to 16-bit halves."""
+    import struct
+
+    planes = 8 // bits
+    half = lambda v: struct.unpack("<H", struct.pack("<e", v))[0]  # noqa: E731  (fp16 bit pattern)
+    pair = lambda v: f"{half(v) * 0x10001:#010x}"  # noqa: E731
+    w = f"${2 * planes}"
+    lines = ["{", ".reg .b32 t0, t1, x, s, o, z;", "mov.b32 z, 0;", f"prmt.b32 t0, {w}, z, 0x5140;",
+             f"prmt.b32 t1, {w}, z, 0x7362;"]
+    for k in range(planes):
+        shift = k * bits
+        mask = (((1 << bits) - 1) << shift) * 0x10001
+        lines += [f"mov.b32 s, {pair(2.0 ** -shift)};", f"mov.b32 o, {pair(-(1024.0 * 2.0 ** -shift) - qmax)};"]
+        for j, t in enumerate(("t0", "t1")):
+            lines += [f"lop3.b32 x, {t}, {mask:#010x}, 0x64006400, 0xea;",  # (t & mask) | magic
+                      f"fma.rn.f16x2 ${2 * k + j}, x, s, o;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.jit
+def _code_planes(packed8, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr,
+                 USE_ASM: tl.constexpr):
+    # packed uint8 codes [R, C] -> the 8 / BITS planes of (code - qmax), [R, C] each (packing.py's order:
+    # plane k holds the codes at bits k*BITS of every byte); extra outputs repeat. On the GPU, fp16: the PTX of
+    # convert_asm, about one instruction per code; elsewhere (the interpreter, fp32 dots): _plane per plane.
+    P: tl.constexpr = 8 // BITS
+    if USE_ASM:
+        if P == 1:
+            c0 = tl.inline_asm_elementwise(CONV, "=r,=r,r", [packed8], dtype=tl.float16, is_pure=True, pack=4)
+            return c0, c0, c0, c0
+        elif P == 2:
+            c0, c1 = tl.inline_asm_elementwise(CONV, "=r,=r,=r,=r,r", [packed8], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
+            return c0, c1, c0, c1
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(CONV, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed8],
+                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                       is_pure=True, pack=4)
+            return c0, c1, c2, c3
+    else:
+        x = packed8.to(tl.int16)
+        return (_plane(x, 0, BITS, QMAX, LOW_PRECISION), _plane(x, 1 % P, BITS, QMAX, LOW_PRECISION),
+                _plane(x, 2 % P, BITS, QMAX, LOW_PRECISION), _plane(x, 3 % P, BITS, QMAX, LOW_PRECISION))
+
+
+@triton.jit
+def _plane_vec(ptr, k: tl.constexpr, P: tl.constexpr, D: tl.constexpr):
+    # channels P*j + k of a [D] fp16 vector (plane k's order), as fp32 [D / P]
+    return tl.load(ptr + tl.arange(0, D // P) * P + k).to(tl.float32)
+
+
 @triton.jit
 def _planes(x, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     # x [ROWS, D] -> P planes [ROWS, D / P]; plane k holds columns P*j + k, the codes that sit in
@@ -78,6 +135,7 @@ def _decode_blocks_kernel(
     G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
+    USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -110,7 +168,10 @@ def _decode_blocks_kernel(
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
-        q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
+        if KEY_CHANNEL:  # fp32 planes, scaled per tile by the channel scales loaded in plane order
+            f0, f1, f2, f3 = _planes(qt, P, GROUP_PAD, D)
+        else:
+            q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
         if K_ASYM and not KEY_CHANNEL:
             qsum = tl.sum(qt, 1)  # per-token zero points: z_k[t] * sum(q~)
         zacc = tl.zeros([GROUP_PAD], tl.float32)  # sum_t p[t] z_v[t] of this block
@@ -123,24 +184,36 @@ def _decode_blocks_kernel(
             toks = t0 + j * TILE + tl.arange(0, TILE)
             ok = (toks >= start) & (toks < length)
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
-                         mask=ok[:, None], other=0).to(tl.int16)  # [TILE, D / P]
+                         mask=ok[:, None], other=0)  # [TILE, D / P] uint8
+            k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
             if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
                 grp = blk * (BLOCK // TILE) + j
-                ks_c = tl.load(KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
-                q0, q1, q2, q3 = _planes((qt * ks_c[None, :]).to(DOT), P, GROUP_PAD, D)
+                ks_ptr = KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg
+                q0 = (f0 * _plane_vec(ks_ptr, 0, P, D)[None, :]).to(DOT)
+                if P > 1:
+                    q1 = (f1 * _plane_vec(ks_ptr, 1, P, D)[None, :]).to(DOT)
+                if P > 2:
+                    q2 = (f2 * _plane_vec(ks_ptr, 2, P, D)[None, :]).to(DOT)
+                    q3 = (f3 * _plane_vec(ks_ptr, 3, P, D)[None, :]).to(DOT)
             else:
                 ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
-            scores = tl.dot(q0, tl.trans(_plane(kp, 0, BITS, KQMAX, LOW_PRECISION)))
+            scores = tl.dot(q0, tl.trans(k0))
             if P > 1:
-                scores += tl.dot(q1, tl.trans(_plane(kp, 1, BITS, KQMAX, LOW_PRECISION)))
+                scores += tl.dot(q1, tl.trans(k1))
             if P > 2:
-                scores += tl.dot(q2, tl.trans(_plane(kp, 2, BITS, KQMAX, LOW_PRECISION)))
-                scores += tl.dot(q3, tl.trans(_plane(kp, 3, BITS, KQMAX, LOW_PRECISION)))
+                scores += tl.dot(q2, tl.trans(k2))
+                scores += tl.dot(q3, tl.trans(k3))
             if KEY_CHANNEL:
                 if K_ASYM:
-                    kz_c = tl.load(KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
-                    scores += tl.sum(qt * kz_c[None, :], 1)[:, None]
+                    kz_ptr = KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg
+                    zs = tl.sum(f0 * _plane_vec(kz_ptr, 0, P, D)[None, :], 1)
+                    if P > 1:
+                        zs += tl.sum(f1 * _plane_vec(kz_ptr, 1, P, D)[None, :], 1)
+                    if P > 2:
+                        zs += tl.sum(f2 * _plane_vec(kz_ptr, 2, P, D)[None, :], 1)
+                        zs += tl.sum(f3 * _plane_vec(kz_ptr, 3, P, D)[None, :], 1)
+                    scores += zs[:, None]
             else:
                 scores = scores * ks[None, :]
                 if K_ASYM:
@@ -152,19 +225,20 @@ def _decode_blocks_kernel(
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + cols[None, :],
-                         mask=ok[:, None], other=0).to(tl.int16)
+                         mask=ok[:, None], other=0)
+            v0, v1, v2, v3 = _code_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
             vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
             if V_ASYM:
                 vz = tl.load(VZ + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
                 zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
-            a0 = a0 * alpha[:, None] + tl.dot(pw, _plane(vp, 0, BITS, VQMAX, LOW_PRECISION))
+            a0 = a0 * alpha[:, None] + tl.dot(pw, v0)
             if P > 1:
-                a1 = a1 * alpha[:, None] + tl.dot(pw, _plane(vp, 1, BITS, VQMAX, LOW_PRECISION))
+                a1 = a1 * alpha[:, None] + tl.dot(pw, v1)
             if P > 2:
-                a2 = a2 * alpha[:, None] + tl.dot(pw, _plane(vp, 2, BITS, VQMAX, LOW_PRECISION))
-                a3 = a3 * alpha[:, None] + tl.dot(pw, _plane(vp, 3, BITS, VQMAX, LOW_PRECISION))
+                a2 = a2 * alpha[:, None] + tl.dot(pw, v2)
+                a3 = a3 * alpha[:, None] + tl.dot(pw, v3)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         # back to the real basis once per block: [GP * D/G, G] @ T_S_v
@@ -257,6 +331,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
             raise ValueError("zeros and scales of a PackedKV must share one memory layout (strides)")
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
+    use_asm = q.is_cuda and low_precision  # PTX on the GPU; the interpreter runs _plane
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * kvh, splits)](
         q, k.codes, k.scales, kz, kt, v.codes, v.scales, vz, vt, kv_start, kv_len, o, m, l_,
@@ -274,6 +349,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
-        num_warps=num_warps,
+        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=convert_asm(v.bits, v.qmax)
+        if use_asm else "", num_warps=num_warps,
     )
     return o, m, l_
