@@ -86,12 +86,6 @@ def _code_planes(packed8, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.const
 
 
 @triton.jit
-def _plane_vec(ptr, k: tl.constexpr, P: tl.constexpr, D: tl.constexpr):
-    # channels P*j + k of a [D] fp16 vector (plane k's order), as fp32 [D / P]
-    return tl.load(ptr + tl.arange(0, D // P) * P + k).to(tl.float32)
-
-
-@triton.jit
 def _planes(x, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     # x [ROWS, D] -> P planes [ROWS, D / P]; plane k holds columns P*j + k, the codes that sit in
     # bits k*B..(k+1)*B of packed byte j (packing.py's order). Extra outputs repeat plane 0.
@@ -168,10 +162,7 @@ def _decode_blocks_kernel(
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
-        if KEY_CHANNEL:  # fp32 planes, scaled per tile by the channel scales loaded in plane order
-            f0, f1, f2, f3 = _planes(qt, P, GROUP_PAD, D)
-        else:
-            q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
+        q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
         if K_ASYM and not KEY_CHANNEL:
             qsum = tl.sum(qt, 1)  # per-token zero points: z_k[t] * sum(q~)
         zacc = tl.zeros([GROUP_PAD], tl.float32)  # sum_t p[t] z_v[t] of this block
@@ -188,13 +179,8 @@ def _decode_blocks_kernel(
             k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
             if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
                 grp = blk * (BLOCK // TILE) + j
-                ks_ptr = KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg
-                q0 = (f0 * _plane_vec(ks_ptr, 0, P, D)[None, :]).to(DOT)
-                if P > 1:
-                    q1 = (f1 * _plane_vec(ks_ptr, 1, P, D)[None, :]).to(DOT)
-                if P > 2:
-                    q2 = (f2 * _plane_vec(ks_ptr, 2, P, D)[None, :]).to(DOT)
-                    q3 = (f3 * _plane_vec(ks_ptr, 3, P, D)[None, :]).to(DOT)
+                ks_c = tl.load(KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
+                q0, q1, q2, q3 = _planes((qt * ks_c[None, :]).to(DOT), P, GROUP_PAD, D)
             else:
                 ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
@@ -206,14 +192,8 @@ def _decode_blocks_kernel(
                 scores += tl.dot(q3, tl.trans(k3))
             if KEY_CHANNEL:
                 if K_ASYM:
-                    kz_ptr = KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg
-                    zs = tl.sum(f0 * _plane_vec(kz_ptr, 0, P, D)[None, :], 1)
-                    if P > 1:
-                        zs += tl.sum(f1 * _plane_vec(kz_ptr, 1, P, D)[None, :], 1)
-                    if P > 2:
-                        zs += tl.sum(f2 * _plane_vec(kz_ptr, 2, P, D)[None, :], 1)
-                        zs += tl.sum(f3 * _plane_vec(kz_ptr, 3, P, D)[None, :], 1)
-                    scores += zs[:, None]
+                    kz_c = tl.load(KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
+                    scores += tl.sum(qt * kz_c[None, :], 1)[:, None]
             else:
                 scores = scores * ks[None, :]
                 if K_ASYM:
