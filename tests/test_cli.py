@@ -31,3 +31,25 @@ def test_eval_writes_a_report(tmp_path, capsys):
                                                         "rtn-4b"]  # default presets: the paper's and the frontier's
     assert (out / "eval.md").read_text().startswith("# decoquant eval")
     assert not list(out.glob("*.tmp"))
+
+
+def test_generate_prints_text_and_the_memory_report(capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    texts = {}
+    for method in ("fp16", "none"):
+        assert main(["generate", "The capital of France is", "--method", method, "--max-new-tokens", "12"]) == 0
+        out = capsys.readouterr()
+        texts[method] = out.out
+        assert "tokens/s" in out.err
+    assert texts["fp16"] == texts["none"] and texts["fp16"].strip()  # method none: DynamicCache's tokens
+    # blocks small enough that the prompt and 90 new tokens fill compressed blocks; the prompt from stdin
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("The history of the city of Paris begins with"))
+    assert main(["generate", "--bits", "2", "--max-new-tokens", "90", "--block-size", "64", "--residual-length",
+                 "8", "--sink-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "decoquant-channel64-token-2b" in out.err
+    assert "compressed blocks 0.00 MiB" not in out.err and "DynamicCache would hold" in out.err
+    assert main(["generate", "  ", "--max-new-tokens", "4"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err

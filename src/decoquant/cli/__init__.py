@@ -8,6 +8,7 @@ import sys
 from .commands import cmd_perplexity, cmd_reconstruct, cmd_sweep, cmd_weights
 from .common import _add_cache_args, _add_model_args, _add_window_args
 from .evaluate import TASKS, cmd_eval
+from .generate import add_generate_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_cache_args(p, max_windows=None)
     p.set_defaults(func=cmd_perplexity)
+    add_generate_parser(sub)
     return parser
 
 
