@@ -50,7 +50,7 @@ def test_sampling_and_beam_search_match_with_method_none(smollm2):
     assert torch.equal(ref, out)
 
 
-@pytest.mark.parametrize("method", ["decoquant", "rtn", "kivi", "rotation"])
+@pytest.mark.parametrize("method", ["decoquant", "rtn", "kivi", "rotation", "turboquant"])
 def test_every_codec_generates_through_the_cache(smollm2, method):
     model, tok = smollm2
     cfg = dq.DecoQuantConfig(method=method, bits=4, block_size=16, residual_length=8,

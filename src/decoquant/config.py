@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("decoquant", "rtn", "kivi", "rotation", "none")
+METHODS = ("decoquant", "rtn", "kivi", "rotation", "turboquant", "none")
 BITS = (2, 3, 4, 8)
 KINDS = ("key", "value")
 LAYOUTS = ("group", "channel")
@@ -43,7 +43,7 @@ class DecoQuantConfig:
 
     Codec fields
     ------------
-    method: "decoquant" | "rtn" | "kivi" | "rotation" | "none".
+    method: "decoquant" | "rtn" | "kivi" | "rotation" | "turboquant" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
     preset: None, "paper", "kv-split" or "channel64-token". "paper" forces DecoQuant's published
         recipe: group layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized
@@ -68,7 +68,8 @@ class DecoQuantConfig:
         quantized; the others factorize the g x g small tensor and stay fp16.
     quant_group_size: group size of KIVI's groups (tokens for keys, channels for values) and of
         DecoQuant's "channel"/"group" scale granularities.
-    rotation_seed: seed of the random sign flips of the randomized Hadamard rotation.
+    rotation_seed: seed of the random sign flips of the randomized Hadamard rotation (rotation) or of the
+        random orthogonal rotation (turboquant).
 
     Cache fields (used by `DecoQuantCache`)
     ------------
@@ -147,7 +148,7 @@ class DecoQuantConfig:
     def head_local(self) -> bool:
         """Whether every kv head is compressed on its own (no scale or T_S shared across heads), so
         a tensor-parallel rank holding some of the heads compresses them exactly as one GPU would."""
-        if self.method in ("none", "kivi", "rotation"):
+        if self.method in ("none", "kivi", "rotation", "turboquant"):
             return True
         if self.method == "rtn":
             return False  # one scale per token over all heads

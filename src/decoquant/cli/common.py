@@ -81,7 +81,7 @@ def _run_perplexities(args: argparse.Namespace):
     from ..integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "turboquant", "decoquant"])
     configs = _method_configs(methods, bits, _cache_fields(args), _presets(args))
     source, text = _text(args)
     model, tok = load_model(args.model)
@@ -96,7 +96,7 @@ def _args_dict(args: argparse.Namespace) -> dict:
 
 def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
     p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
-                   help="comma-separated from fp16,rtn,kivi,rotation,decoquant (decoquant = --preset)")
+                   help="comma-separated from fp16,rtn,kivi,rotation,turboquant,decoquant (decoquant = --preset)")
     p.add_argument("--preset", default="paper,channel64-token",
                    help="DecoQuant's recipes, comma-separated from paper, kv-split, channel64-token (default: the "
                         "paper's and the frontier's choice)")

@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = _parse_list(args.tasks, TASKS)
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "decoquant"])
+    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "turboquant", "decoquant"])
     acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant"])
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     presets = _presets(args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_MODULES = {"decoquant": "decoquant", "rtn": "rtn", "kivi": "kivi", "rotation": "rotation"}
+_MODULES = {"decoquant": "decoquant", "rtn": "rtn", "kivi": "kivi", "rotation": "rotation", "turboquant": "turboquant"}
 
 
 def get_codec(method: str) -> ModuleType:

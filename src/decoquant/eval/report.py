@@ -39,7 +39,7 @@ def write_report(out: str | Path, name: str, markdown: str, payload: dict) -> No
 
 def _method_name(label: str) -> str:
     for prefix, name in (("fp16", "FP16"), ("rtn", "RTN"), ("decoquant", "DecoQuant"), ("kivi", "KIVI"),
-                         ("rotation", "rotation+RTN"), ("smoothquant", "SmoothQuant")):
+                         ("rotation", "rotation+RTN"), ("turboquant", "TurboQuant"), ("smoothquant", "SmoothQuant")):
         if label.startswith(prefix):
             return f"{name} ({label})" if prefix in ("decoquant", "kivi") else name
     return label
