@@ -166,3 +166,15 @@ def test_fused_decode_path_matches_the_decompressing_path(request, which, config
         model.set_attn_implementation(previous)
     assert calls, "the fused path was never taken"
     assert torch.equal(out, ref)
+
+
+def test_soak_bytes_follow_the_formula(smollm2):
+    """A short soak (the benchmark's own checks): finite logits and the reported bytes equal to the README's
+    formula at every checkpoint, the live tensors growing by the cache's growth and no more."""
+    from decoquant.bench.soak import soak
+
+    model, tok = smollm2
+    r = soak(model, tok, bits=2, tokens=512, every=64, progress=False)
+    assert r["finite"] and r["bytes_match"] and len(r["rows"]) >= 4
+    assert r["rows"][-1]["cache_bytes"] < 0.6 * r["rows"][-1]["dynamic_cache_bytes"]  # 256 of 512 tokens in blocks
+    assert r["live_growth"] <= r["cache_growth"] + (1 << 20)

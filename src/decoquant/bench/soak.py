@@ -102,6 +102,7 @@ def soak(model, tok, bits: int, tokens: int, every: int, prompt_tokens: int = 25
         from ..cli.common import _progress
 
         bar = _progress(range(tokens - ids.shape[1]), desc=f"soak {bits}-bit", total=tokens - ids.shape[1])
+        bar = bar if hasattr(bar, "update") else None  # no tqdm: no bar
     with torch.no_grad():
         out = model(ids, use_cache=True, **cache_kwargs(cache))
         layers = cache.compressed_layers
