@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import BITS
+from ..config import BITS, METHODS
+
+CACHE_METHODS = tuple(m for m in METHODS if m != "none")  # what --methods takes besides fp16
+
 
 def _progress(iterable, desc: str, total: int | None = None):
     try:
@@ -81,7 +84,7 @@ def _run_perplexities(args: argparse.Namespace):
     from ..integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "turboquant", "decoquant"])
+    methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
     configs = _method_configs(methods, bits, _cache_fields(args), _presets(args))
     source, text = _text(args)
     model, tok = load_model(args.model)

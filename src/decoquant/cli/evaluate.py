@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import BITS, DecoQuantConfig
-from .common import _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _presets, _progress, _text
+from .common import CACHE_METHODS, _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _presets, _progress, _text
 
 TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
 
@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = _parse_list(args.tasks, TASKS)
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", "rtn", "kivi", "rotation", "turboquant", "decoquant"])
+    methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
     acc_methods = _parse_list(args.accuracy_methods, ["fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant"])
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     presets = _presets(args)
