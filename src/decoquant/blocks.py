@@ -3,7 +3,8 @@
 - `Block`: one compressed block (keys and values), with views into the store's packed buffers taken lazily;
 - `select_batch`: rows of a CompressedKV (beam reorder, batch selection);
 - `FusedKV`: what a fused-attention decode step reads instead of fp16 K/V;
-- `StaticWindow`: a static store's exact tokens and device-side counters (CUDA-graph decoding).
+- `StaticWindow`: a static store's exact tokens and device-side counters (CUDA-graph decoding);
+- `DecodedHistory`: the decoded form of the blocks, kept between steps when a store is asked to (evaluation).
 """
 
 from __future__ import annotations
@@ -73,6 +74,40 @@ class Block:
 
     def select_batch(self, index: torch.Tensor) -> "Block":
         return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length, self._fallback)
+
+
+class DecodedHistory:
+    """The blocks' decoded keys and values, concatenated, extended as blocks are added.
+
+    Blocks never change once written (a crop shortens the last one, which the store reports by `reset()`),
+    so a store that keeps this decodes each block once instead of at every step. It holds the history in
+    full precision beside the compressed blocks: a compute cache for evaluation on the CPU, where every
+    chunk of a long text would otherwise decode every earlier block again, not a way to save memory."""
+
+    __slots__ = ("keys", "values", "blocks")
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.blocks = 0  # how many of the store's blocks `keys` and `values` hold
+
+    def read(self, blocks: list[Block]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded keys and values of `blocks` (all of them, in order), decoding only those not seen yet."""
+        if self.blocks > len(blocks):
+            self.reset()
+        new = [b.decode() for b in blocks[self.blocks:]]
+        if new:
+            parts_k = ([] if self.keys is None else [self.keys]) + [k for k, _ in new]
+            parts_v = ([] if self.values is None else [self.values]) + [v for _, v in new]
+            self.keys, self.values = torch.cat(parts_k, -2), torch.cat(parts_v, -2)
+            self.blocks = len(blocks)
+        return self.keys, self.values
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
 
 def select_batch(c: CompressedKV, index: torch.Tensor) -> CompressedKV:

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from .api import compress_kv_deferred, with_exact_rows
-from .blocks import Block, FusedKV, StaticWindow, select_batch
+from .blocks import Block, DecodedHistory, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
 from .kernels.attention import check_backend, dequantize
@@ -33,6 +33,12 @@ from .static_store import StaticDecoding
 
 # at most this many elements of K (and of V) are compressed in one call
 COMPRESS_ELEMENTS = 1 << 26
+
+
+def exact_capacity(config: DecoQuantConfig) -> int:
+    """The most tokens a fresh, unpadded store holds before its first block is compressed (everything it
+    answers attention with up to then is exact): the sinks, the window and one token short of a block."""
+    return config.sink_tokens + config.residual_length + config.block_size - 1
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -47,10 +53,15 @@ class CompressedKVStore(StaticDecoding):
     decoding the history. Needs a fused-compatible config (`kernels.layout.fused_compatible`); steps
     that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
     decoding. backend: of block compression ("auto": the Triton kernels on CUDA, see `api.compress`).
+    keep_decoded: keep the blocks' decoded form between steps (`DecodedHistory`: each block is decoded once,
+    at the price of holding the history in full precision too; for evaluating long texts on the CPU).
     """
 
-    def __init__(self, config: DecoQuantConfig, fused: bool = False, backend: str = "auto"):
+    def __init__(self, config: DecoQuantConfig, fused: bool = False, backend: str = "auto",
+                 keep_decoded: bool = False):
         check_backend(backend)
+        if keep_decoded not in (True, False):
+            raise ValueError(f"keep_decoded={keep_decoded!r} is not supported; allowed values: True, False")
         if fused and not fused_compatible(config):
             raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, "
                              f"bits in (2, 4, 8), group_size 16 or 32, value scales per token (or token and head) and "
@@ -60,6 +71,7 @@ class CompressedKVStore(StaticDecoding):
         self.backend = backend
         self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
         self.blocks: list[Block] = []
+        self.decoded = DecodedHistory() if keep_decoded else None
         self._like = None  # (keys, values) template of the buffered blocks' views
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
@@ -103,6 +115,10 @@ class CompressedKVStore(StaticDecoding):
         if self._all_buffered():  # one dequantize kernel per buffer instead of one decode per block
             parts_k.append(dequantize(self.buffers[0].view(), keys.dtype))
             parts_v.append(dequantize(self.buffers[1].view(), values.dtype))
+        elif self.decoded is not None and self.blocks:
+            k, v = self.decoded.read(self.blocks)
+            parts_k.append(k)
+            parts_v.append(v)
         else:
             for block in self.blocks:
                 k, v = block.decode()
@@ -261,6 +277,8 @@ class CompressedKVStore(StaticDecoding):
     def crop(self, num_tokens: int) -> None:
         """Drop the last `num_tokens` tokens (blocks are shortened, never rewritten)."""
         self.leave_static()
+        if self.decoded is not None:
+            self.decoded.reset()
         drop = min(num_tokens, self.length)
         self.length -= drop
         while drop > 0:
@@ -287,6 +305,8 @@ class CompressedKVStore(StaticDecoding):
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (beam search, batch selection)."""
         self.leave_static()
+        if self.decoded is not None:
+            self.decoded.reset()
         take = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
         self.sink_keys, self.sink_values = take(self.sink_keys), take(self.sink_values)
         self.window_keys, self.window_values = take(self.window_keys), take(self.window_values)
@@ -322,7 +342,8 @@ class CompressedKVStore(StaticDecoding):
                 "fp16_equivalent": 2 * per_token * self.length, "dynamic_cache": itemsize * per_token * self.length,
                 "tokens": self.length, "fallback_blocks": sum(b.fallback for b in self.blocks),
                 "exact_blocks": sum(b.exact for b in self.blocks),
-                "compressed_tokens": sum(b.length for b in self.blocks)}
+                "compressed_tokens": sum(b.length for b in self.blocks),
+                "decoded_copy": 0 if self.decoded is None else self.decoded.nbytes}
 
 
 def _fallback_rows(ck: CompressedKV, cv: CompressedKV, i: int, b: int) -> tuple:

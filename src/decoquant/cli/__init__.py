@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "KV (default tasks); with --tasks and --data-dir also LAMBADA (paper protocol and "
                                    "lm-eval style) and in-context learning. Prints the tables and writes eval.md, "
                                    "eval.json and PNG plots to --out.")
-    _add_model_args(p)
+    _add_model_args(p, dtype="bfloat16")
     _add_cache_args(p, max_windows=8)
     p.add_argument("--tasks", default="perplexity,reconstruction",
                    help=f"comma-separated from {','.join(TASKS)} (lambada and icl need --data-dir)")

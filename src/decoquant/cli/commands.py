@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import BITS, METHODS
-from .common import _args_dict, _parse_list, _progress, _run_perplexities, _text
+from .common import _args_dict, _load_model, _parse_list, _progress, _run_perplexities, _text
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
@@ -16,11 +16,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from ..eval.capture import capture_kv
     from ..eval.reconstruction import evaluate_config, format_table
     from ..eval.text import load_text
-    from ..integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, [m for m in METHODS if m != "none"])
-    model, tok = load_model(args.model)
+    model, tok = _load_model(args)
     text = load_text("wikitext2" if args.data_dir else "gensim-wiki", args.data_dir)
     ids = tok(text[: args.tokens * 12], return_tensors="pt").input_ids[:, : args.tokens]
     if ids.shape[1] < args.tokens:
@@ -52,7 +51,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from ..eval.report import perplexity_table, write_report
 
     _, source, _, _, results = _run_perplexities(args)
-    header = (f"Perplexity through the cache: {args.model}, {source}, {results[0].windows} windows of {args.window} "
+    header = (f"Perplexity through the cache: {args.model} ({args.dtype}), {source}, {results[0].windows} windows of {args.window} "
               f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
               f"{args.residual_length}, sink_tokens={args.sink_tokens}")
     table = perplexity_table(results)
@@ -71,7 +70,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Quality per effective bit: many codec settings through the real cache, with the frontier."""
     from ..eval.report import write_report
     from ..eval.sweep import budget_table, matched_budgets, run_sweep, sweep_grid, sweep_table
-    from ..integrations.models import load_model
 
     bits = _parse_list(args.bits, BITS, int)
     budgets = [float(b) for b in args.budgets.split(",") if b]
@@ -80,10 +78,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = sweep_grid(bits, args.grid, args.block_size)
     configs = [c.replace(residual_length=args.residual_length, sink_tokens=args.sink_tokens) for c in configs]
     source, text = _text(args)
-    model, tok = load_model(args.model)
+    model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
     base, points = run_sweep(model, ids, configs, args.window, args.chunk, args.max_windows,
-                             progress=lambda it: _progress(it, "settings"))
+                             progress=lambda it: _progress(it, "windows x settings"))
     lambada_note = ""
     if args.lambada_limit:
         from ..eval.data import lambada_passages
@@ -100,8 +98,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 f"Perplexity through the cache on {source} ({args.max_windows} windows of {args.window}, chunks of "
                 f"{args.chunk}; block_size={args.block_size}, residual_length={args.residual_length}, sink_tokens="
                 f"{args.sink_tokens}); fp16 perplexity {base:.3f}. Effective bits = stored bits per element older than "
-                "the residual window: compressed blocks with their metadata, and fp16 sink tokens. * = on the Pareto "
-                "frontier." + lambada_note,
+                "the residual window: compressed blocks with their metadata, and fp16 sink tokens. KL = KL divergence "
+                "of the next-token distribution to fp16's (mean over predicted tokens and 99th percentile). * = on "
+                "the Pareto frontier of perplexity delta." + lambada_note,
                 sweep_table(points), "## Best setting of each method at matched budgets",
                 budget_table(matched_budgets(points, budgets))]
     if args.plots:
@@ -111,6 +110,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "delta_pct": p.delta_pct} for p in points],
                             out / "frontier.png", f"{args.model}: perplexity delta vs effective bits")
         sections.append(f"![frontier]({png.name})")
+        png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "kl_mean": p.kl_mean} for p in points],
+                            out / "frontier_kl.png", f"{args.model}: KL divergence to fp16 vs effective bits",
+                            y="kl_mean", linthresh=1e-3)
+        sections.append(f"![KL frontier]({png.name})")
         if args.lambada_limit:
             png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "accuracy_loss_points": -p.lambada_delta}
                                  for p in points], out / "frontier_lambada.png",
@@ -128,20 +131,19 @@ def cmd_weights(args: argparse.Namespace) -> int:
     """WxA16: perplexity with every decoder Linear weight quantized (KV cache left exact)."""
     from ..eval.perplexity import perplexity
     from ..eval.report import write_report
-    from ..integrations.models import load_model
     from ..weights import default_symmetric, quantize_weights
 
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, [f"{m}{v}" for m in ("rtn", "decoquant") for v in ("", "-sym", "-asym")])
     source, text = _text(args)
-    model, tok = load_model(args.model)
+    model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
     run = lambda m: perplexity(m, ids, None, args.window, args.chunk, args.max_windows)  # noqa: E731
     base = run(model)
     rows = [{"weights": "fp16", "perplexity": base.perplexity, "delta_pct": 0.0, "memory": None}]
     for b in bits:
         for method in _progress(methods, f"{b}-bit weights"):
-            model, _ = load_model(args.model)  # a fresh copy: quantization is in place
+            model, _ = _load_model(args)  # a fresh copy: quantization is in place
             base_method, _, variant = method.partition("-")
             symmetric = default_symmetric(base_method) if not variant else variant == "sym"
             mem = quantize_weights(model, base_method, b, group_size=args.group_size, symmetric=symmetric)

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..config import BITS, DecoQuantConfig
-from .common import CACHE_METHODS, _args_dict, _cache_fields, _method_configs, _parse_list, _perplexities, _presets, _progress, _text
+from .common import (CACHE_METHODS, _args_dict, _cache_fields, _load_model, _method_configs, _parse_list, _perplexities,
+                     _presets, _progress, _text)
 
 TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
 
@@ -69,7 +70,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..eval.report import icl_table, lambada_table, perplexity_table, write_report
-    from ..integrations.models import load_model
 
     tasks = _parse_list(args.tasks, TASKS)
     bits = _parse_list(args.bits, BITS, int)
@@ -90,9 +90,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for d in datasets:  # check the files before the model loads
             for split in ("train", "test"):
                 icl_split(args.data_dir, d, split)
-    model, tok = load_model(args.model)
+    model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
-    sections = [f"# decoquant eval: {args.model}"]
+    sections = [f"# decoquant eval: {args.model} ({args.dtype})"]
     payload: dict = {"args": _args_dict(args), "torch": torch.__version__}
     if "perplexity" in tasks:
         ppl = _perplexities(model, ids, args, configs)
@@ -100,8 +100,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "## Perplexity through the cache",
             f"Text: {source}, {ppl[0].windows * args.window} tokens ({ppl[0].windows} windows of {args.window}, fed "
             f"in chunks of {args.chunk} through the cache; block_size={args.block_size}, residual_length="
-            f"{args.residual_length}, sink_tokens={args.sink_tokens}). decoquant = presets {args.preset}. Bytes/token "
-            "count exact tokens as fp16.", perplexity_table(ppl)]
+            f"{args.residual_length}, sink_tokens={args.sink_tokens}); the model in {args.dtype}, fp16 = its "
+            f"uncompressed cache. decoquant = presets {args.preset}. KL = KL divergence of the next-token distribution "
+            "to fp16's, mean over predicted tokens and 99th percentile. Bytes/token count exact tokens as fp16.",
+            perplexity_table(ppl)]
         payload["perplexity"] = [r.__dict__ for r in ppl]
     for variant in ("paper", "openai"):
         if ("lambada" if variant == "paper" else "lambada-openai") not in tasks:

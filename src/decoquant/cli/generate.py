@@ -8,6 +8,7 @@ import sys
 import time
 
 from ..config import BITS, METHODS
+from .common import _add_dtype_arg, _load_model
 
 
 def add_generate_parser(sub) -> None:
@@ -18,6 +19,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt; read from stdin when absent or '-'")
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in alias (smollm2-135m, gemma3-270m), a local transformers folder, or a hub id")
+    _add_dtype_arg(p)
     p.add_argument("--method", default="decoquant", choices=METHODS + ("fp16",),
                    help="codec (fp16 = transformers' DynamicCache, for comparison)")
     p.add_argument("--bits", type=int, default=4, choices=BITS)
@@ -77,7 +79,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ..integrations.model_config import cache_kwargs
-    from ..integrations.models import load_model
 
     prompt = args.prompt
     if prompt is None or prompt == "-":
@@ -86,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: pass it as an argument or on stdin")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok = load_model(args.model)
+    model, tok = _load_model(args)
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         inputs = tok(text, return_tensors="pt", add_special_tokens=False)

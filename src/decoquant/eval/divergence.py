@@ -26,11 +26,27 @@ def chunked_logprobs(model, input_ids: torch.Tensor, cache, chunk: int = 128) ->
     return torch.cat(out, dim=1)
 
 
+class Reference:
+    """A reference's next-token distributions, set up once for KL divergences to many others:
+    KL(ref || other) = sum p log p - sum p log q, the first term kept per position."""
+
+    def __init__(self, ref_logp: torch.Tensor):
+        self.p = ref_logp.exp()
+        self.neg_entropy = torch.linalg.vecdot(self.p, ref_logp)
+
+    def kl(self, logp: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """KL(ref || other) per position for log-probabilities `logp` of the positions from `start` on."""
+        p = self.p[start:start + logp.shape[0]] if start or logp.shape[0] != self.p.shape[0] else self.p
+        if p.shape != logp.shape:
+            raise ValueError(f"log-probabilities differ in shape: {tuple(p.shape)} vs {tuple(logp.shape)}")
+        return (self.neg_entropy[start:start + logp.shape[0]] - torch.linalg.vecdot(p, logp)).clamp_min(0.0)
+
+
 def kl_per_token(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(ref || other) per position, from log-probabilities of the same shape [..., vocab]."""
     if ref_logp.shape != logp.shape:
         raise ValueError(f"log-probabilities differ in shape: {tuple(ref_logp.shape)} vs {tuple(logp.shape)}")
-    return (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0.0)
+    return Reference(ref_logp).kl(logp)
 
 
 def kl_summary(kl: torch.Tensor) -> dict[str, float]:

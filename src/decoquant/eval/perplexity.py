@@ -1,8 +1,14 @@
-"""Perplexity through the real compressed cache.
+"""Perplexity and KL divergence through the real compressed cache.
 
 The text is cut into windows of `window` tokens. Each window starts with a fresh cache and is fed
 in chunks of `chunk` tokens, so every token attends to the earlier chunks through the cache exactly
 as in generation: tokens older than the residual window are read back from compressed blocks.
+
+Every window first runs through transformers' DynamicCache (the reference). Its next-token
+distributions give each compressed cache's KL divergence, and its first chunks are shared: a chunk
+that reads only exact tokens through a cache (nothing compressed yet, see `cache.exact_capacity`)
+has the reference's logits, so a compressed cache starts from the key/value states the reference
+saw for those tokens and runs the model from the first chunk that reads a compressed block.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..cache import exact_capacity
 from ..config import DecoQuantConfig
 from ..integrations.transformers import cache_kwargs
+from .divergence import Reference, kl_summary
 
 
 @dataclass
@@ -28,17 +36,20 @@ class PerplexityResult:
     fp16_bytes_per_token: float  # the same cache entirely in fp16
     block_bits: float  # stored bits per element of the compressed blocks alone (nan if none)
     history_bits: float  # the same over everything older than the window: blocks and fp16 sinks
+    kl_mean: float = 0.0  # KL(reference || this cache) of the next-token distribution, mean over predicted tokens
+    kl_p99: float = 0.0  # its 99th percentile
 
 
 def make_cache(model, config: DecoQuantConfig | None):
-    """A DecoQuantCache, or transformers' DynamicCache when config is None (the fp16 baseline)."""
+    """A DecoQuantCache that keeps its decoded blocks (each block decoded once while a window is evaluated), or
+    transformers' DynamicCache when config is None (the fp16 baseline)."""
     if config is None:
         from transformers import DynamicCache
 
         return DynamicCache(config=model.config)
     from ..integrations.transformers import DecoQuantCache
 
-    return DecoQuantCache(config, model.config)
+    return DecoQuantCache(config, model.config, keep_decoded=True)
 
 
 def _cache_bytes(cache) -> tuple[int, int, int, int, int]:
@@ -54,10 +65,76 @@ def _cache_bytes(cache) -> tuple[int, int, int, int, int]:
     return fp16, fp16, 0, 0, 0
 
 
+def shared_chunks(config: DecoQuantConfig | None, chunk: int, chunks: int) -> int:
+    """How many leading chunks of a window read only exact tokens through `config`'s cache (their logits are
+    the reference's): chunk c reads the c * chunk tokens before it."""
+    if config is None:
+        return chunks
+    return min(chunks, exact_capacity(config) // chunk + 1)
+
+
+def _recorder(model_config, keep: int):
+    """The reference cache, also keeping the key/value states each layer was handed for the first `keep`
+    tokens (what a forked cache starts from; a sliding-window layer's own tensors drop old tokens)."""
+    from transformers import DynamicCache
+
+    class Recorder(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            seen = self.seen.setdefault(layer_idx, [])
+            held = sum(k.shape[-2] for k, _ in seen)
+            if held < keep:
+                seen.append((key_states[..., : keep - held, :].clone(), value_states[..., : keep - held, :].clone()))
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    rec = Recorder(config=model_config)
+    rec.seen = {}
+    return rec
+
+
+def _seed(cache, recorded: dict, tokens: int) -> None:
+    """Hand `cache` the first `tokens` key/value states of every layer, as the model's forwards would have."""
+    for layer_idx in sorted(recorded):
+        ks, vs = zip(*recorded[layer_idx])
+        cache.update(torch.cat(ks, -2)[..., :tokens, :], torch.cat(vs, -2)[..., :tokens, :], layer_idx)
+
+
+class _Tally:
+    """One cache's sums over windows."""
+
+    def __init__(self):
+        self.nll, self.count, self.kl = 0.0, 0, []
+        self.bpt = self.fp16_bpt = 0.0
+        self.block_bytes = self.block_elems = self.sink_elems = 0
+
+    def add_bytes(self, cache, window: int) -> None:
+        total, fp16, blocks, elems, sinks = _cache_bytes(cache)
+        self.bpt += total / window
+        self.fp16_bpt += fp16 / window
+        self.block_bytes += blocks
+        self.block_elems += elems
+        self.sink_elems += sinks if elems else 0
+
+    def result(self, label: str, windows: int) -> PerplexityResult:
+        nll = self.nll / self.count
+        kl = kl_summary(torch.cat(self.kl))
+        bb, be, se = self.block_bytes, self.block_elems, self.sink_elems
+        return PerplexityResult(label, math.exp(nll), nll, self.count, windows, self.bpt / windows,
+                                self.fp16_bpt / windows, 8.0 * bb / be if be else float("nan"),
+                                (8.0 * bb + 16.0 * se) / (be + se) if be else float("nan"),
+                                kl["kl_mean"], kl["kl_p99"])
+
+
+def _chunk_logprobs(model, piece: torch.Tensor, cache) -> torch.Tensor:
+    logits = model(input_ids=piece, **cache_kwargs(cache), use_cache=True).logits
+    return F.log_softmax(logits[0].float(), dim=-1)
+
+
 @torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, window: int = 1024,
-               chunk: int = 128, max_windows: int | None = None, progress=None) -> PerplexityResult:
-    """input_ids: [1, N] token ids. config None = the uncompressed DynamicCache baseline."""
+def perplexities(model, input_ids: torch.Tensor, configs: list, window: int = 1024, chunk: int = 128,
+                 max_windows: int | None = None, progress=None, share_prefix: bool = True) -> list[PerplexityResult]:
+    """One result per entry of `configs` (a DecoQuantConfig, or None for the uncompressed DynamicCache) on
+    `input_ids` [1, N]. share_prefix False runs every cache over every chunk (the same numbers, slower).
+    progress: wraps the iterable of (window, cache) steps (e.g. a progress bar)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, tokens], got shape {tuple(input_ids.shape)}")
     if window < 2 or chunk < 1:
@@ -68,26 +145,43 @@ def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, w
     if n_windows == 0:
         raise ValueError(f"the text has {input_ids.shape[1]} tokens, fewer than one window of {window}")
     device = next(model.parameters()).device
-    nll_sum, count, bpt, fp16_bpt, block_bytes, block_elems, sink_elems = 0.0, 0, 0.0, 0.0, 0, 0, 0
-    windows = range(n_windows) if progress is None else progress(range(n_windows))
-    for w in windows:
+    starts = list(range(0, window, chunk))
+    shared = [shared_chunks(c, chunk, len(starts)) if share_prefix else 0 for c in configs]
+    keep = max([min(s * chunk, window) for s, c in zip(shared, configs) if c is not None], default=0)
+    tallies = [_Tally() for _ in configs]
+    steps = [(w, i) for w in range(n_windows) for i in range(len(configs))]
+    ref_logp = ref_nll = ref = recorded = targets = rec = None
+    for w, i in (steps if progress is None else progress(steps)):
         ids = input_ids[:, w * window:(w + 1) * window].to(device)
-        cache = make_cache(model, config)
-        for start in range(0, window, chunk):
-            piece = ids[:, start:start + chunk]
-            logits = model(input_ids=piece, **cache_kwargs(cache), use_cache=True).logits.float()
-            targets = ids[:, start + 1:start + 1 + piece.shape[1]]
-            logits = logits[:, : targets.shape[1]]
-            nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-            count += targets.numel()
-        total, fp16, blocks, elems, sinks = _cache_bytes(cache)
-        bpt += total / window
-        fp16_bpt += fp16 / window
-        block_bytes += blocks
-        block_elems += elems
-        sink_elems += sinks if elems else 0
-    label = "fp16" if config is None else config.label()
-    nll = nll_sum / count
-    return PerplexityResult(label, math.exp(nll), nll, count, n_windows, bpt / n_windows, fp16_bpt / n_windows,
-                            8.0 * block_bytes / block_elems if block_elems else float("nan"),
-                            (8.0 * block_bytes + 16.0 * sink_elems) / (block_elems + sink_elems) if block_elems else float("nan"))
+        if i == 0:  # the reference first: its log-probabilities and the states to fork from
+            targets = ids[0, 1:]
+            rec = _recorder(model.config, keep)
+            ref_logp = torch.cat([_chunk_logprobs(model, ids[:, s:s + chunk], rec) for s in starts])[:-1]
+            ref_nll = -ref_logp.gather(1, targets[:, None])[:, 0]
+            ref = Reference(ref_logp)
+            recorded = rec.seen
+        config, tally = configs[i], tallies[i]
+        if config is None:
+            nll, kl = ref_nll, torch.zeros_like(ref_nll)
+            tally.add_bytes(rec, window)
+        else:
+            cache = make_cache(model, config)
+            fork = min(shared[i] * chunk, window)
+            if fork:
+                _seed(cache, recorded, fork)
+            rest = [_chunk_logprobs(model, ids[:, s:s + chunk], cache) for s in starts[shared[i]:]]
+            logp = torch.cat(rest)[: window - 1 - fork] if rest else ref_logp[:0]
+            kl = torch.cat([torch.zeros(fork, device=logp.device), ref.kl(logp, fork)])[: window - 1]
+            nll = torch.cat([ref_nll[:fork], -logp.gather(1, targets[fork:, None])[:, 0]])
+            tally.add_bytes(cache, window)
+        tally.nll += float(nll.double().sum())
+        tally.count += nll.numel()
+        tally.kl.append(kl.float().cpu())
+    return [t.result("fp16" if c is None else c.label(), n_windows) for t, c in zip(tallies, configs)]
+
+
+def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, window: int = 1024,
+               chunk: int = 128, max_windows: int | None = None, progress=None) -> PerplexityResult:
+    """One cache's result (`perplexities` with the reference run beside it for the KL divergence)."""
+    configs = [None] if config is None else [None, config]
+    return perplexities(model, input_ids, configs, window, chunk, max_windows, progress)[-1]

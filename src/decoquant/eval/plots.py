@@ -87,8 +87,9 @@ def plot_error_vs(rows: Sequence[dict], x: str, path: Path, title: str, group: s
     return path
 
 
-def plot_frontier(points: Sequence[dict], path: Path, title: str, y: str = "delta_pct") -> Path:
-    """Quality delta vs effective bits per element, one marker style per method; lower-left is better."""
+def plot_frontier(points: Sequence[dict], path: Path, title: str, y: str = "delta_pct", linthresh: float = 1.0) -> Path:
+    """Quality delta vs effective bits per element, one marker style per method; lower-left is better.
+    The y axis is symlog, linear within +-linthresh."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for method in dict.fromkeys(p["method"] for p in points):
@@ -96,7 +97,7 @@ def plot_frontier(points: Sequence[dict], path: Path, title: str, y: str = "delt
         ax.scatter([p["bits"] for p in pts], [p[y] for p in pts], label=method, s=22)
     ax.set_xlabel("effective bits per element (metadata included)")
     ax.set_ylabel(y.replace("_", " "))
-    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_yscale("symlog", linthresh=linthresh)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)

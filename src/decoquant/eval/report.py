@@ -13,12 +13,12 @@ from .perplexity import PerplexityResult
 def perplexity_table(results: Sequence[PerplexityResult]) -> str:
     """One row per cache; deltas against the first row when it is the fp16 baseline."""
     base = results[0].perplexity if results and results[0].label == "fp16" else None
-    lines = ["| cache | perplexity | delta vs fp16 | bytes/token | vs fp16 cache | block bits/elem |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| cache | perplexity | delta vs fp16 | KL mean | KL p99 | bytes/token | vs fp16 cache | block bits/elem |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
         bits = "-" if math.isnan(r.block_bits) else f"{r.block_bits:.3f}"
-        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.bytes_per_token:.0f} | "
+        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.kl_mean:.4f} | {r.kl_p99:.3f} | {r.bytes_per_token:.0f} | "
                      f"{r.bytes_per_token / r.fp16_bytes_per_token:.3f}x | {bits} |")
     return "\n".join(lines)
 

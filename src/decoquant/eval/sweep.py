@@ -77,6 +77,8 @@ class SweepPoint:
     frontier: bool = False
     config: dict | None = None
     lambada_delta: float | None = None  # LAMBADA accuracy minus fp16's, points (paper protocol), if run
+    kl_mean: float = 0.0  # KL divergence to fp16's next-token distribution, mean over predicted tokens
+    kl_p99: float = 0.0  # its 99th percentile
 
 
 def mark_frontier(points: Sequence[SweepPoint]) -> None:
@@ -100,8 +102,8 @@ def matched_budgets(points: Sequence[SweepPoint], budgets: Sequence[float], slac
 
 def sweep_table(points: Sequence[SweepPoint]) -> str:
     acc = any(p.lambada_delta is not None for p in points)
-    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | frontier |" + (" LAMBADA delta |" if acc else ""),
-             "|---|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
+    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | KL mean | KL p99 | frontier |"
+             + (" LAMBADA delta |" if acc else ""), "|---|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
     for p in sorted(points, key=lambda p: (p.effective_bits, p.delta_pct)):
         extra = "" if not acc else (" - |" if p.lambada_delta is None else f" {p.lambada_delta:+.1f} |")
         lines.append(f"| {p.label} | {p.bits} | {p.effective_bits:.3f} | {p.quality:.3f} | {p.delta_pct:+.2f}% | "
@@ -132,19 +134,19 @@ def add_lambada(model, items, points: Sequence[SweepPoint], progress=None) -> fl
 
 def run_sweep(model, ids, configs: Sequence[DecoQuantConfig], window: int, chunk: int, max_windows: int | None,
               progress=None) -> tuple[float, list[SweepPoint]]:
-    """Perplexity through the cache for fp16 and every config: (fp16 perplexity, points)."""
-    from .perplexity import perplexity
+    """Perplexity and KL divergence through the cache for fp16 and every config: (fp16 perplexity, points).
+    progress: wraps the iterable of (window, cache) steps."""
+    from .perplexity import perplexities
 
     for c in configs:
         if window < c.block_size + c.residual_length + chunk:
             raise ValueError(f"window={window} is too short: with block_size={c.block_size}, residual_length="
                              f"{c.residual_length} and chunk={chunk} no token would read a compressed block; "
                              f"use window >= {c.block_size + c.residual_length + chunk}")
-    base = perplexity(model, ids, None, window, chunk, max_windows).perplexity
-    points = []
-    for c in (progress(configs) if progress else configs):
-        r = perplexity(model, ids, c, window, chunk, max_windows)
-        points.append(SweepPoint(describe(c), c.method, c.bits, r.history_bits, r.perplexity,
-                                 100 * (r.perplexity / base - 1), config=c.to_dict()))
+    results = perplexities(model, ids, [None, *configs], window, chunk, max_windows, progress)
+    base = results[0].perplexity
+    points = [SweepPoint(describe(c), c.method, c.bits, r.history_bits, r.perplexity, 100 * (r.perplexity / base - 1),
+                         config=c.to_dict(), kl_mean=r.kl_mean, kl_p99=r.kl_p99)
+              for c, r in zip(configs, results[1:])]
     mark_frontier(points)
     return base, points

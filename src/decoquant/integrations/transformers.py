@@ -26,12 +26,13 @@ class DecoQuantLayer(DynamicLayer):
 
     is_croppable = True
 
-    def __init__(self, config: DecoQuantConfig, fused: bool = False, defer: bool = False):
+    def __init__(self, config: DecoQuantConfig, fused: bool = False, defer: bool = False,
+                 keep_decoded: bool = False):
         super().__init__()
         self.config = config
         self.fused = fused
         self.defer = defer  # the cache settles the deferred compression (see DecoQuantCache.update)
-        self.store = CompressedKVStore(config, fused)
+        self.store = CompressedKVStore(config, fused, keep_decoded=keep_decoded)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -93,13 +94,17 @@ class DecoQuantCache(DynamicCache):
     overlap: on CUDA, compress the blocks a prefill fills in each layer on a worker thread and a side
         stream while the following layers run (a layer's fp16 K/V stays until its compression is
         done); False compresses each layer in its own update. The cache holds the same blocks either way.
+    keep_decoded: keep the blocks' decoded form between forwards, so each block is decoded once (evaluating
+        long texts on the CPU, e.g. `decoquant perplexity`); it costs the history in full precision on top
+        of the blocks (`memory_report()["decoded_copy"]`, not counted in the cache's total).
 
     Left-padded batches: `set_padding(attention_mask)` before the prefill (`from_model` installs a hook that
     does it from every forward's `attention_mask`) keeps each row's padding and its first `sink_tokens` real
     tokens exact, so no pad position enters a block's scales, zero points or T_S.
     """
 
-    def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True):
+    def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True,
+                 keep_decoded: bool = False):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
         text = text_config(model_config)
@@ -124,7 +129,7 @@ class DecoQuantCache(DynamicCache):
         self.config = config
         self.head_dim = head_dim_of(text)
         reference = reference_layers(model_config)
-        layers = [DecoQuantLayer(config, self.fused, overlap) if type(layer) is DynamicLayer else layer
+        layers = [DecoQuantLayer(config, self.fused, overlap, keep_decoded) if type(layer) is DynamicLayer else layer
                   for layer in reference]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
@@ -187,8 +192,8 @@ class DecoQuantCache(DynamicCache):
 
     @classmethod
     def from_model(cls, model, config: DecoQuantConfig | None = None, **options) -> "DecoQuantCache":
-        """Build a cache for `model`; `options` are config fields (e.g. bits=2) or the cache's own `fused`
-        and `overlap`; a config field that is neither raises a ValueError naming it.
+        """Build a cache for `model`; `options` are config fields (e.g. bits=2) or the cache's own `fused`,
+        `overlap` and `keep_decoded`; a config field that is neither raises a ValueError naming it.
 
         config None picks the default: the frontier's preset, `DecoQuantConfig(preset="channel64-token",
         sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it);
@@ -202,7 +207,7 @@ class DecoQuantCache(DynamicCache):
         Under tensor parallelism (`tp_plan="auto"`) each rank holds some of the kv heads and compresses
         them with no communication; the config must then be head-local (`config.head_local`, e.g.
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
-        cache_options = {k: options.pop(k) for k in ("fused", "overlap") if k in options}
+        cache_options = {k: options.pop(k) for k in ("fused", "overlap", "keep_decoded") if k in options}
         default = config is None
         if default and options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
             config = DecoQuantConfig(sink_tokens=4, **options)
@@ -260,10 +265,11 @@ class DecoQuantCache(DynamicCache):
         total; `dynamic_cache`: what transformers' DynamicCache holds for the same tokens in the model's dtype
         (sliding layers bounded the same way); `fp16_equivalent`: the same tokens at 2 bytes per element; and
         element counts. `fallback_blocks`: blocks the codec stored with its simpler fallback (see
-        `CompressedKV.fallback_mask`); `exact_blocks`: blocks with rows kept exact (NaN/Inf)."""
+        `CompressedKV.fallback_mask`); `exact_blocks`: blocks with rows kept exact (NaN/Inf); `decoded_copy`: the
+        decoded history a `keep_decoded` cache holds besides (not in `total`)."""
         out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "dynamic_cache": 0, "fp16_equivalent": 0,
                "exact_elements": 0, "compressed_elements": 0, "sink_elements": 0, "fallback_blocks": 0,
-               "exact_blocks": 0}
+               "exact_blocks": 0, "decoded_copy": 0}
         for layer in self.layers:
             if isinstance(layer, DecoQuantLayer):
                 mem = layer.store.memory()
