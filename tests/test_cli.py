@@ -22,7 +22,7 @@ def test_missing_data_folder_is_a_clear_error(capsys, tmp_path):
 def test_eval_writes_a_report(tmp_path, capsys):
     pytest.importorskip("transformers")
     out = tmp_path / "run"
-    assert main(["eval", "--methods", "fp16,decoquant,rtn", "--bits", "4", "--window", "256",
+    assert main(["eval", "--methods", "fp16,decoquant,rtn", "--bits", "4", "--window", "512",
                  "--max-windows", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| decoquant-paper-4b |" in printed and "| rtn-4b |" in printed
@@ -31,6 +31,23 @@ def test_eval_writes_a_report(tmp_path, capsys):
                                                         "rtn-4b"]  # default presets: the paper's and the frontier's
     assert (out / "eval.md").read_text().startswith("# decoquant eval")
     assert not list(out.glob("*.tmp"))
+    assert all(r["kl_mean"] > 0 for r in data["perplexity"][1:]) and data["perplexity"][0]["kl_mean"] == 0
+
+
+@pytest.mark.slow
+def test_eval_retrieval_tasks_write_tables_and_heatmaps(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    assert main(["eval", "--tasks", "needle,passkey", "--methods", "fp16,kivi", "--bits", "2", "--lengths", "200,300",
+                 "--depths", "0,1", "--prefill-chunk", "64", "--block-size", "32", "--residual-length", "16",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "## Needle in a haystack" in printed and "## Passkey retrieval" in printed and "| kivi-g32-2b |" in printed
+    data = json.loads((out / "eval.json").read_text())
+    assert len(data["needle"]) == len(data["passkey"]) == 2 * 2 * 2  # caches x lengths x depths
+    assert {p.name for p in out.glob("*.png")} == {f"{t}_{c}.png" for t in ("needle", "passkey")
+                                                   for c in ("fp16", "kivi-g32-2b")}
+    assert main(["eval", "--tasks", "needle", "--depths", "1.5", "--out", str(out)]) == 2
 
 
 def test_generate_prints_text_and_the_memory_report(capsys, monkeypatch):

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="2,10", help="comma-separated demonstration counts (default 2,10)")
     p.add_argument("--icl-limit", type=int, default=100, help="test records per ICL dataset (default 100)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds for drawing demonstrations")
+    p.add_argument("--lengths", default="1024,2048,4096,8192",
+                   help="needle/passkey prompt lengths in tokens (clipped to the model's context)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle/passkey depths of the fact, 0 = start")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="needle/passkey: tokens per prefill forward (older chunks are read back compressed)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write PNG plots of the reconstruction analysis next to the report (needs matplotlib)")
     p.set_defaults(func=cmd_eval)
@@ -90,11 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(p, max_windows=None)
     p.set_defaults(func=cmd_perplexity)
     add_generate_parser(sub)
+    sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line with the decoquant model "
+                   "registered (--model decoquant --model_args pretrained=smollm2-135m,method=kivi,bits=2; "
+                   "--data-dir adds offline tasks such as lambada_openai_local)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's
+        from .lm_eval import run_lm_eval
+
+        try:
+            return run_lm_eval(argv[1:])
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     args.argv = list(argv[1:])
     try:

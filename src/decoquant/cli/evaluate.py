@@ -10,7 +10,7 @@ from ..config import BITS, DecoQuantConfig
 from .common import (CACHE_METHODS, _args_dict, _cache_fields, _load_model, _method_configs, _parse_list, _perplexities,
                      _presets, _progress, _text)
 
-TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction")
+TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction", "needle", "passkey")
 
 
 def _accuracy_configs(methods: list[str], bits: list[int], layout: str, presets: list[str] = ("paper",)) -> list:
@@ -62,6 +62,44 @@ def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict
                               f"{args.model}: DecoQuant error vs number of local tensors", group="bits")]
         sections.append("Plots: " + ", ".join(f"![{p.stem}]({p.name})" for p in pngs))
         payload["error_sweep"], payload["sites_sweep"] = sweep, sites
+    return sections, payload
+
+
+def _retrieval_sections(model, tok, configs, text: str, args, tasks: list[str]) -> tuple[list[str], dict]:
+    """Needle and passkey: accuracy tables per prompt length and a depth x length heatmap PNG per cache."""
+    from ..eval.report import retrieval_table
+    from ..eval.retrieval import context_limit, run_retrieval, task_prompts
+
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    depths = [float(d) for d in args.depths.split(",") if d]
+    if not lengths or min(lengths) < 64 or not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--lengths must be token counts >= 64 and --depths fractions in [0, 1]; got "
+                         f"{args.lengths!r} and {args.depths!r}")
+    limit = context_limit(model)
+    sections, payload, out = [], {}, Path(args.out or "decoquant-results")
+    for task in [t for t in ("needle", "passkey") if t in tasks]:
+        prompts = task_prompts(tok, task, lengths, depths, text, args.data_dir, limit)
+        results = run_retrieval(model, tok, prompts, configs, args.prefill_chunk,
+                                progress=lambda it, t=task: _progress(it, t))
+        what = ("a 7-digit 'special magic number' for a city hidden in the text at each depth" if task == "needle" else
+                "KIVI's passkey prompt (filler lines, a 5-digit pass key at each depth)"
+                + ("; rows of length " + ", ".join(str(p.length) for p in prompts if p.task == "passkey-file")
+                   + " are KIVI's own prompts fitted to the model's context" if any(p.task == "passkey-file"
+                                                                                       for p in prompts) else ""))
+        sections += [f"## {'Needle in a haystack' if task == 'needle' else 'Passkey retrieval'}",
+                     f"{what}; the context prefilled in chunks of {args.prefill_chunk} through the cache (older tokens "
+                     f"compressed before the question arrives), then the question, the answer decoded greedily; exact "
+                     f"match over depths {depths}. Prompt lengths are clipped to the model's context ({limit}).",
+                     retrieval_table(results)]
+        if args.plots:
+            from ..eval.plots import plot_retrieval_heatmap
+
+            out.mkdir(parents=True, exist_ok=True)
+            pngs = [plot_retrieval_heatmap([r for r in results if r.label == label and r.task == task],
+                                           out / f"{task}_{label}.png", f"{args.model} {task}: {label}")
+                    for label in dict.fromkeys(r.label for r in results)]
+            sections.append("Heatmaps: " + ", ".join(f"![{p.stem}]({p.name})" for p in pngs))
+        payload[task] = [r.__dict__ for r in results]
     return sections, payload
 
 
@@ -153,6 +191,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      f"(DecoQuant = presets {args.preset}, group layout, one block); options scored by mean token NLL with "
                      "contextual calibration.", icl_table(results)]
         payload["icl"] = [r.__dict__ for r in results]
+    if "needle" in tasks or "passkey" in tasks:
+        extra_sections, extra = _retrieval_sections(model, tok, configs, text, args, tasks)
+        sections += extra_sections
+        payload.update(extra)
     if "reconstruction" in tasks:
         extra_sections, extra = _reconstruction_sections(model, ids, configs, args)
         sections += extra_sections

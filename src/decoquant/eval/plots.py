@@ -104,3 +104,25 @@ def plot_frontier(points: Sequence[dict], path: Path, title: str, y: str = "delt
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_retrieval_heatmap(results: Sequence, path: Path, title: str) -> Path:
+    """Needle-in-a-haystack heatmap of one cache: depth (rows) x prompt length (columns), green = retrieved."""
+    plt = _pyplot()
+    lengths = sorted({r.length for r in results})
+    depths = sorted({round(r.depth, 2) for r in results})
+    grid = torch.full((len(depths), len(lengths)), float("nan"))
+    for r in results:
+        i, j = depths.index(round(r.depth, 2)), lengths.index(r.length)
+        prev = grid[i, j]
+        grid[i, j] = float(r.correct) if torch.isnan(prev) else (prev + float(r.correct)) / 2
+    fig, ax = plt.subplots(figsize=(1.1 * len(lengths) + 2, 0.45 * len(depths) + 1.6))
+    ax.imshow(grid.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("depth of the fact")
+    ax.set_title(title, fontsize=10)
+    path = _save(fig, path)
+    plt.close(fig)
+    return path

@@ -77,3 +77,19 @@ def icl_table(results) -> str:
                      f"{100 * sum(accs) / len(accs):.1f} | {100 * sum(raws) / len(raws):.1f} | "
                      f"{sum(bits) / len(bits):.2f} |")
     return "\n".join(lines)
+
+
+def retrieval_table(results: Sequence) -> str:
+    """Accuracy (exact match, %) per cache and prompt length over the depths, and over everything."""
+    lengths = sorted({r.length for r in results})
+    labels = list(dict.fromkeys(r.label for r in results))
+    lines = ["| cache | " + " | ".join(f"{n} tokens" for n in lengths) + " | all |",
+             "|---|" + "---:|" * (len(lengths) + 1)]
+    for label in labels:
+        mine = [r for r in results if r.label == label]
+        cells = []
+        for n in lengths:
+            at = [r.correct for r in mine if r.length == n]
+            cells.append(f"{100 * sum(at) / len(at):.0f}%" if at else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * sum(r.correct for r in mine) / len(mine):.0f}% |")
+    return "\n".join(lines)
