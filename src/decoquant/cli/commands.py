@@ -51,8 +51,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from ..eval.report import perplexity_table, write_report
 
     _, source, _, _, results = _run_perplexities(args)
-    header = (f"Perplexity through the cache: {args.model} ({args.dtype}), {source}, {results[0].windows} windows of {args.window} "
-              f"tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
+    header = (f"Perplexity through the cache: {args.model} ({args.dtype}), {source}, {results[0].windows} windows of "
+              f"{args.window} tokens fed in chunks of {args.chunk}; block_size={args.block_size}, residual_length="
               f"{args.residual_length}, sink_tokens={args.sink_tokens}")
     table = perplexity_table(results)
     print(header)

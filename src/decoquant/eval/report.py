@@ -18,7 +18,8 @@ def perplexity_table(results: Sequence[PerplexityResult]) -> str:
     for r in results:
         delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
         bits = "-" if math.isnan(r.block_bits) else f"{r.block_bits:.3f}"
-        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.kl_mean:.4f} | {r.kl_p99:.3f} | {r.bytes_per_token:.0f} | "
+        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.kl_mean:.4f} | {r.kl_p99:.3f} | "
+                     f"{r.bytes_per_token:.0f} | "
                      f"{r.bytes_per_token / r.fp16_bytes_per_token:.3f}x | {bits} |")
     return "\n".join(lines)
 
