@@ -57,6 +57,9 @@ class DecoQuantLM(HFLM):
             pretrained = resolve_model_path(pretrained)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
+        from .padding import track_padding
+
+        track_padding(self.model)  # left-padded generation batches: pads and first real tokens stay exact
 
     def new_cache(self):
         from .transformers import DecoQuantCache
