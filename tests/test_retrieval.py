@@ -1,7 +1,8 @@
-"""Needle and passkey prompts: lengths, depths and KIVI's prompts fitted to a context; scoring; SmolLM2 retrieves
-a pass key at 1k tokens through the uncompressed cache, and the compressed cache really compresses the prompt."""
+"""Needle, multi-key needle and passkey prompts: lengths, depths and KIVI's prompts fitted to a context;
+scoring; SmolLM2 retrieves a pass key at 1k tokens through the uncompressed cache, and the compressed cache really compresses the prompt."""
 
 import json
+import re
 
 import pytest
 
@@ -9,8 +10,8 @@ pytest.importorskip("transformers")
 
 from decoquant import DecoQuantConfig  # noqa: E402
 from decoquant.eval.perplexity import make_cache  # noqa: E402
-from decoquant.eval.retrieval import (PASSKEY_FILLER, PASSKEY_INTRO, answer, needle_prompts,  # noqa: E402
-                                      passkey_file_prompts, passkey_prompts, run_retrieval, score, task_prompts)
+from decoquant.eval.retrieval import (MULTIKEY_NEEDLES, PASSKEY_FILLER, PASSKEY_INTRO, answer,  # noqa: E402
+                                      needle_prompts, passkey_file_prompts, passkey_prompts, run_retrieval, score, task_prompts)
 from decoquant.eval.text import load_text  # noqa: E402
 
 
@@ -37,6 +38,25 @@ def test_prompts_have_their_length_and_the_fact_at_its_depth(smollm2):
         needle_prompts(tok, "short text. " * 50, [4000], [0.5])
     with pytest.raises(ValueError, match="task="):
         task_prompts(tok, "ruler", [512], [0.5], "", None, 8000)
+
+
+def test_multikey_prompts_hold_distinct_needles_and_ask_for_the_one_at_the_depth(smollm2):
+    _, tok = smollm2
+    haystack = load_text("gensim-wiki")[:200_000]
+    plain = needle_prompts(tok, haystack, [1024], [0.0, 0.5, 1.0], seed=3)
+    multi = task_prompts(tok, "multikey", [1024], [0.0, 0.5, 1.0], haystack, None, 8000, seed=3)
+    assert [p.task for p in multi] == ["multikey"] * 3 and [p.depth for p in multi] == [0.0, 0.5, 1.0]
+    for p in multi:
+        assert 0.97 * 1024 <= p.length <= 1024
+        text, question = tok.decode(p.context), tok.decode(p.question)
+        found = re.findall(r"The special magic number for (\w+) is (\d+)\.", text)
+        assert len(found) == MULTIKEY_NEEDLES and len({k for k, _ in found}) == MULTIKEY_NEEDLES, found
+        asked = re.search(r"number for (\w+)\?", question).group(1)
+        assert dict(found)[asked] == p.target
+        assert abs(text.find(p.target) / len(text) - p.depth) < 0.1
+    assert [p.target for p in plain] != [p.target for p in multi]  # the plain needle's draws are its own
+    with pytest.raises(ValueError, match="keys="):
+        needle_prompts(tok, haystack, [1024], [0.5], keys=0)
 
 
 def test_kivi_prompts_are_fitted_to_the_context(smollm2, tmp_path):

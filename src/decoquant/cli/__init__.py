@@ -48,10 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--icl-limit", type=int, default=100, help="test records per ICL dataset (default 100)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds for drawing demonstrations")
     p.add_argument("--lengths", default="1024,2048,4096,8192",
-                   help="needle/passkey prompt lengths in tokens (clipped to the model's context)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle/passkey depths of the fact, 0 = start")
+                   help="retrieval tasks (needle, multikey, passkey): prompt lengths in tokens (clipped to the "
+                        "model's context)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="retrieval tasks: depths of the fact asked for, 0 = start")
     p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="needle/passkey: tokens per prefill forward (older chunks are read back compressed)")
+                   help="retrieval tasks: tokens per prefill forward (older chunks are read back compressed)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write PNG plots of the reconstruction analysis next to the report (needs matplotlib)")
     p.set_defaults(func=cmd_eval)

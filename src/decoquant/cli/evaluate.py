@@ -10,7 +10,15 @@ from ..config import BITS, DecoQuantConfig
 from .common import (CACHE_METHODS, _args_dict, _cache_fields, _load_model, _method_configs, _parse_list, _perplexities,
                      _presets, _progress, _text)
 
-TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction", "needle", "passkey")
+TASKS = ("perplexity", "lambada", "lambada-openai", "icl", "reconstruction", "needle", "multikey",
+         "passkey")
+RETRIEVAL_TASKS = {  # task: (report heading, what the prompts are)
+    "needle": ("Needle in a haystack", "a 7-digit 'special magic number' for a city hidden in the text at each depth"),
+    "multikey": ("Multi-key needle in a haystack",
+                 "RULER's multi-key variant: {n} such needles for different cities at random depths, the one at "
+                 "each depth asked for"),
+    "passkey": ("Passkey retrieval", "KIVI's passkey prompt (filler lines, a 5-digit pass key at each depth)"),
+}
 
 
 def _accuracy_configs(methods: list[str], bits: list[int], layout: str, presets: list[str] = ("paper",)) -> list:
@@ -66,9 +74,9 @@ def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict
 
 
 def _retrieval_sections(model, tok, configs, text: str, args, tasks: list[str]) -> tuple[list[str], dict]:
-    """Needle and passkey: accuracy tables per prompt length and a depth x length heatmap PNG per cache."""
+    """Needle, multi-key needle and passkey: accuracy tables per prompt length and a depth x length heatmap PNG per cache."""
     from ..eval.report import retrieval_table
-    from ..eval.retrieval import context_limit, run_retrieval, task_prompts
+    from ..eval.retrieval import MULTIKEY_NEEDLES, context_limit, run_retrieval, task_prompts
 
     lengths = [int(n) for n in args.lengths.split(",") if n]
     depths = [float(d) for d in args.depths.split(",") if d]
@@ -77,16 +85,16 @@ def _retrieval_sections(model, tok, configs, text: str, args, tasks: list[str]) 
                          f"{args.lengths!r} and {args.depths!r}")
     limit = context_limit(model)
     sections, payload, out = [], {}, Path(args.out or "decoquant-results")
-    for task in [t for t in ("needle", "passkey") if t in tasks]:
+    for task in [t for t in RETRIEVAL_TASKS if t in tasks]:
         prompts = task_prompts(tok, task, lengths, depths, text, args.data_dir, limit)
         results = run_retrieval(model, tok, prompts, configs, args.prefill_chunk,
                                 progress=lambda it, t=task: _progress(it, t))
-        what = ("a 7-digit 'special magic number' for a city hidden in the text at each depth" if task == "needle" else
-                "KIVI's passkey prompt (filler lines, a 5-digit pass key at each depth)"
+        heading, what = RETRIEVAL_TASKS[task]
+        what = (what.format(n=MULTIKEY_NEEDLES)
                 + ("; rows of length " + ", ".join(str(p.length) for p in prompts if p.task == "passkey-file")
                    + " are KIVI's own prompts fitted to the model's context" if any(p.task == "passkey-file"
                                                                                        for p in prompts) else ""))
-        sections += [f"## {'Needle in a haystack' if task == 'needle' else 'Passkey retrieval'}",
+        sections += [f"## {heading}",
                      f"{what}; the context prefilled in chunks of {args.prefill_chunk} through the cache (older tokens "
                      f"compressed before the question arrives), then the question, the answer decoded greedily; exact "
                      f"match over depths {depths}. Prompt lengths are clipped to the model's context ({limit}).",
@@ -191,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                      f"(DecoQuant = presets {args.preset}, group layout, one block); options scored by mean token NLL with "
                      "contextual calibration.", icl_table(results)]
         payload["icl"] = [r.__dict__ for r in results]
-    if "needle" in tasks or "passkey" in tasks:
+    if any(t in RETRIEVAL_TASKS for t in tasks):
         extra_sections, extra = _retrieval_sections(model, tok, configs, text, args, tasks)
         sections += extra_sections
         payload.update(extra)

@@ -1,4 +1,5 @@
-"""Long-context retrieval through the compressed cache: needle in a haystack and passkey retrieval.
+"""Long-context retrieval through the compressed cache: needle in a haystack (plain and multi-key) and passkey
+retrieval.
 
 A prompt is a context (haystack or filler with the fact hidden at some depth) and a question. The context
 is prefilled in chunks, as serving engines do, so everything older than the exact window is compressed
@@ -24,12 +25,13 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
                  "I will quiz you about the important information there.\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+MULTIKEY_NEEDLES = 4  # needles in a multi-key prompt, one asked for (RULER's niah_multikey_1 has 1 + distractors)
 NEEDLE_KEYS = ("Lisbon", "Kyoto", "Nairobi", "Oslo", "Quito", "Hanoi", "Perth", "Tallinn", "Accra", "Lima")
 
 
 @dataclass
 class Prompt:
-    task: str  # "needle", "passkey" (generated) or "passkey-file"
+    task: str  # "needle", "multikey", "passkey" (generated) or "passkey-file"
     context: list[int]  # token ids, the fact inside
     question: list[int]
     target: str  # the number to retrieve
@@ -65,32 +67,47 @@ def _insert_at_boundary(tok, ids: list[int], at: int) -> int:
     return 0
 
 
-def _place(tok, filler: list[int], fact: list[int], question: list[int], length: int, depth: float,
+def _place(tok, filler: list[int], facts: list[tuple[list[int], float]], question: list[int], length: int,
            task: str, target: str, head: list[int] = ()) -> Prompt:
-    room = length - len(question) - len(fact) - len(head) - len(_prefix(tok))
+    """A prompt of `length` tokens: the filler with each (fact, depth) inserted at a sentence boundary; the
+    prompt's depth is the first fact's (the one asked for)."""
+    room = length - len(question) - sum(len(f) for f, _ in facts) - len(head) - len(_prefix(tok))
     if room < 1:
-        raise ValueError(f"a prompt of {length} tokens cannot hold the fact and the question; use longer lengths")
+        raise ValueError(f"a prompt of {length} tokens cannot hold the facts and the question; use longer lengths")
     if len(filler) < room:
         raise ValueError(f"the haystack has {len(filler)} tokens, fewer than the {room} a {length}-token prompt needs")
     body = filler[:room]
-    at = _insert_at_boundary(tok, body, round(depth * room))
-    context = _prefix(tok) + list(head) + body[:at] + fact + body[at:]
-    return Prompt(task, context, question, target, depth, len(context) + len(question))
+    cuts = sorted(((_insert_at_boundary(tok, body, round(d * room)), i) for i, (_, d) in enumerate(facts)))
+    context, last = _prefix(tok) + list(head), 0
+    for at, i in cuts:
+        context += body[last:at] + facts[i][0]
+        last = at
+    context += body[last:]
+    return Prompt(task, context, question, target, facts[0][1], len(context) + len(question))
 
 
-def needle_prompts(tok, haystack: str, lengths, depths, seed: int = 0) -> list[Prompt]:
+def _needle(key: str, value: str) -> str:
+    return f"\nThe special magic number for {key} is {value}.\n"
+
+
+def needle_prompts(tok, haystack: str, lengths, depths, seed: int = 0, keys: int = 1) -> list[Prompt]:
     """Needle in a haystack over real text: "The special magic number for <city> is <7 digits>." at each depth of
-    each length (tokens), asked for at the end."""
+    each length (tokens), asked for at the end. With `keys` > 1 (RULER's multi-key variant) as many needles for
+    other cities sit at random depths, and only the one at the given depth is asked for."""
+    if not 1 <= keys <= len(NEEDLE_KEYS):
+        raise ValueError(f"keys={keys} is not supported; allowed values: 1 to {len(NEEDLE_KEYS)}")
     rng = random.Random(seed)
     filler = _ids(tok, haystack)
     out = []
     for length in lengths:
         for depth in depths:
-            key, value = rng.choice(NEEDLE_KEYS), str(rng.randrange(1_000_000, 10_000_000))
-            fact = _ids(tok, f"\nThe special magic number for {key} is {value}.\n")
-            question = _ids(tok, f"\nWhat is the special magic number for {key}? The special magic number for "
-                                 f"{key} is")
-            out.append(_place(tok, filler, fact, question, length, depth, "needle", value))
+            names = [rng.choice(NEEDLE_KEYS)] if keys == 1 else rng.sample(NEEDLE_KEYS, keys)
+            values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in names]  # keys == 1: draws as before
+            facts = [(_ids(tok, _needle(k, v)), depth if i == 0 else rng.random())
+                     for i, (k, v) in enumerate(zip(names, values))]
+            question = _ids(tok, f"\nWhat is the special magic number for {names[0]}? The special magic number for "
+                                 f"{names[0]} is")
+            out.append(_place(tok, filler, facts, question, length, "needle" if keys == 1 else "multikey", values[0]))
     return out
 
 
@@ -105,7 +122,7 @@ def passkey_prompts(tok, lengths, depths, seed: int = 0) -> list[Prompt]:
         for depth in depths:
             key = str(rng.randrange(10_000, 100_000))
             fact = _ids(tok, f"The pass key is {key}. Remember it. {key} is the pass key.\n")
-            out.append(_place(tok, filler, fact, question, length, depth, "passkey", key, head))
+            out.append(_place(tok, filler, [(fact, depth)], question, length, "passkey", key, head))
     return out
 
 
@@ -189,11 +206,11 @@ def task_prompts(tok, task: str, lengths, depths, haystack: str | None, data_dir
     KIVI's own prompts (fitted to `max_tokens`) when `data_dir` has them. Lengths past `max_tokens` are
     clipped to it."""
     lengths = sorted({min(n, max_tokens) for n in lengths})
-    if task == "needle":
-        return needle_prompts(tok, haystack, lengths, depths, seed)
+    if task in ("needle", "multikey"):
+        return needle_prompts(tok, haystack, lengths, depths, seed, 1 if task == "needle" else MULTIKEY_NEEDLES)
     if task == "passkey":
         prompts = passkey_prompts(tok, lengths, depths, seed)
         if data_dir is not None and (Path(data_dir) / PASSKEY_FILE).exists():
             prompts += passkey_file_prompts(tok, data_dir, max_tokens)
         return prompts
-    raise ValueError(f"task={task!r} is not supported; allowed values: 'needle', 'passkey'")
+    raise ValueError(f"task={task!r} is not supported; allowed values: 'needle', 'multikey', 'passkey'")
