@@ -101,8 +101,16 @@ def test_bad_cache_input_is_a_clear_error():
     with pytest.warns(UserWarning, match="head_dim=72.*group_size=12"):
         fitted = dq.DecoQuantCache.from_model(_model("llama-hd72"))
     assert fitted.config.group_size == 12
-    # cache options pass through from_model
-    assert dq.DecoQuantCache.from_model(model, fused=False, overlap=False).fused is False
+    # every cache option passes through from_model, and a layer's reset keeps them
+    from decoquant.format import Backend
+
+    cache = dq.DecoQuantCache.from_model(model, fused=False, overlap=False, keep_decoded=True, backend="torch")
+    assert cache.fused is False
+    for layer in (cache.layers[0], cache.layers[1]):
+        layer.reset()
+        assert layer.store.backend is Backend.TORCH and layer.store.decoded is not None and not layer.defer
+    with pytest.raises(ValueError, match="backend='cuda' is not supported"):
+        dq.DecoQuantCache.from_model(model, backend="cuda")
     # another codec through from_model: its own defaults, not the default preset's pinned fields
     for method in ("none", "kivi", "rtn"):
         cfg = dq.DecoQuantCache.from_model(model, method=method, bits=2).config

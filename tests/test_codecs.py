@@ -200,6 +200,9 @@ BAD_INPUT = [
     (dict(preset="paper", group_size=32), "preset='paper' pins group_size=16, but group_size=32"),
     (dict(preset="paper", symmetric=False), "pins symmetric=True, but symmetric=False"),
     (dict(preset="channel64-token", scale_granularity="token_head"), "pins scale_granularity='channel'"),
+    # a field given at its default value is given, too: no preset overrides it silently
+    (dict(preset="channel64-token", quant_group_size=32), "pins quant_group_size=64, but quant_group_size=32"),
+    (dict(preset="kv-split", scale_granularity="token"), "pins scale_granularity='channel', but"),
 ]
 
 

@@ -8,6 +8,7 @@ import decoquant as dq
 from decoquant.kernels.attention import decode_attention
 from decoquant.kernels.layout import PackedKV
 from decoquant.kernels.reference import dequantize_packed
+from decoquant.storage import pack_blocks
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -23,7 +24,7 @@ def rel(a, b):
 def packed(batch, kv_heads, tokens, head_dim, bits, block, seed, **cfg_fields):
     """Compress `tokens` of random outlier-heavy K and V block by block."""
     ks, vs = _blocks(batch, kv_heads, tokens, head_dim, bits, block, seed, cfg_fields or {"preset": "paper"})
-    return PackedKV.from_blocks(ks), PackedKV.from_blocks(vs)
+    return pack_blocks(ks), pack_blocks(vs)
 
 
 CASES = [  # batch, kv heads, q heads, compressed tokens, valid lengths, window, head_dim, bits, block
@@ -294,14 +295,14 @@ def test_reference_matches_decompress():
     x = torch.randn(2, 3, 32, 64)
     x[..., 1] *= 30
     c = dq.compress(x, cfg, "key")
-    assert torch.allclose(dequantize_packed(PackedKV.from_blocks([c])), dq.decompress(c), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(dequantize_packed(pack_blocks([c])), dq.decompress(c), atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_layouts_are_refused():
     cfg = dq.DecoQuantConfig(method="decoquant", bits=4, scale_granularity="channel")
     c = dq.compress(torch.randn(1, 2, 32, 64), cfg, "key")
     with pytest.raises(ValueError, match="fused kernels"):
-        PackedKV.from_blocks([c])
+        pack_blocks([c])
     with pytest.raises(ValueError, match="backend='cuda'"):
         k, v = packed(1, 1, 32, 64, 4, 32, seed=0)
         decode_attention(torch.randn(1, 1, 64), k, v, 1.0, backend="cuda")

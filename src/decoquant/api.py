@@ -10,7 +10,7 @@ from .codecs import get_codec
 from .codecs.base import Encoded
 from .compressed import CompressedKV
 from .config import KINDS, DecoQuantConfig
-from .kernels.attention import check_backend
+from .format import Backend
 from .packing import pack_codes, unpack_codes
 
 
@@ -35,9 +35,9 @@ def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -
     returns the encoding and the exact-row mask [B]."""
     b = x.shape[0]
     codec = get_codec(config.method)
-    check_backend(backend)
+    backend = Backend.parse(backend)
     uses_kernels = getattr(codec, "uses_kernels", None)  # only decoquant's codec has GPU kernels
-    if uses_kernels is None and backend == "triton":
+    if uses_kernels is None and backend is Backend.TRITON:
         raise ValueError(f"backend='triton' compresses method='decoquant' only; method={config.method!r} runs on torch")
     if uses_kernels is not None and uses_kernels(x, config, kind, backend):
         enc = codec.encode_kernels([x], config, [kind])[0]  # they flag non-finite inputs and parameters

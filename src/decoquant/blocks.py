@@ -142,6 +142,7 @@ class FusedKV:
     kv_start: torch.Tensor | None = None  # int32 [B] zeros (static stores)
     kv_len: torch.Tensor | None = None  # int32 [B]: compressed tokens held (static stores; None: all of keys)
     window_valid: torch.Tensor | None = None  # bool [B, S + W]: which exact tokens are held (static stores)
+    backend: str = "auto"  # of the decode-attention kernel (the store's, see format.Backend)
 
     @property
     def compressed_tokens(self) -> int:

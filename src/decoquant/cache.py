@@ -25,10 +25,11 @@ from .api import compress_kv_deferred, with_exact_rows
 from .blocks import Block, DecodedHistory, FusedKV, StaticWindow, select_batch
 from .compressed import CompressedKV
 from .config import DecoQuantConfig
-from .kernels.attention import check_backend, dequantize
-from .kernels.layout import PackedKVBuffer, fused_compatible
+from .format import Backend, KVFormat
+from .kernels.attention import dequantize
 from . import streams
 from .static_store import StaticDecoding
+from .storage import PackedKVBuffer
 
 
 # at most this many elements of K (and of V) are compressed in one call
@@ -50,22 +51,22 @@ class CompressedKVStore(StaticDecoding):
 
     fused: keep the blocks in contiguous packed buffers (each Block's tensors are views into them)
     and answer single-token steps with a `FusedKV` for the fused attention kernel instead of
-    decoding the history. Needs a fused-compatible config (`kernels.layout.fused_compatible`); steps
-    that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
-    decoding. backend: of block compression ("auto": the Triton kernels on CUDA, see `api.compress`).
+    decoding the history. Needs a config whose blocks the fused kernels read (`format.KVFormat.fused`);
+    steps that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
+    decoding. backend: of every kernel the store's blocks meet, compression, dequantization and fused
+    attention ("auto": Triton on CUDA where it reads the format, see `format.Backend`; "torch": the pure-torch
+    reference everywhere).
     keep_decoded: keep the blocks' decoded form between steps (`DecodedHistory`: each block is decoded once,
     at the price of holding the history in full precision too; for evaluating long texts on the CPU).
     """
 
     def __init__(self, config: DecoQuantConfig, fused: bool = False, backend: str = "auto",
                  keep_decoded: bool = False):
-        check_backend(backend)
+        backend = Backend.parse(backend)
         if keep_decoded not in (True, False):
             raise ValueError(f"keep_decoded={keep_decoded!r} is not supported; allowed values: True, False")
-        if fused and not fused_compatible(config):
-            raise ValueError(f"fused attention needs a decoquant config with layout='group', num_sites=2, "
-                             f"bits in (2, 4, 8), group_size 16 or 32, value scales per token (or token and head) and "
-                             f"key scales per token or per channel over 32/64/128-token groups; got {config.label()}")
+        if fused:
+            KVFormat.of(config).require_fused("fused attention")
         self.config = config
         self.fused = fused
         self.backend = backend
@@ -105,7 +106,8 @@ class CompressedKVStore(StaticDecoding):
             if self.sink_keys is not None:
                 exact_k, exact_v = torch.cat([self.sink_keys, exact_k], -2), torch.cat([self.sink_values, exact_v], -2)
                 sinks = self.sink_keys.shape[-2]
-            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), exact_k, exact_v, sinks)
+            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), exact_k, exact_v, sinks,
+                           backend=self.backend)
             self._flush()
             return view, view
         parts_k, parts_v = [], []
@@ -113,8 +115,8 @@ class CompressedKVStore(StaticDecoding):
             parts_k.append(self.sink_keys)
             parts_v.append(self.sink_values)
         if self._all_buffered():  # one dequantize kernel per buffer instead of one decode per block
-            parts_k.append(dequantize(self.buffers[0].view(), keys.dtype))
-            parts_v.append(dequantize(self.buffers[1].view(), values.dtype))
+            parts_k.append(dequantize(self.buffers[0].view(), keys.dtype, self.backend))
+            parts_v.append(dequantize(self.buffers[1].view(), values.dtype, self.backend))
         elif self.decoded is not None and self.blocks:
             k, v = self.decoded.read(self.blocks)
             parts_k.append(k)

@@ -8,7 +8,7 @@ settings of the paper's memory-saving ("group") experiments exactly.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("decoquant", "rtn", "kivi", "rotation", "turboquant", "none")
@@ -23,6 +23,20 @@ TS_SHARING = ("layer", "head")
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
 PRESETS = (None, "paper", "kv-split", "channel64-token")
+
+
+class _Unset:
+    """The default of a field a preset may pin: "not given" (the preset's value, else the field's own default),
+    so a preset can tell a field set to its default value from one left out."""
+
+    def __repr__(self) -> str:
+        return "<the preset's value, else the default>"
+
+
+UNSET: Any = _Unset()
+# the fields a preset may pin, with their values when no preset pins them
+PINNABLE = dict(group_size=16, layout="group", ts_sharing="layer", scale_granularity="token",
+                value_scale_granularity=None, symmetric=None, num_sites=2, quant_group_size=32)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -52,7 +66,9 @@ class DecoQuantConfig:
         "kv-split": key scales over the whole block, value scales per token and head.
         "channel64-token" (the frontier's choice, docs/results/frontier.md): key scales over
         64-token groups, value scales per token over all heads; block_size must be a multiple of
-        64. The fused kernel reads both (key scale groups of 32, 64 or 128 tokens).
+        64. The fused kernel reads both (key scale groups of 32, 64 or 128 tokens). A field a preset
+        pins (PINNABLE) is left out or given the preset's value; any other value, the field's default
+        included, is a ValueError, never silently replaced.
     group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
         holds (DecoQuant, group layout). Must divide head_dim.
     layout: "group" (the paper's memory-saving layout) or "channel" (the paper's LAMBADA layout,
@@ -81,24 +97,34 @@ class DecoQuantConfig:
     method: str = "decoquant"
     bits: int = 4
     preset: str | None = None
-    group_size: int = 16
-    layout: str = "group"
-    ts_sharing: str = "layer"
-    scale_granularity: str = "token"
-    value_scale_granularity: str | None = None
-    symmetric: bool | None = None
-    num_sites: int = 2
-    quant_group_size: int = 32
+    group_size: int = UNSET  # fields a preset may pin: see PINNABLE for their defaults
+    layout: str = UNSET
+    ts_sharing: str = UNSET
+    scale_granularity: str = UNSET
+    value_scale_granularity: str | None = UNSET
+    symmetric: bool | None = UNSET
+    num_sites: int = UNSET
+    quant_group_size: int = UNSET
     rotation_seed: int = 0
     block_size: int = 128
     residual_length: int = 128
     sink_tokens: int = 0
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        _choice("preset", self.preset, PRESETS)
+        _positive_int("block_size", self.block_size)
+        pinned = {} if self.preset is None or self.method != "decoquant" else preset_fields(self.preset,
+                                                                                          self.block_size)
+        for name, default in PINNABLE.items():
+            given = getattr(self, name)
+            if given is UNSET:
+                object.__setattr__(self, name, pinned.get(name, default))
+            elif name in pinned and given != pinned[name]:
+                raise ValueError(
+                    f"preset={self.preset!r} pins {name}={pinned[name]!r}, but {name}={given!r} was given; drop "
+                    f"{name} to use the preset, or pass preset=None to set every field yourself")
         _choice("method", self.method, METHODS)
         _choice("bits", self.bits, BITS)
-        _choice("preset", self.preset, PRESETS)
         _choice("layout", self.layout, LAYOUTS)
         _choice("ts_sharing", self.ts_sharing, TS_SHARING)
         _choice("scale_granularity", self.scale_granularity, SCALE_GRANULARITIES)
@@ -107,7 +133,6 @@ class DecoQuantConfig:
         _choice("num_sites", self.num_sites, (2, 3, 4))
         _positive_int("group_size", self.group_size, 2)
         _positive_int("quant_group_size", self.quant_group_size)
-        _positive_int("block_size", self.block_size)
         _positive_int("residual_length", self.residual_length, 0)
         _positive_int("sink_tokens", self.sink_tokens, 0)
         if self.preset is not None:
@@ -116,13 +141,6 @@ class DecoQuantConfig:
             if self.preset == "channel64-token" and self.block_size % 64:
                 raise ValueError(f"preset='channel64-token' groups keys by 64 tokens: block_size={self.block_size} "
                                  "must be a multiple of 64")
-            for name, value in preset_fields(self.preset, self.block_size).items():
-                given = getattr(self, name)
-                if given != value and given != _DEFAULTS[name]:
-                    raise ValueError(
-                        f"preset={self.preset!r} pins {name}={value!r}, but {name}={given!r} was given; drop "
-                        f"{name} to use the preset, or pass preset=None to set every field yourself")
-                object.__setattr__(self, name, value)
         if self.num_sites > 2 and self.layout == "channel":
             raise ValueError("num_sites > 2 is only defined for layout='group'")
         if self.num_sites > 2 and _site_factors(self.group_size, self.num_sites) is None:
@@ -163,28 +181,28 @@ class DecoQuantConfig:
         return _site_factors(self.group_size, self.num_sites) or (self.group_size,)
 
     def replace(self, **changes: Any) -> "DecoQuantConfig":
-        """A copy with some fields changed (validated again). With a preset, the fields it pins are derived
-        again (e.g. kv-split's key scale group follows a new block_size) unless `changes` sets them; with
-        preset=None they stay as they are (the preset's recipe, now with explicit fields)."""
-        unknown = sorted(set(changes) - set(_DEFAULTS))
+        """A copy with some fields changed (validated again). Into a preset (kept or new), the fields it pins
+        are derived again (e.g. kv-split's key scale group follows a new block_size) unless `changes` sets
+        them, which must then agree with it; with preset=None they stay as they are (the preset's recipe, now
+        with explicit fields)."""
+        unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
-            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(_DEFAULTS)}")
-        if self.preset is not None and changes.get("preset", self.preset) is not None:
-            for name in preset_fields(self.preset, self.block_size):
-                changes.setdefault(name, _DEFAULTS[name])
+            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(FIELDS)}")
+        preset = changes.get("preset", self.preset)
+        if preset is not None and changes.get("method", self.method) == "decoquant":
+            derived = set(preset_fields(preset, 0)) | set(preset_fields(self.preset, 0) if self.preset else ())
+            for name in derived:  # the new preset's fields, and the old one's back to their defaults
+                changes.setdefault(name, UNSET)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out.pop("extra")
-        return out
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DecoQuantConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - set(FIELDS))
         if unknown:
-            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(names - {'extra'})}")
+            raise ValueError(f"unknown config fields {unknown}; allowed fields: {sorted(FIELDS)}")
         return cls(**data)
 
     def label(self) -> str:
@@ -236,7 +254,7 @@ def preset_fields(preset: str, block_size: int) -> dict[str, Any]:
                 symmetric=False, num_sites=2, layout="group", quant_group_size=64)
 
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecoQuantConfig) if f.name != "extra"}
+FIELDS = tuple(f.name for f in dataclasses.fields(DecoQuantConfig))
 
 
 def _site_factors(g: int, n_sites: int) -> tuple[int, ...] | None:

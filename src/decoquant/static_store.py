@@ -60,7 +60,8 @@ class StaticDecoding:
                      torch.full((b,), self.buffers[0].tokens, dtype=torch.int32, device=dev),
                      torch.zeros(b, dtype=torch.int32, device=dev), blocks)
         st.view = FusedKV(self.buffers[0].view(capacity=True), self.buffers[1].view(capacity=True), st.keys, st.values,
-                          sinks, kv_start=st.kv_start, kv_len=st.kv_len, window_valid=st.valid.expand(b, room))
+                          sinks, kv_start=st.kv_start, kv_len=st.kv_len, window_valid=st.valid.expand(b, room),
+                          backend=self.backend)
         self._static = st
         self.window_keys = self.window_values = self.sink_keys = self.sink_values = None
 

@@ -111,21 +111,19 @@ def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
-    """Whether `encode` compresses x with the Triton kernels (CUDA, a format they take, >= g rows per matrix):
-    they read x in its dtype, return packed codes and flag non-finite rows themselves."""
-    from ..kernels.attention import check_backend
-    from ..kernels.compress import kernel_format_ok
+    """Whether `encode` compresses x with the Triton kernels (CUDA, or backend="triton"; a format and shape they
+    take, `KVFormat.compress_problem`): they read x in its dtype, return packed codes and flag non-finite rows
+    themselves. backend="triton" with a format they do not take raises a ValueError saying why."""
+    from ..format import Backend, KVFormat
 
-    check_backend(backend)
-    if backend == "torch":
+    backend = Backend.parse(backend)
+    if backend is Backend.TORCH:
         return False
-    rows = x.shape[2] * x.shape[3] // config.group_size * (1 if config.ts_sharing == "head" else x.shape[1])
-    ok = kernel_format_ok(x, config, kind) and rows >= config.group_size  # fewer rows: the SVD route pads
-    if backend == "triton" and not ok:
-        raise ValueError(f"backend='triton' compresses decoquant group-layout 2-site blocks at 2/4/8 bits with "
-                         f"token, token_head or tiling channel scales; got {config.label()} for {kind}s of shape "
-                         f"{tuple(x.shape)}")
-    return ok and (backend == "triton" or x.is_cuda)
+    problem = KVFormat.of(config).compress_problem(kind, tuple(x.shape), x.dtype)
+    if backend is Backend.TRITON and problem is not None:
+        raise ValueError(f"backend='triton' cannot compress {config.label()} {kind}s of shape {tuple(x.shape)}: "
+                         f"{problem}; use backend='torch' or 'auto'")
+    return problem is None and backend.on(x.is_cuda) is Backend.TRITON
 
 
 def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Encoded]:

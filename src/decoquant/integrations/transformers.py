@@ -19,6 +19,7 @@ from .model_config import (CACHE_ARG, attention_implementation, cache_kwargs, fi
                            head_dim_of, reference_layers, text_config)
 from .padding import track_padding
 
+CACHE_OPTIONS = ("fused", "overlap", "keep_decoded", "backend")  # DecoQuantCache's own (not config) options
 
 
 class DecoQuantLayer(DynamicLayer):
@@ -27,12 +28,12 @@ class DecoQuantLayer(DynamicLayer):
     is_croppable = True
 
     def __init__(self, config: DecoQuantConfig, fused: bool = False, defer: bool = False,
-                 keep_decoded: bool = False):
+                 keep_decoded: bool = False, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.fused = fused
         self.defer = defer  # the cache settles the deferred compression (see DecoQuantCache.update)
-        self.store = CompressedKVStore(config, fused, keep_decoded=keep_decoded)
+        self._store_options = dict(fused=fused, backend=backend, keep_decoded=keep_decoded)
+        self.store = CompressedKVStore(config, **self._store_options)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -48,8 +49,12 @@ class DecoQuantLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.store.length
 
+    @property
+    def fused(self) -> bool:
+        return self.store.fused
+
     def reset(self) -> None:
-        self.store = CompressedKVStore(self.config, self.fused)
+        self.store = CompressedKVStore(self.config, **self._store_options)
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -97,6 +102,9 @@ class DecoQuantCache(DynamicCache):
     keep_decoded: keep the blocks' decoded form between forwards, so each block is decoded once (evaluating
         long texts on the CPU, e.g. `decoquant perplexity`); it costs the history in full precision on top
         of the blocks (`memory_report()["decoded_copy"]`, not counted in the cache's total).
+    backend: where the blocks are compressed, dequantized and attended: "auto" (the Triton kernels on CUDA
+        where they read the format, else the pure-torch reference), "triton" or "torch" (the reference, on
+        any device: e.g. to check the kernels against it inside a model).
 
     Left-padded batches: `set_padding(attention_mask)` before the prefill (`from_model` installs a hook that
     does it from every forward's `attention_mask`) keeps each row's padding and its first `sink_tokens` real
@@ -104,19 +112,21 @@ class DecoQuantCache(DynamicCache):
     """
 
     def __init__(self, config: DecoQuantConfig, model_config, fused: bool | str = "auto", overlap: bool = True,
-                 keep_decoded: bool = False):
+                 keep_decoded: bool = False, backend: str = "auto"):
         if not isinstance(config, DecoQuantConfig):
             raise ValueError(f"config must be a decoquant.DecoQuantConfig, got {type(config).__name__}")
         text = text_config(model_config)
         config.check_head_dim(head_dim_of(text))
-        from ..kernels.layout import fused_compatible
+        from ..format import Backend, KVFormat
 
+        Backend.parse(backend)
         wanted = attention_implementation(model_config) == "decoquant"
         if fused == "auto":
-            fused = wanted and fused_compatible(config)
+            problem = KVFormat.of(config).fused_problem()
+            fused = wanted and problem is None
             if wanted and not fused:
-                warnings.warn(f"{config.label()} cannot be read by the fused attention kernel; decode steps "
-                              "decompress the history and use SDPA instead", stacklevel=2)
+                warnings.warn(f"{config.label()} cannot be read by the fused attention kernel ({problem}); decode "
+                              "steps decompress the history and use SDPA instead", stacklevel=2)
         elif fused not in (True, False):
             raise ValueError(f"fused={fused!r} is not supported; allowed values: True, False, 'auto'")
         elif fused and not wanted:
@@ -129,8 +139,8 @@ class DecoQuantCache(DynamicCache):
         self.config = config
         self.head_dim = head_dim_of(text)
         reference = reference_layers(model_config)
-        layers = [DecoQuantLayer(config, self.fused, overlap, keep_decoded) if type(layer) is DynamicLayer else layer
-                  for layer in reference]
+        layers = [DecoQuantLayer(config, self.fused, overlap, keep_decoded, backend) if type(layer) is DynamicLayer
+                  else layer for layer in reference]
         # Cache.__init__ (not DynamicCache's, which builds its own exact layers from the config)
         super(DynamicCache, self).__init__(layers=layers)
         if not self.compressed_layers and config.method != "none":
@@ -192,8 +202,9 @@ class DecoQuantCache(DynamicCache):
 
     @classmethod
     def from_model(cls, model, config: DecoQuantConfig | None = None, **options) -> "DecoQuantCache":
-        """Build a cache for `model`; `options` are config fields (e.g. bits=2) or the cache's own `fused`,
-        `overlap` and `keep_decoded`; a config field that is neither raises a ValueError naming it.
+        """Build a cache for `model`; `options` are config fields (e.g. bits=2) or the cache's own options
+        (CACHE_OPTIONS: `fused`, `overlap`, `keep_decoded`, `backend`); a name that is neither raises a
+        ValueError naming it.
 
         config None picks the default: the frontier's preset, `DecoQuantConfig(preset="channel64-token",
         sink_tokens=4)` (best quality per stored bit, docs/results/frontier.md; the fused kernel reads it);
@@ -207,7 +218,7 @@ class DecoQuantCache(DynamicCache):
         Under tensor parallelism (`tp_plan="auto"`) each rank holds some of the kv heads and compresses
         them with no communication; the config must then be head-local (`config.head_local`, e.g.
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
-        cache_options = {k: options.pop(k) for k in ("fused", "overlap", "keep_decoded") if k in options}
+        cache_options = {k: options.pop(k) for k in CACHE_OPTIONS if k in options}
         default = config is None
         if default and options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
             config = DecoQuantConfig(sink_tokens=4, **options)

@@ -7,16 +7,9 @@ from functools import lru_cache
 
 import torch
 
+from ..format import Backend, dequantize_problem
 from .layout import PackedKV
 from .reference import decode_attention_reference, dequantize_packed
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def check_backend(backend: str) -> None:
-    """A clear error for a backend name outside BACKENDS (every `backend=` argument takes these)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
 
 
 @lru_cache(maxsize=64)
@@ -38,10 +31,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the fused kernel), "torch"
     (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
-    check_backend(backend)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if Backend.parse(backend).on(q.is_cuda) is Backend.TORCH:
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid)
     from .triton.decode_attention import decode_blocks_partials
     from .triton.merge import merge_with_window
@@ -58,15 +48,12 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
 
 def dequantize(p: PackedKV, dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:
     """Dense [B, KVH, T, D] K or V from packed blocks (prefill and multi-token steps). backend:
-    "triton", "torch" (the reference) or "auto" (triton on CUDA, torch elsewhere)."""
-    check_backend(backend)
-    if backend == "auto":  # the Triton kernel reads symmetric per-token scales (the paper preset)
-        backend = "triton" if p.codes.is_cuda and p.symmetric and not p.channel_group else "torch"
-    if backend == "torch":
+    "triton", "torch" (the reference) or "auto" (triton on CUDA where it reads the format, else torch)."""
+    backend, problem = Backend.parse(backend), dequantize_problem(p.symmetric, p.channel_group)
+    if backend is Backend.TRITON and problem is not None:
+        raise ValueError(f"backend='triton' cannot dequantize these blocks: {problem}; use backend='torch' or 'auto'")
+    if backend.on(p.codes.is_cuda and problem is None) is Backend.TORCH:
         return dequantize_packed(p).to(dtype)
-    if not p.symmetric or p.channel_group:
-        raise ValueError("the Triton dequantize kernel reads symmetric per-token scales; use backend='torch' or "
-                         "'auto' for asymmetric or per-channel blocks")
     from .triton.dequantize import dequantize_packed_triton
 
     return dequantize_packed_triton(p, dtype)
