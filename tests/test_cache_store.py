@@ -109,8 +109,9 @@ def test_memory_counts_blocks_and_window():
     assert blocks / (2 * 2 * mem["compressed_elements"] / 2) <= 0.27
 
 
-@pytest.mark.parametrize("fields", [{}, dict(preset=None, scale_granularity="channel", quant_group_size=32, block_size=32, symmetric=False,
-                                             value_scale_granularity="token", sink_tokens=3)],
+@pytest.mark.parametrize("fields", [{}, dict(preset=None, scale_granularity="channel", quant_group_size=32,
+                                             block_size=32, symmetric=False, value_scale_granularity="token",
+                                             sink_tokens=3)],
                          ids=["paper-like", "channel-token-sinks"])
 def test_fused_store_serves_the_same_history_as_decoding(fields):
     """A fused store keeps blocks in growing packed buffers (blocks are views into them) and answers

@@ -38,14 +38,16 @@ def test_eval_writes_a_report(tmp_path, capsys):
 def test_eval_retrieval_tasks_write_tables_and_heatmaps(tmp_path, capsys):
     pytest.importorskip("transformers")
     out = tmp_path / "run"
-    assert main(["eval", "--tasks", "needle,multikey,passkey", "--methods", "fp16,kivi", "--bits", "2", "--lengths", "200,300",
+    assert main(["eval", "--tasks", "needle,multikey,passkey", "--methods", "fp16,kivi", "--bits", "2",
+                 "--lengths", "200,300",
                  "--depths", "0,1", "--prefill-chunk", "64", "--block-size", "32", "--residual-length", "16",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "## Needle in a haystack" in printed and "## Passkey retrieval" in printed and "| kivi-g32-2b |" in printed
     assert "## Multi-key needle in a haystack" in printed
     data = json.loads((out / "eval.json").read_text())
-    assert len(data["needle"]) == len(data["multikey"]) == len(data["passkey"]) == 2 * 2 * 2  # caches x lengths x depths
+    # caches x lengths x depths
+    assert len(data["needle"]) == len(data["multikey"]) == len(data["passkey"]) == 2 * 2 * 2
     assert {p.name for p in out.glob("*.png")} == {f"{t}_{c}.png" for t in ("needle", "multikey", "passkey")
                                                    for c in ("fp16", "kivi-g32-2b")}
     assert main(["eval", "--tasks", "needle", "--depths", "1.5", "--out", str(out)]) == 2

@@ -239,8 +239,8 @@ def test_config_round_trip_and_paper_preset():
 def test_value_scale_granularity_splits_keys_and_values():
     """Keys with per-channel scales and values with per-token-and-head scales, as KIVI splits them."""
     x = outlier_kv(2, 3, 96, 32, seed=4)
-    split = dq.DecoQuantConfig(method="decoquant", bits=4, scale_granularity="channel", value_scale_granularity="token_head",
-                            symmetric=False, quant_group_size=96)
+    split = dq.DecoQuantConfig(method="decoquant", bits=4, scale_granularity="channel",
+                               value_scale_granularity="token_head", symmetric=False, quant_group_size=96)
     keys_cfg = split.replace(value_scale_granularity=None)
     values_cfg = split.replace(scale_granularity="token_head", value_scale_granularity=None)
     torch.testing.assert_close(dq.decompress(dq.compress(x, split, "key")), dq.fake_quantize(x, keys_cfg, "key"))

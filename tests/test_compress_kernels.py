@@ -30,8 +30,12 @@ def kv(b, h, t, d, dtype, seed=0, strided=False):
     return x.transpose(1, 2).contiguous().transpose(1, 2) if strided else x
 
 
+def shape_id(s) -> str:
+    return "b{}-h{}-t{}-d{}-g{}-{}".format(*s[:5], "head" if s[5] else "layer")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-h{}-t{}-d{}-g{}-{}".format(*s[:5], "head" if s[5] else "layer"))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_gram_kernel_matches_reference(shape, dtype):
     b, h, t, d, g, per_head = shape
     x = kv(b, h, t, d, dtype, strided=t % 2 == 1)
@@ -83,8 +87,9 @@ FORMATS = [  # scale granularity, symmetric, channel group, bits
 ]
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "{}-{}-cg{}-{}bit".format(f[0], "sym" if f[1] else "asym", *f[2:]))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-h{}-t{}-d{}-g{}-{}".format(*s[:5], "head" if s[5] else "layer"))
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "{}-{}-cg{}-{}bit".format(f[0], "sym" if f[1] else "asym",
+                                                                                 *f[2:]))
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_quantize_pack_kernel_matches_reference(shape, fmt):
     b, h, t, d, g, per_head = shape
     gran, sym, cg, bits = fmt

@@ -77,3 +77,32 @@ def test_the_store_hands_its_backend_to_the_fused_step():
     store.append(x[0], x[1])
     k, v = store.append(x[0, :, :, :1], x[1, :, :, :1])
     assert k is v and k.backend is Backend.TORCH and k.keys.tokens == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backend_torch_keeps_a_cuda_store_off_the_kernels(monkeypatch):
+    """On CUDA, backend='torch' compresses, dequantizes and attends with the reference: every Triton entry
+    point raises if called; the answer equals the kernels' within the fp16 rounding of the fused path."""
+    import decoquant.kernels.triton.compress as triton_compress
+    import decoquant.kernels.triton.decode_attention as triton_decode
+    import decoquant.kernels.triton.dequantize as triton_dequantize
+    from decoquant.kernels.attention import decode_attention
+
+    cfg = dq.DecoQuantConfig(preset="channel64-token", bits=4, block_size=64, residual_length=32)
+    x = torch.randn(2, 2, 4, 200, 64, device="cuda", dtype=torch.float16)
+    q = torch.randn(2, 8, 64, device="cuda", dtype=torch.float16)
+
+    def step(backend):
+        store = CompressedKVStore(cfg, fused=True, backend=backend)
+        store.append(x[0], x[1])
+        kv, _ = store.append(x[0, :, :, :1], x[1, :, :, :1])
+        return decode_attention(q, kv.keys, kv.values, 0.125, window_k=kv.window_keys, window_v=kv.window_values,
+                                backend=kv.backend)
+
+    fast = step("auto")
+    for module, name in ((triton_compress, "gram_triton"), (triton_compress, "quantize_pack_triton"),
+                         (triton_decode, "decode_blocks_partials"), (triton_dequantize, "dequantize_packed_triton")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("a Triton kernel ran under backend='torch'"))
+    ref = step("torch")
+    assert float((fast - ref).norm() / ref.norm()) < 2e-2

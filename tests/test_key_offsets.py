@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-import decoquant as dq  # noqa: E402
-from decoquant.bench.key_offsets import offset_model  # noqa: E402
-from decoquant.eval.divergence import chunked_logprobs, kl_per_token, kl_summary  # noqa: E402
+import decoquant as dq
+from decoquant.bench.key_offsets import offset_model
+from decoquant.eval.divergence import chunked_logprobs, kl_per_token, kl_summary
 
 
 def _kl(model, ids, cfg):

@@ -1,5 +1,6 @@
 """Needle, multi-key needle and passkey prompts: lengths, depths and KIVI's prompts fitted to a context;
-scoring; SmolLM2 retrieves a pass key at 1k tokens through the uncompressed cache, and the compressed cache really compresses the prompt."""
+scoring; SmolLM2 retrieves a pass key at 1k tokens through the uncompressed cache, and the compressed cache
+really compresses the prompt."""
 
 import json
 import re
@@ -8,11 +9,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from decoquant import DecoQuantConfig  # noqa: E402
-from decoquant.eval.perplexity import make_cache  # noqa: E402
-from decoquant.eval.retrieval import (MULTIKEY_NEEDLES, PASSKEY_FILLER, PASSKEY_INTRO, answer,  # noqa: E402
-                                      needle_prompts, passkey_file_prompts, passkey_prompts, run_retrieval, score, task_prompts)
-from decoquant.eval.text import load_text  # noqa: E402
+from decoquant import DecoQuantConfig
+from decoquant.eval.perplexity import make_cache
+from decoquant.eval.retrieval import (MULTIKEY_NEEDLES, PASSKEY_FILLER, PASSKEY_INTRO, answer,
+                                      needle_prompts, passkey_file_prompts, passkey_prompts, run_retrieval, score,
+                                      task_prompts)
+from decoquant.eval.text import load_text
 
 
 def test_score_is_exact_match_on_the_first_number():

@@ -248,7 +248,7 @@ class CompressedKVStore(StaticDecoding):
             raise ValueError(f"keys and values must both be [batch, kv_heads, tokens, head_dim], got "
                              f"{tuple(keys.shape)} and {tuple(values.shape)}")
         ref = self._reference()
-        if ref is not None and (ref.shape[0], ref.shape[1], ref.shape[3]) != (keys.shape[0], keys.shape[1], keys.shape[3]):
+        if ref is not None and ref.shape[:2] + ref.shape[3:] != keys.shape[:2] + keys.shape[3:]:
             raise ValueError(
                 f"inconsistent shapes: the cache holds batch={ref.shape[0]}, kv_heads={ref.shape[1]}, "
                 f"head_dim={ref.shape[3]} but got {tuple(keys.shape)}; reset the cache for a new batch")

@@ -88,7 +88,8 @@ class KVFormat:
             return ScaleLayout(gran, config.quant_group_size if gran in ("channel", "group") else 0)
 
         return KVFormat(config.method, config.layout, config.num_sites, config.bits, config.group_size,
-                        config.block_size, config.is_symmetric, config.ts_sharing == "head", scales("key"), scales("value"), config.label())
+                        config.block_size, config.is_symmetric, config.ts_sharing == "head", scales("key"),
+                        scales("value"), config.label())
 
     def scales(self, kind: str) -> ScaleLayout:
         return self.key if kind == "key" else self.value

@@ -265,7 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-context", type=int, default=16384,
                    help="find the largest batch that fits at this context (0: skip)")
     p.add_argument("--quantized-cache", default="auto",
-                   help="transformers QuantizedCache backends to compare (hqq,quanto; auto = those installed; '' = none)")
+                   help="transformers QuantizedCache backends to compare (hqq,quanto; auto = those installed; "
+                        "'' = none)")
     p.add_argument("--prefill", default="", help="only measure prefill cost at these contexts (e.g. 4096,16384)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="add fp16 (StaticCache) and DecoQuantCache rows whose decode steps replay a CUDA graph")
@@ -290,7 +291,8 @@ def main(argv=None) -> int:
     rows = []
     run("fp16", 16, 1, 1024, 8, model, device)  # warm-up: CUDA context, SDPA kernels, allocator
     bits = [int(b) for b in args.bits.split(",")]
-    backends = available_backends() if args.quantized_cache == "auto" else [b for b in args.quantized_cache.split(",") if b]
+    backends = (available_backends() if args.quantized_cache == "auto"
+                else [b for b in args.quantized_cache.split(",") if b])
     print(f"# transformers' QuantizedCache backends: {backends or 'none installed'}")
     print("| cache | batch | context | ms/step | tokens/s | peak GB | cache GB |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -40,7 +40,8 @@ def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, s
     for first in range(0, n_blocks, per_call):
         nb = min(per_call, n_blocks - first)
         # nb blocks folded into the batch dim (block-major), as the cache compresses a prefill
-        x = torch.randn(2, nb * batch, kv_heads, block_size, head_dim, device=device, generator=gen, dtype=torch.float16)
+        x = torch.randn(2, nb * batch, kv_heads, block_size, head_dim, device=device, generator=gen,
+                        dtype=torch.float16)
         x[0, ..., 5] *= 20
         x[0, ..., head_dim // 2 + 3] += 8
         k_buf.append(dq.compress(x[0], cfg, "key"), nb)
@@ -103,7 +104,8 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     bytes_fused = k.nbytes + v.nbytes + io
     from decoquant.kernels.triton.decode_attention import choose_kernel
 
-    kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True), kernel_options.get("kernel", "auto"))
+    kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
+                           kernel_options.get("kernel", "auto"))
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
                block_size=block_size, kernel=kernel, cuda_graph=cuda_graph, rel_error=err, correct=ok,
                sdpa_ms=t_sdpa, fused_ms=t_fused,
@@ -188,7 +190,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "dequantize": rows}))
         return 0 if all(r["correct"] for r in rows) else 1
-    print("| batch | kv heads | context | bits | kernel | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy | SDPA % copy | rel err |")
+    print("| batch | kv heads | context | bits | kernel | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy "
+          "| SDPA % copy | rel err |")
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K and V within the limit

@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", default="4096,16384")
     p.add_argument("--bits", default="4,2")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--max-batch-context", type=int, default=16384, help="largest batch search at this context (0: skip)")
+    p.add_argument("--max-batch-context", type=int, default=16384,
+                   help="largest batch search at this context (0: skip)")
     p.add_argument("--write-reference", default="", help="save the correctness logits here (device_map mode)")
     p.add_argument("--check-reference", default="", help="compare with logits saved by a device_map run")
     args = p.parse_args(argv)
@@ -216,7 +217,8 @@ def main(argv=None) -> int:
     rows = []
     run(model, args.mode, world if args.mode == "tp" else 1, "fp16", 16, 1, 1024, 4)  # warm-up
     if show:
-        print("| cache | batch | context | ms/step | tokens/s | peak GB per GPU |\n|---|---:|---:|---:|---:|---|", flush=True)
+        print("| cache | batch | context | ms/step | tokens/s | peak GB per GPU |\n|---|---:|---:|---:|---:|---|",
+              flush=True)
     for ctx in [int(c) for c in args.context.split(",")]:
         for batch in [int(b) for b in args.batch.split(",")]:
             for kind, bits in kinds:
@@ -243,7 +245,8 @@ def main(argv=None) -> int:
                 if not r.get("oom"):
                     fits[r["cache"]] = r
                     if show:
-                        print(f"- {r['cache']}: batch {batch} fits at {ctx} (peak {max(r['peak_gb_per_gpu']):.1f} GB/GPU, "
+                        peak = max(r['peak_gb_per_gpu'])
+                        print(f"- {r['cache']}: batch {batch} fits at {ctx} (peak {peak:.1f} GB/GPU, "
                               f"{r['tokens_per_s']:.0f} tokens/s)", flush=True)
                     break
                 batch -= max(1, batch // 10)

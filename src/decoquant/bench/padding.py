@@ -43,7 +43,8 @@ def _forced_logprobs(model, ids, mask, cache, prompt_len, chunk=128):
     from ..integrations.model_config import cache_kwargs
 
     out = []
-    for start, stop in [(0, prompt_len)] + [(s, min(s + chunk, ids.shape[1])) for s in range(prompt_len, ids.shape[1], chunk)]:
+    steps = [(s, min(s + chunk, ids.shape[1])) for s in range(prompt_len, ids.shape[1], chunk)]
+    for start, stop in [(0, prompt_len)] + steps:
         m = mask[:, :stop]
         pos = (m.cumsum(-1) - 1).clamp_min(0)[:, start:stop]
         logits = model(input_ids=ids[:, start:stop], attention_mask=m, position_ids=pos, use_cache=True,
@@ -76,7 +77,7 @@ def run(model, tok, bits: list[int], pad: int, tokens: int, new: int) -> list[di
     mask[1, :pad] = 0
     alone, alone_mask = short_ids[None], torch.ones(1, short_ids.numel(), dtype=torch.long)
     ref = _forced_logprobs(model, alone, alone_mask, _make_cache(model, None), short)
-    greedy_alone, rows = {}, []
+    rows = []
     for b in [None, 0] + bits:
         label = {None: "DynamicCache", 0: "none"}.get(b, f"default {b}-bit")
         solo = _forced_logprobs(model, alone, alone_mask, _make_cache(model, b), short)
@@ -84,7 +85,8 @@ def run(model, tok, bits: list[int], pad: int, tokens: int, new: int) -> list[di
         g_solo = _greedy(model, alone[:, :short], alone_mask[:, :short], _make_cache(model, b), new)[0]
         g_pad = _greedy(model, batch[:, :short + pad], mask[:, :short + pad], _make_cache(model, b), new)[1]
         agree = (g_solo == g_pad).long()
-        rows.append(dict(cache=label, bits=b, **{f"alone_{k}": v for k, v in kl_summary(kl_per_token(ref, solo)).items()},
+        alone = kl_summary(kl_per_token(ref, solo))
+        rows.append(dict(cache=label, bits=b, **{f"alone_{k}": v for k, v in alone.items()},
                          **{f"padded_{k}": v for k, v in kl_summary(kl_per_token(ref, padded)).items()},
                          padded_vs_alone_kl=kl_summary(kl_per_token(solo, padded))["kl_mean"],
                          greedy_agree=float(agree.float().mean()), greedy_prefix=int(agree.cumprod(0).sum()),
@@ -94,7 +96,8 @@ def run(model, tok, bits: list[int], pad: int, tokens: int, new: int) -> list[di
 
 def _markdown(rows, pad) -> str:
     lines = [f"Short row left-padded by {pad} tokens in a batch of two; KL to the fp16 run of the row alone.", "",
-             "| cache | KL alone (mean / p99) | KL padded (mean / p99) | KL padded vs alone | greedy agreement | agreeing prefix |",
+             "| cache | KL alone (mean / p99) | KL padded (mean / p99) | KL padded vs alone | greedy agreement "
+             "| agreeing prefix |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['cache']} | {r['alone_kl_mean']:.5f} / {r['alone_kl_p99']:.5f} | "

@@ -140,7 +140,8 @@ def soak(model, tok, bits: int, tokens: int, every: int, prompt_tokens: int = 25
 def _markdown(result: dict) -> str:
     mib = lambda n: f"{n / 2**20:.2f}"  # noqa: E731
     lines = [f"### default preset, {result['bits']}-bit (block bytes {result['block_bytes']})", "",
-             "| tokens | cache MiB | formula MiB | DynamicCache MiB | fallback blocks | exact blocks | live tensors MiB "
+             "| tokens | cache MiB | formula MiB | DynamicCache MiB | fallback blocks | exact blocks "
+             "| live tensors MiB "
              "| RSS MiB | s |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run fp16 and a grid of codec settings (rtn, rotation, KIVI at groups 32/64/128, "
                                    "DecoQuant variants: T_S per layer or head, scale granularity, symmetric or not) "
                                    "through DecoQuantCache; print perplexity delta vs effective bits, the frontier and "
-                                   "the best setting of each method at matched budgets; write sweep.md/.json/frontier.png.")
+                                   "the best setting of each method at matched budgets; write "
+                                   "sweep.md/.json/frontier.png.")
     _add_model_args(p)
     p.add_argument("--bits", default="2,3,4", help="comma-separated code widths from 2,3,4,8")
-    p.add_argument("--grid", default="quick", help="presets (baselines and DecoQuant presets), quick (+ curated variants) or full (every combination)")
+    p.add_argument("--grid", default="quick", help="presets (baselines and DecoQuant presets), quick (+ curated "
+                                                   "variants) or full (every combination)")
     p.add_argument("--budgets", default="2.5,3,4.5", help="effective-bit budgets for the matched comparison")
     p.add_argument("--lambada-limit", type=int, default=0,
                    help="also score every setting on this many LAMBADA validation passages (paper protocol; needs "

@@ -115,9 +115,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                             y="kl_mean", linthresh=1e-3)
         sections.append(f"![KL frontier]({png.name})")
         if args.lambada_limit:
-            png = plot_frontier([{"method": p.method, "bits": p.effective_bits, "accuracy_loss_points": -p.lambada_delta}
-                                 for p in points], out / "frontier_lambada.png",
-                                f"{args.model}: LAMBADA accuracy loss (points) vs effective bits", y="accuracy_loss_points")
+            loss = [{"method": p.method, "bits": p.effective_bits, "accuracy_loss_points": -p.lambada_delta}
+                    for p in points]
+            png = plot_frontier(loss, out / "frontier_lambada.png",
+                                f"{args.model}: LAMBADA accuracy loss (points) vs effective bits",
+                                y="accuracy_loss_points")
             sections.append(f"![LAMBADA frontier]({png.name})")
     sections.append(f"Command: `decoquant sweep {' '.join(args.argv)}`".rstrip())
     markdown = "\n\n".join(sections) + "\n"

@@ -74,7 +74,8 @@ def _reconstruction_sections(model, ids, configs, args) -> tuple[list[str], dict
 
 
 def _retrieval_sections(model, tok, configs, text: str, args, tasks: list[str]) -> tuple[list[str], dict]:
-    """Needle, multi-key needle and passkey: accuracy tables per prompt length and a depth x length heatmap PNG per cache."""
+    """Needle, multi-key needle and passkey: accuracy tables per prompt length and a depth x length heatmap PNG
+    per cache."""
     from ..eval.report import retrieval_table
     from ..eval.retrieval import MULTIKEY_NEEDLES, context_limit, run_retrieval, task_prompts
 
@@ -171,7 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if smoothing is not None:
             results += run(smooth_rows(bits), None, smoothing)
         for wb in weight_bits:
-            results += run(_accuracy_configs([m for m in ("rtn", "decoquant") if m in plain], [wb], layout, presets), wb)
+            both = [m for m in ("rtn", "decoquant") if m in plain]
+            results += run(_accuracy_configs(both, [wb], layout, presets), wb)
             if smoothing is not None:
                 results += run(smooth_rows([wb]), wb, smoothing)
         what = ("last-token accuracy on the validation passages (the paper's Table 2 protocol)" if variant == "paper"
@@ -196,8 +198,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         sections += ["## In-context learning",
                      f"{args.icl_limit} test records per dataset (fixed draw), demonstrations drawn with seeds "
                      f"{list(seeds)}; the demonstrations' KV cache (every layer) is compressed with the packed codec "
-                     f"(DecoQuant = presets {args.preset}, group layout, one block); options scored by mean token NLL with "
-                     "contextual calibration.", icl_table(results)]
+                     f"(DecoQuant = presets {args.preset}, group layout, one block); options scored by mean token "
+                     "NLL with contextual calibration.", icl_table(results)]
         payload["icl"] = [r.__dict__ for r in results]
     if any(t in RETRIEVAL_TASKS for t in tasks):
         extra_sections, extra = _retrieval_sections(model, tok, configs, text, args, tasks)

@@ -89,7 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok = _load_model(args)
     if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
         inputs = tok(text, return_tensors="pt", add_special_tokens=False)
     else:
         inputs = tok(prompt, return_tensors="pt")
@@ -111,8 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out[0, inputs.input_ids.shape[1]:]
     if not args.stream:
         print(tok.decode(new, skip_special_tokens=True))
-    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt {inputs.input_ids.shape[1]} "
-          "tokens, prefill included)", file=sys.stderr)
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.1f} tokens/s, prompt "
+          f"{inputs.input_ids.shape[1]} tokens, prefill included)", file=sys.stderr)
     for line in memory_lines(cache):
         print(line, file=sys.stderr)
     return 0

@@ -75,8 +75,8 @@ def quantized_projections(model, config: DecoQuantConfig | None, weight_bits: in
                 module.weight.data = rtn_weight(module.weight.data, weight_bits)
             if config is not None:
                 smooth = None if smoothing is None else smoothing[name]
-                hook = (lambda kind_, s_: lambda _m, _i, out: quantize_projection_output(out, config, kind_, head_dim, s_))(
-                    kind, smooth)
+                hook = (lambda kind_, s_: lambda _m, _i, out: quantize_projection_output(
+                    out, config, kind_, head_dim, s_))(kind, smooth)
                 handles.append(module.register_forward_hook(hook))
         yield
     finally:

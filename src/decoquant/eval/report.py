@@ -13,7 +13,8 @@ from .perplexity import PerplexityResult
 def perplexity_table(results: Sequence[PerplexityResult]) -> str:
     """One row per cache; deltas against the first row when it is the fp16 baseline."""
     base = results[0].perplexity if results and results[0].label == "fp16" else None
-    lines = ["| cache | perplexity | delta vs fp16 | KL mean | KL p99 | bytes/token | vs fp16 cache | block bits/elem |",
+    lines = ["| cache | perplexity | delta vs fp16 | KL mean | KL p99 | bytes/token | vs fp16 cache "
+             "| block bits/elem |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
@@ -92,5 +93,6 @@ def retrieval_table(results: Sequence) -> str:
         for n in lengths:
             at = [r.correct for r in mine if r.length == n]
             cells.append(f"{100 * sum(at) / len(at):.0f}%" if at else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * sum(r.correct for r in mine) / len(mine):.0f}% |")
+        overall = 100 * sum(r.correct for r in mine) / len(mine)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {overall:.0f}% |")
     return "\n".join(lines)

@@ -17,7 +17,8 @@ import torch
 from .projection import _head_dim, kv_projections
 
 
-def _channel_absmax(model, ids: torch.Tensor, names: list[str], window: int, max_windows: int) -> dict[str, torch.Tensor]:
+def _channel_absmax(model, ids: torch.Tensor, names: list[str], window: int,
+                    max_windows: int) -> dict[str, torch.Tensor]:
     """Per-output-channel max |y| of the named Linear modules over the calibration windows."""
     modules = dict(model.named_modules())
     stats: dict[str, torch.Tensor] = {}
@@ -55,7 +56,8 @@ def smoothing_scales(model, ids: torch.Tensor, alpha: float = 0.5, window: int =
     o_names = {n: n[: -len("v_proj")] + "o_proj" for n, _, kind in projections if kind == "value"}
     missing = [m for m in list(q_names.values()) + list(o_names.values()) if m not in modules]
     if missing:
-        raise ValueError(f"SmoothQuant needs each layer's q_proj and o_proj next to k_proj/v_proj; missing {missing[:3]}")
+        raise ValueError(f"SmoothQuant needs each layer's q_proj and o_proj next to k_proj/v_proj; missing "
+                         f"{missing[:3]}")
     stats = _channel_absmax(model, ids, [n for n, _, _ in projections] + list(q_names.values()), window, max_windows)
     out = {}
     eps = 1e-5

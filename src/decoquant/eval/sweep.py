@@ -103,7 +103,8 @@ def matched_budgets(points: Sequence[SweepPoint], budgets: Sequence[float], slac
 def sweep_table(points: Sequence[SweepPoint]) -> str:
     acc = any(p.lambada_delta is not None for p in points)
     lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | KL mean | KL p99 | frontier |"
-             + (" LAMBADA delta |" if acc else ""), "|---|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
+             + (" LAMBADA delta |" if acc else ""),
+             "|---|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
     for p in sorted(points, key=lambda p: (p.effective_bits, p.delta_pct)):
         extra = "" if not acc else (" - |" if p.lambada_delta is None else f" {p.lambada_delta:+.1f} |")
         lines.append(f"| {p.label} | {p.bits} | {p.effective_bits:.3f} | {p.quality:.3f} | {p.delta_pct:+.2f}% | "

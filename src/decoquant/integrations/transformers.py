@@ -229,8 +229,8 @@ class DecoQuantCache(DynamicCache):
             config = fit_head_dim(config, head_dim_of(text_config(model.config)))
         tp_size = getattr(model, "tp_size", None) or 1
         if tp_size > 1 and not config.head_local:
-            raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares scales or "
-                             "T_S across kv heads, which the ranks would compute from different heads; use a "
+            raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares "
+                             "scales or T_S across kv heads, which the ranks would compute from different heads; use a "
                              "head-local config, e.g. DecoQuantConfig(method='decoquant', ts_sharing='head', "
                              "scale_granularity='token_head')")
         track_padding(model)

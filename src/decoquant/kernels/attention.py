@@ -28,8 +28,8 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
-    (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the fused kernel), "torch"
-    (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
+    (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the
+    fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
     if Backend.parse(backend).on(q.is_cuda) is Backend.TORCH:
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid)

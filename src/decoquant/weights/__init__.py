@@ -9,7 +9,8 @@ import torch
 from .codec import WEIGHT_METHODS, decode_weight, encode_weight
 from .linear import QuantLinear
 
-__all__ = ["QuantLinear", "quantize_weights", "default_symmetric", "weight_memory", "encode_weight", "decode_weight", "WEIGHT_METHODS"]
+__all__ = ["QuantLinear", "quantize_weights", "default_symmetric", "weight_memory", "encode_weight", "decode_weight",
+           "WEIGHT_METHODS"]
 
 
 def _select(model, modules: Sequence[str] | None) -> list[tuple[str, torch.nn.Linear]]:

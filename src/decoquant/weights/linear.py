@@ -27,7 +27,8 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("scale", q.scale)
         self.register_buffer("zero", q.zero)
         self.register_buffer("t_s", t_s)
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = w.dtype
 
     def dequantized_weight(self) -> torch.Tensor:
