@@ -10,7 +10,6 @@ from .codecs import get_codec
 from .codecs.base import Encoded
 from .compressed import CompressedKV
 from .config import KINDS, DecoQuantConfig
-from .format import Backend
 from .packing import pack_codes, unpack_codes
 
 
@@ -35,16 +34,12 @@ def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -
     returns the encoding and the exact-row mask [B]."""
     b = x.shape[0]
     codec = get_codec(config.method)
-    backend = Backend.parse(backend)
-    uses_kernels = getattr(codec, "uses_kernels", None)  # only decoquant's codec has GPU kernels
-    if uses_kernels is None and backend is Backend.TRITON:
-        raise ValueError(f"backend='triton' compresses method='decoquant' only; method={config.method!r} runs on torch")
-    if uses_kernels is not None and uses_kernels(x, config, kind, backend):
+    if codec.uses_kernels(x, config, kind, backend):  # the route, decided once (format.KVFormat.compress_problem)
         enc = codec.encode_kernels([x], config, [kind])[0]  # they flag non-finite inputs and parameters
         return enc, enc.unsafe
     finite = torch.isfinite(x).reshape(b, -1).all(1)
     clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    enc = codec.encode(clean, config, kind) if uses_kernels is None else codec.encode(clean, config, kind, "torch")
+    enc = codec.encode(clean, config, kind)
     mask = ~finite if enc.unsafe is None else ~finite | enc.unsafe
     for p in enc.params.values():  # e.g. an fp16 scale that overflowed
         mask = mask | ~torch.isfinite(p.float()).reshape(b, -1).all(1)
@@ -110,8 +105,8 @@ def compress_kv_deferred(keys: torch.Tensor, values: torch.Tensor, config: DecoQ
     only where that flag is True), so the caller can queue more GPU work before it asks."""
     _validate(keys, config, "key")
     _validate(values, config, "value")
-    if config.method == "decoquant" and config.layout == "group" and keys.shape == values.shape:
-        codec = get_codec(config.method)
+    codec = get_codec(config.method) if config.method != "none" else None
+    if codec is not None and keys.shape == values.shape:
         if codec.uses_kernels(keys, config, "key", backend) and codec.uses_kernels(values, config, "value", backend):
             encs = codec.encode_kernels([keys.detach(), values.detach()], config, ["key", "value"])
             ck, cv = (_stored(x, e, e.unsafe, False, config, kind)

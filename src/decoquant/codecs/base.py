@@ -1,9 +1,13 @@
 """The small interface every codec implements, and the unpacked form it produces.
 
-A codec is a module with two pure functions:
+A codec is a module whose `CODEC` is a `Codec` of two pure torch functions:
 
     encode(x, config, kind) -> Encoded     x: float [batch, kv_heads, tokens, head_dim]
     decode(enc, config, kind, shape) -> Tensor    float32 [batch, kv_heads, tokens, head_dim]
+
+and, for a codec with GPU kernels, its fast path: `uses_kernels(x, config, kind, backend)` (decided once per
+tensor by the caller, `api`) and `encode_kernels(xs, config, kinds)`. A codec without kernels answers False,
+and refuses backend="triton".
 
 `Encoded.codes` are unsigned integer codes (uint8, one per element of whatever tensor the codec
 quantizes, last dim = the dim that gets packed; or already packed, `packed`); `params` are the fp16
@@ -15,6 +19,7 @@ with a simpler form of the same format (DecoQuant: T_S = I for a rank-deficient 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -39,3 +44,24 @@ def from_qtensor(q: QTensor, **extra: torch.Tensor) -> Encoded:
         params["zero"] = q.zero
     params.update(extra)
     return Encoded(q.codes, params)
+
+
+@dataclass(frozen=True)
+class Codec:
+    method: str
+    encode: Callable[..., Encoded]  # (x, config, kind): the torch route, on any device
+    decode: Callable[..., torch.Tensor]  # (enc, config, kind, shape)
+    kernel_route: Callable[..., bool] | None = None  # (x, config, kind, backend): whether the kernels encode x
+    encode_kernels: Callable[..., list[Encoded]] | None = None  # (xs, config, kinds): several tensors, one pass
+
+    def uses_kernels(self, x: torch.Tensor, config, kind: str, backend="auto") -> bool:
+        """Whether x is encoded by this codec's GPU kernels (`encode_kernels`) under `backend`."""
+        from ..format import Backend
+
+        backend = Backend.parse(backend)
+        if self.kernel_route is None:
+            if backend is Backend.TRITON:
+                raise ValueError(f"backend='triton' compresses method='decoquant' only; method={self.method!r} "
+                                 "runs on torch")
+            return False
+        return self.kernel_route(x, config, kind, backend)

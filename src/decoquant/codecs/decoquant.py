@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..mpo import RANK_RTOL, mpo_decompose, two_sites_from_eigh
 from ..quant import QTensor, dequantize, dequantize_kv, quantize, quantize_kv
-from .base import Encoded
+from .base import Codec, Encoded
 
 # A matrix whose smallest singular value is below RANK_RTOL of its largest is "rank deficient" (e.g. all
 # zeros, one repeated token, or a dead channel shared by every head): its 1/sqrt(s) scaling is ill-conditioned,
@@ -157,13 +157,10 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
             for i, (codes, params) in enumerate(out)]
 
 
-def encode(x: torch.Tensor, config, kind: str, backend: str = "auto") -> Encoded:
-    """backend: "auto" (the Triton kernels on CUDA where `uses_kernels`, else torch), "triton" (the kernels; on
-    a CPU through Triton's interpreter) or "torch"."""
+def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+    """The torch route (any device; the kernels' route is `encode_kernels`, chosen by `uses_kernels`)."""
     if config.layout == "channel":
         return _encode_channel(x, config)
-    if uses_kernels(x, config, kind, backend):
-        return encode_kernels([x], config, [kind])[0]
     g, n_sites = config.group_size, config.num_sites
     m = _matrix_view(x.to(_compute_dtype(x)), config)
     n_rows = m.shape[-2]
@@ -226,3 +223,6 @@ def _decode_channel(enc: Encoded, config, shape: tuple[int, ...]) -> torch.Tenso
     t_s = enc.params["site2"].float().reshape(b, -1, t)  # [B, r, T]
     xt = dequantize(q) @ t_s  # [B, H*D, T]
     return xt.reshape(b, h, d, t).transpose(-1, -2)
+
+
+CODEC = Codec("decoquant", encode, decode, uses_kernels, encode_kernels)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import dequantize_kv, quantize_kv
-from .base import Encoded, from_qtensor
+from .base import Codec, Encoded, from_qtensor
 
 
 def _granularity(kind: str) -> str:
@@ -21,3 +21,6 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
 
 def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     return dequantize_kv(enc.qtensor(config.bits), _granularity(kind), config.quant_group_size)
+
+
+CODEC = Codec("kivi", encode, decode)

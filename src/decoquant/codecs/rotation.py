@@ -11,7 +11,7 @@ import functools
 import torch
 
 from ..quant import dequantize_kv, quantize_kv
-from .base import Encoded, from_qtensor
+from .base import Codec, Encoded, from_qtensor
 
 
 @functools.lru_cache(maxsize=16)
@@ -39,3 +39,6 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
 def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     xr = dequantize_kv(enc.qtensor(config.bits), "token_head")
     return xr @ rotation_matrix(xr.shape[-1], config.rotation_seed, xr.device).T
+
+
+CODEC = Codec("rotation", encode, decode)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import dequantize_kv, quantize_kv
-from .base import Encoded, from_qtensor
+from .base import Codec, Encoded, from_qtensor
 
 
 def encode(x: torch.Tensor, config, kind: str) -> Encoded:
@@ -15,3 +15,6 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
 
 def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     return dequantize_kv(enc.qtensor(config.bits), "token")
+
+
+CODEC = Codec("rtn", encode, decode)

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .base import Encoded
+from .base import Codec, Encoded
 
 
 @functools.lru_cache(maxsize=16)
@@ -67,3 +67,6 @@ def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Ten
     levels, _ = codebook(d, config.bits)
     y = levels.to(enc.codes.device)[enc.codes.long()]
     return (y @ rotation(d, config.rotation_seed, y.device).T) * enc.params["norm"].float()
+
+
+CODEC = Codec("turboquant", encode, decode)

@@ -159,11 +159,13 @@ def answer(model, tok, prompt: Prompt, cache, chunk: int = 512, max_new_tokens: 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.context], device=device)
     for start in range(0, ids.shape[1], chunk):
-        model(input_ids=ids[:, start:start + chunk], use_cache=True, **cache_kwargs(cache))
+        # the prefill only fills the cache: one position's logits instead of a chunk's (a 262k vocabulary costs
+        # as much as the rest of a small model)
+        model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
     step = torch.tensor([prompt.question], device=device)
     new = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=step, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
+        logits = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache_kwargs(cache)).logits[:, -1]
         token = int(logits.argmax(-1))
         if token == tok.eos_token_id:
             break
