@@ -110,11 +110,6 @@ def mpo_contract(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return acc.permute(perm).reshape(*batch, math.prod(rows), math.prod(cols))
 
 
-def mpo_num_params(tensors: Sequence[torch.Tensor]) -> int:
-    """Total number of entries of the local tensors (one batch element)."""
-    return sum(math.prod(t.shape[-4:]) for t in tensors)
-
-
 # A 2-site MPO whose smallest singular value is below this fraction of its largest is rank deficient
 RANK_RTOL = 1e-6
 

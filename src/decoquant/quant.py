@@ -29,11 +29,6 @@ def qmax_symmetric(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def num_levels(bits: int, symmetric: bool) -> int:
-    """Number of distinct codes: 2*qmax + 1 (symmetric) or 2**bits (asymmetric)."""
-    return 2 * qmax_symmetric(bits) + 1 if symmetric else 2**bits
-
-
 @dataclass
 class QTensor:
     """Unpacked quantized tensor: uint8 codes with broadcastable fp16 scale (and zero)."""
@@ -103,29 +98,6 @@ def ungroup(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim:dim + 2] = [shape[dim] * shape[dim + 1]]
     return x.reshape(shape).narrow(dim, 0, length)
-
-
-def quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = True) -> QTensor:
-    """x: [..., tokens, channels]; one scale per token (over the last dim)."""
-    return quantize(x, bits, (-1,), symmetric)
-
-
-def fake_quantize_per_token(x: torch.Tensor, bits: int, symmetric: bool = True) -> torch.Tensor:
-    return dequantize(quantize_per_token(x, bits, symmetric)).to(x.dtype)
-
-
-def fake_quantize_channel_over_tokens(x: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
-    """x: [..., tokens, channels]; one scale per channel over groups of `group` tokens (KIVI keys)."""
-    view, n = group_view(x, -2, group)  # [..., T/G, G, C]
-    q = quantize(view, bits, (-2,), symmetric)
-    return ungroup(dequantize(q), -3, n).to(x.dtype)
-
-
-def fake_quantize_channel_groups(x: torch.Tensor, bits: int, group: int, symmetric: bool = False) -> torch.Tensor:
-    """x: [..., tokens, channels]; one scale per token over groups of `group` channels (KIVI values)."""
-    view, n = group_view(x, -1, group)  # [..., T, C/G, G]
-    q = quantize(view, bits, (-1,), symmetric)
-    return ungroup(dequantize(q), -2, n).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------- KV granularities
