@@ -137,7 +137,7 @@ def test_fused_store_serves_the_same_history_as_decoding(fields):
         assert isinstance(out, FusedKV) and out.sink_tokens == fields.get("sink_tokens", 0)
         got = decode_attention(q, out.keys, out.values, 0.125, window_k=out.window_keys, window_v=out.window_values)
         assert torch.allclose(got, attention_reference(q, k_ref, v_ref, 0.125), atol=1e-5, rtol=1e-4)
-    assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks)
+    assert fused.storage.buffers[0].blocks == len(fused.blocks) == len(plain.blocks)
     used = sum(b.keys.nbytes + b.values.nbytes for b in fused.blocks)  # views: the used part of the buffers
     assert used == sum(b.keys.nbytes + b.values.nbytes for b in plain.blocks)
     assert used <= fused.memory()["compressed_blocks"] <= 1.3 * used + 4096  # + the buffers' spare capacity
@@ -161,16 +161,17 @@ def test_fused_store_blocks_follow_regrown_buffers_and_batch_changes():
     for t in range(40, 400):
         for store in (plain, fused):
             store.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
-        if fused.buffers[0].codes is not None:
-            pointers.add(fused.buffers[0].codes.data_ptr())
+        if fused.storage.buffers[0].codes is not None:
+            pointers.add(fused.storage.buffers[0].codes.data_ptr())
         if t % 50 == 0:
             fused.memory()  # reads every block: their views exist before the next regrow
     assert len(pointers) > 2  # the buffers regrew
     index = torch.tensor([1, 0, 1])
     for store in (plain, fused):
         store.select_batch(index)
-    assert fused.buffers[0].blocks == len(fused.blocks) == len(plain.blocks) > 8
-    lo, hi = fused.buffers[0].codes.data_ptr(), fused.buffers[0].codes.data_ptr() + fused.buffers[0].codes.nbytes
+    assert fused.storage.buffers[0].blocks == len(fused.blocks) == len(plain.blocks) > 8
+    codes = fused.storage.buffers[0].codes
+    lo, hi = codes.data_ptr(), codes.data_ptr() + codes.nbytes
     for a, b in zip(fused.blocks, plain.blocks):
         assert lo <= a.keys.codes.data_ptr() < hi  # a view into the current buffer
         (ka, va), (kb, vb) = a.decode(), b.decode()
@@ -189,11 +190,11 @@ def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
     fast, ref = CompressedKVStore(config, fused=True, backend="triton"), CompressedKVStore(config, backend="torch")
     for store in (fast, ref):
         store.append(x[..., :60, :], x[..., :60, :] * 0.5)
-    assert fast.buffers[0].blocks == len(fast.blocks) == 1
+    assert fast.storage.buffers[0].blocks == len(fast.blocks) == 1
     for t in range(60, 100):
         for store in (fast, ref):
             store.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
-    assert len(fast.blocks) == len(ref.blocks) == 2 and fast.buffers[0].blocks == 1  # the second: exact rows
+    assert len(fast.blocks) == len(ref.blocks) == 2 and fast.storage.buffers[0].blocks == 1  # the second: exact rows
     assert fast.blocks[1].keys.exact_mask.tolist() == [False, True]
     for a, b in zip(fast.blocks, ref.blocks):
         (ka, va), (kb, vb) = a.decode(), b.decode()
@@ -219,7 +220,7 @@ def test_deferred_prefill_compression_equals_immediate(device):
     assert later.deferred and not later.blocks and later.length == 200
     assert later.memory() == now.memory() and not later.deferred  # a read settles
     assert len(later.blocks) == len(now.blocks) == (200 - 2 - 16) // 32
-    for a, b in zip(now.buffers, later.buffers):
+    for a, b in zip(now.storage.buffers, later.storage.buffers):
         assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
     later.append(x[..., 200:201, :], x[..., 200:201, :], defer=True)  # one token: compressed at once
     now.append(x[..., 200:201, :], x[..., 200:201, :])
@@ -230,7 +231,7 @@ def test_deferred_prefill_compression_equals_immediate(device):
     k_later, _ = later.append(x[..., :1, :], x[..., :1, :])  # the next append settles the previous one first
     k_now, _ = now.append(x[..., :1, :], x[..., :1, :])
     assert torch.equal(k_now.window_keys, k_later.window_keys) and len(later.blocks) == len(now.blocks)  # FusedKVs
-    for a, b in zip(now.buffers, later.buffers):
+    for a, b in zip(now.storage.buffers, later.storage.buffers):
         assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
     later.append(x[..., :40, :], x[..., :40, :], defer=True)
     now.append(x[..., :40, :], x[..., :40, :])

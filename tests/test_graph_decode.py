@@ -40,8 +40,8 @@ def test_static_store_serves_what_the_dynamic_store_serves(name, prefill):
     dynamic.memory(), static.memory()  # reads every block: their views exist before the buffers are reserved
     static.make_static(400 - prefill)
     if prefill == 100:  # no block keeps a view of the buffers before the reservation (nor keeps them alive)
-        lo = static.buffers[0].codes.data_ptr()
-        assert all(lo <= b.keys.codes.data_ptr() < lo + static.buffers[0].codes.nbytes for b in static.blocks)
+        lo = static.storage.buffers[0].codes.data_ptr()
+        assert all(lo <= b.keys.codes.data_ptr() < lo + static.storage.buffers[0].codes.nbytes for b in static.blocks)
     view = None
     q = torch.randn(2, 2, 64, generator=torch.Generator().manual_seed(0))
     for t in range(prefill, 400):
@@ -53,7 +53,7 @@ def test_static_store_serves_what_the_dynamic_store_serves(name, prefill):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), t
         assert static.advance()
     assert static.length == dynamic.length == 400
-    assert len(static.blocks) == len(dynamic.blocks) == static.buffers[0].blocks >= 5
+    assert len(static.blocks) == len(dynamic.blocks) == static.storage.buffers[0].blocks >= 5
     for a, b in zip(static.blocks, dynamic.blocks):
         assert all(torch.equal(u, w) for u, w in zip(a.decode(), b.decode()))
     static.leave_static()

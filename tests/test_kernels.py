@@ -8,7 +8,7 @@ import decoquant as dq
 from decoquant.kernels.attention import decode_attention
 from decoquant.kernels.layout import PackedKV
 from decoquant.kernels.reference import dequantize_packed
-from decoquant.storage import pack_blocks
+from decoquant.buffer import pack_blocks
 
 triton = pytest.importorskip("triton")
 tl = triton.language

@@ -92,9 +92,9 @@ def test_kept_decoded_history_equals_decoding_every_step():
             plain.select_batch(index)
             kept.select_batch(index)
             batch = 3
-    assert kept.decoded.blocks == len(kept.blocks) > 2
+    assert kept.storage.decoded.blocks == len(kept.blocks) > 2
     mem = kept.memory()
-    assert mem["decoded_copy"] == 2 * kept.decoded.keys.numel() * 4 and plain.memory()["decoded_copy"] == 0
+    assert mem["decoded_copy"] == 2 * kept.storage.decoded.keys.numel() * 4 and plain.memory()["decoded_copy"] == 0
     assert mem["total"] == plain.memory()["total"]
     with pytest.raises(ValueError, match="keep_decoded"):
         CompressedKVStore(cfg, keep_decoded="yes")

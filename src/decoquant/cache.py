@@ -12,28 +12,20 @@ Token order inside a store: [sinks | block_0 | block_1 | ... | window].
 blocks that existed before this step, and every token of the window plus the new tokens exact
 (a prefill attends over its own tokens exactly, as in generation). With `defer=True` the blocks a
 prefill fills are compressed later (`launch()`, then `settle()`), off the critical path (see `streams`).
-The CUDA-graph decoding mode (`make_static`, `advance`) lives in `static_store`.
+The parts: the blocks live in a `storage.BlockStorage`, the CUDA-graph decoding mode (`make_static`,
+`advance`) is a `static_store.StaticMode`; the store owns the exact tokens and the order of things.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
-from .api import compress_kv_deferred, with_exact_rows
-from .blocks import Block, DecodedHistory, FusedKV, StaticWindow, select_batch
-from .compressed import CompressedKV
+from . import streams
+from .blocks import FusedKV
 from .config import DecoQuantConfig
 from .format import Backend, KVFormat
-from .kernels.attention import dequantize
-from . import streams
-from .static_store import StaticDecoding
-from .storage import PackedKVBuffer
-
-
-# at most this many elements of K (and of V) are compressed in one call
-COMPRESS_ELEMENTS = 1 << 26
+from .static_store import StaticMode
+from .storage import BlockStorage
 
 
 def exact_capacity(config: DecoQuantConfig) -> int:
@@ -46,7 +38,7 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class CompressedKVStore(StaticDecoding):
+class CompressedKVStore:
     """Streaming compressed KV for one attention layer. Tensors are [batch, kv_heads, tokens, head_dim].
 
     fused: keep the blocks in contiguous packed buffers (each Block's tensors are views into them)
@@ -70,19 +62,20 @@ class CompressedKVStore(StaticDecoding):
         self.config = config
         self.fused = fused
         self.backend = backend
-        self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
-        self.blocks: list[Block] = []
-        self.decoded = DecodedHistory() if keep_decoded else None
-        self._like = None  # (keys, values) template of the buffered blocks' views
+        self.storage = BlockStorage(config, fused, backend, keep_decoded)
         self.sink_keys = self.sink_values = None
         self.window_keys = self.window_values = None
         self.length = 0
         self.dtype = None  # of the keys and values appended
         self.exact_prefix = config.sink_tokens  # sinks, plus a padded batch's leading pads (set_padding)
-        self._static: StaticWindow | None = None
+        self._static: StaticMode | None = None
         self._deferred = False
         self._event = None  # of a deferred compression: the main stream's work it waits for
         self._job = None  # the deferred compression, once launched
+
+    @property
+    def blocks(self) -> list:
+        return self.storage.blocks
 
     # ------------------------------------------------------------------ update
     def append(self, keys: torch.Tensor, values: torch.Tensor, defer: bool = False):
@@ -97,35 +90,13 @@ class CompressedKVStore(StaticDecoding):
         self._check(keys, values)
         self.dtype = keys.dtype
         if self._static is not None:
-            return self._static_append(keys, values)
-        if self._can_fuse(keys):
-            self.window_keys = _cat(self.window_keys, keys)
-            self.window_values = _cat(self.window_values, values)
-            self.length += keys.shape[-2]
-            exact_k, exact_v, sinks = self.window_keys, self.window_values, 0
-            if self.sink_keys is not None:
-                exact_k, exact_v = torch.cat([self.sink_keys, exact_k], -2), torch.cat([self.sink_values, exact_v], -2)
-                sinks = self.sink_keys.shape[-2]
-            view = FusedKV(self.buffers[0].view(), self.buffers[1].view(), exact_k, exact_v, sinks,
-                           backend=self.backend)
-            self._flush()
-            return view, view
-        parts_k, parts_v = [], []
+            return self._static.append(keys, values)
+        if keys.shape[-2] == 1 and self.window_keys is not None and self.storage.all_buffered:
+            return self._fused_step(keys, values)
+        parts_k, parts_v = self.storage.history(keys.dtype)
         if self.sink_keys is not None:
-            parts_k.append(self.sink_keys)
-            parts_v.append(self.sink_values)
-        if self._all_buffered():  # one dequantize kernel per buffer instead of one decode per block
-            parts_k.append(dequantize(self.buffers[0].view(), keys.dtype, self.backend))
-            parts_v.append(dequantize(self.buffers[1].view(), values.dtype, self.backend))
-        elif self.decoded is not None and self.blocks:
-            k, v = self.decoded.read(self.blocks)
-            parts_k.append(k)
-            parts_v.append(v)
-        else:
-            for block in self.blocks:
-                k, v = block.decode()
-                parts_k.append(k)
-                parts_v.append(v)
+            parts_k.insert(0, self.sink_keys)
+            parts_v.insert(0, self.sink_values)
         # sinks first fill up, the rest goes to the window
         room = self.exact_prefix - (0 if self.sink_keys is None else self.sink_keys.shape[-2])
         if room > 0 and not self.blocks and self.window_keys is None:
@@ -152,6 +123,20 @@ class CompressedKVStore(StaticDecoding):
             self._flush()
         return out
 
+    def _fused_step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[FusedKV, FusedKV]:
+        """One token of a store whose blocks all sit in the packed buffers: the packed blocks and the exact
+        tokens, for the fused kernel (no decoding)."""
+        self.window_keys = _cat(self.window_keys, keys)
+        self.window_values = _cat(self.window_values, values)
+        self.length += keys.shape[-2]
+        exact_k, exact_v, sinks = self.window_keys, self.window_values, 0
+        if self.sink_keys is not None:
+            exact_k, exact_v = torch.cat([self.sink_keys, exact_k], -2), torch.cat([self.sink_values, exact_v], -2)
+            sinks = self.sink_keys.shape[-2]
+        view = FusedKV(*self.storage.packed(), exact_k, exact_v, sinks, backend=self.backend)
+        self._flush()
+        return view, view
+
     @property
     def deferred(self) -> bool:
         """Whether a deferred append left blocks to compress (done at `settle()`)."""
@@ -160,7 +145,7 @@ class CompressedKVStore(StaticDecoding):
     def launch(self) -> None:
         """Start compressing what a deferred `append` left (see `streams.launch`); `settle()` waits for it."""
         if self._deferred and self._job is None:
-            reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.buffers or ()), ())
+            reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.storage.buffers or ()), ())
             self._job = streams.launch(self._flush, self._event, self.window_keys.device, reads)
 
     def settle(self) -> None:
@@ -174,14 +159,6 @@ class CompressedKVStore(StaticDecoding):
         finally:
             self._deferred = False
 
-    def _all_buffered(self) -> bool:
-        # every block in the packed buffers (no exact rows) and none shortened by a crop; O(1), no sync
-        return (self.fused and bool(self.blocks) and self.buffers[0].blocks == len(self.blocks)
-                and self.blocks[-1].length == self.config.block_size)
-
-    def _can_fuse(self, keys: torch.Tensor) -> bool:
-        return keys.shape[-2] == 1 and self.window_keys is not None and self._all_buffered()
-
     def _due(self) -> int:
         """Full blocks of the window to compress (past the `residual_length` newest tokens)."""
         if self.window_keys is None:
@@ -189,59 +166,13 @@ class CompressedKVStore(StaticDecoding):
         return max(0, (self.window_keys.shape[-2] - self.config.residual_length) // self.config.block_size)
 
     def _flush(self) -> None:
-        """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact.
-        Blocks due together (a prefill) are compressed a few at a time folded into the batch dim
-        (at most COMPRESS_ELEMENTS each); every codec works per batch row, so this equals
-        compressing them one by one. A fused store keeps blocks with exact rows out of its buffers
-        (and from then on decodes instead)."""
-        cfg, n = self.config, self._due()
-        if n == 0:
+        """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact."""
+        cut = self._due() * self.config.block_size
+        if cut == 0:
             return
-        cut = n * cfg.block_size
-        b, h, _, d = self.window_keys.shape
-        per_call = max(1, COMPRESS_ELEMENTS // (b * h * cfg.block_size * d))  # bounds the transient memory
-        for first in range(0, n, per_call):
-            m = min(per_call, n - first)
-            span = slice(first * cfg.block_size, (first + m) * cfg.block_size)
-            self._compress_blocks(_fold_blocks(self.window_keys[..., span, :], m),
-                                  _fold_blocks(self.window_values[..., span, :], m), m, b)
+        self.storage.compress(self.window_keys[..., :cut, :], self.window_values[..., :cut, :])
         self.window_keys = self.window_keys[..., cut:, :].contiguous()
         self.window_values = self.window_values[..., cut:, :].contiguous()
-
-    def _compress_blocks(self, ks: torch.Tensor, vs: torch.Tensor, n: int, b: int) -> None:
-        """Compress n blocks folded into the batch dim ([n * b, H, S, D]) and store them. A fused store queues
-        the copies into its packed buffers before the one host sync (whether any row must stay exact), so the
-        GPU has work while the host waits; in the rare case it must, the appends are undone."""
-        cfg = self.config
-        ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
-        # (blocks that come with their exact rows, off the kernel route, have them: never into the buffers)
-        buffered = (self.fused and len(self.blocks) == self.buffers[0].blocks and ck.exact_values is None
-                    and cv.exact_values is None)
-        if buffered:  # the packed buffers take all n blocks at once; the blocks become views into them
-            storage = [None if buf.codes is None else buf.codes.data_ptr() for buf in self.buffers]
-            self.buffers[0].append(ck, n)
-            self.buffers[1].append(cv, n)
-            regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
-        if buffered and not bool(any_exact):
-            if self._like is None:  # one batch row: the template (shapes, metadata) of every buffered block's views
-                first = torch.arange(1, device=ks.device)
-                self._like = (select_batch(ck, first), select_batch(cv, first))
-            self.blocks += [Block(None, None, cfg.block_size, _fallback_rows(ck, cv, i, b)) for i in range(n)]
-            # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
-            # step that compresses a block stays O(1) in the number of blocks)
-            self._repoint(0 if regrown else len(self.blocks) - n)
-            return
-        if buffered:  # rows to keep exact: the blocks stay out of the packed buffers (the store decodes from now)
-            for buf in self.buffers:
-                buf.truncate(len(self.blocks))
-            if regrown:
-                self._repoint()
-        ck, cv = with_exact_rows(ck, ks), with_exact_rows(cv, vs)
-        for i in range(n):
-            rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
-            self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
-                                     cv if n == 1 else select_batch(cv, rows), cfg.block_size,
-                                     _fallback_rows(ck, cv, i, b)))
 
     def _check(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.dim() != 4 or values.shape != keys.shape:
@@ -259,105 +190,98 @@ class CompressedKVStore(StaticDecoding):
         return None if ref is None else ref.shape[1]
 
     def _reference(self) -> torch.Tensor | None:
-        for t in (self.window_keys, self.sink_keys, self._static and self._static.keys):
+        for t in (self.window_keys, self.sink_keys, self._static and self._static.window.keys):
             if t is not None:
                 return t
-        if self.blocks:
-            shape = self.blocks[0].keys.shape
-            return torch.empty(shape, device="meta")
-        return None
+        shape = self.storage.shape
+        return None if shape is None else torch.empty(shape, device="meta")
 
-    def _repoint(self, first: int = 0) -> None:
-        """Make the buffered blocks from `first` on (lazy) views into the (possibly regrown) packed buffers."""
-        for i in range(first, self.buffers[0].blocks):
-            self.blocks[i].point(partial(self._views, i))
+    # ------------------------------------------------------------------ static (CUDA-graph) decoding
+    @property
+    def is_static(self) -> bool:
+        return self._static is not None
 
-    def _views(self, i: int) -> tuple[CompressedKV, CompressedKV]:
-        return self.buffers[0].block(i, self._like[0]), self.buffers[1].block(i, self._like[1])
+    def make_static(self, steps: int) -> None:
+        """Serve the next `steps` single-token steps from fixed addresses (`static_store.StaticMode`): `append`
+        then does only device work (writes the token, advances device counters), so a decode step can be
+        captured in a CUDA graph and replayed. After every step call `advance()` (host bookkeeping; compresses
+        a block every `block_size` steps, outside the graph)."""
+        self.settle()
+        if not self.fused:
+            raise ValueError("static decoding needs a fused store (DecoQuantCache(..., fused=True) with a "
+                             "fused-compatible config)")
+        if self._static is not None:
+            raise ValueError("the store is static already")
+        if self.window_keys is None or (self.blocks and not self.storage.all_buffered):
+            raise ValueError("static decoding needs a prefill longer than sink_tokens whose blocks all sit in "
+                             "the packed buffers (no exact rows, no crop)")
+        sinks = None if self.sink_keys is None else (self.sink_keys, self.sink_values)
+        self._static = StaticMode(self.storage, sinks, (self.window_keys, self.window_values), steps)
+        self.window_keys = self.window_values = self.sink_keys = self.sink_values = None
+
+    def advance(self) -> bool:
+        """Host bookkeeping after one static step (outside any graph), see `StaticMode.advance`. Returns False if
+        the store had to leave static mode (a block that cannot be compressed safely stays exact, which the
+        static view cannot serve); decoding then goes on through `append` as usual."""
+        if self._static is None:
+            raise ValueError("advance() follows a step of a static store; call make_static first")
+        self.length += 1
+        if self._static.advance():
+            return True
+        self._leave_static(drop=self.config.block_size)
+        return False
+
+    def leave_static(self) -> None:
+        """Back to the ordinary (dynamic) store, same tokens (and any deferred compression done)."""
+        self.settle()
+        if self._static is not None:
+            self._leave_static()
+
+    def _leave_static(self, drop: int = 0) -> None:
+        self.sink_keys, self.sink_values, self.window_keys, self.window_values = self._static.exit(drop)
+        self._static = None
 
     # ------------------------------------------------------------------ edits
     def crop(self, num_tokens: int) -> None:
         """Drop the last `num_tokens` tokens (blocks are shortened, never rewritten)."""
         self.leave_static()
-        if self.decoded is not None:
-            self.decoded.reset()
         drop = min(num_tokens, self.length)
         self.length -= drop
-        while drop > 0:
-            if self.window_keys is not None and self.window_keys.shape[-2] > 0:
-                n = min(drop, self.window_keys.shape[-2])
-                keep = self.window_keys.shape[-2] - n
-                self.window_keys = self.window_keys[..., :keep, :]
-                self.window_values = self.window_values[..., :keep, :]
-                drop -= n
-            elif self.blocks:
-                block = self.blocks[-1]
-                n = min(drop, block.length)
-                block.length -= n
-                if block.length == 0:
-                    self.blocks.pop()
-                drop -= n
-            else:
-                keep = self.sink_keys.shape[-2] - drop
-                self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :], self.sink_values[..., :keep, :]
-                drop = 0
-        for buf in self.buffers or ():
-            buf.truncate(len(self.blocks))
+        if self.window_keys is not None and self.window_keys.shape[-2] > 0:
+            n = min(drop, self.window_keys.shape[-2])
+            keep = self.window_keys.shape[-2] - n
+            self.window_keys, self.window_values = self.window_keys[..., :keep, :], self.window_values[..., :keep, :]
+            drop -= n
+        drop -= self.storage.crop(drop)
+        if drop > 0:
+            keep = self.sink_keys.shape[-2] - drop
+            self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :], self.sink_values[..., :keep, :]
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (beam search, batch selection)."""
         self.leave_static()
-        if self.decoded is not None:
-            self.decoded.reset()
         take = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
         self.sink_keys, self.sink_values = take(self.sink_keys), take(self.sink_values)
         self.window_keys, self.window_values = take(self.window_keys), take(self.window_values)
-        n = 0 if self.buffers is None else self.buffers[0].blocks
-        for buf in self.buffers or ():
-            buf.select_batch(index)
-        self.blocks = self.blocks[:n] + [b.select_batch(index) for b in self.blocks[n:]]
-        if n:
-            self._repoint()
+        self.storage.select_batch(index)
 
     # ------------------------------------------------------------------ accounting
     def memory(self) -> dict[str, int]:
         """Bytes held, by part, and the fp16 bytes the same tokens would take."""
         self.settle()
-        n = 0 if self.buffers is None else self.buffers[0].blocks
-        # buffered blocks are views: count the buffers' whole allocation (spare capacity included)
-        blocks = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks[n:])
-        if n:
-            blocks += sum(buf.nbytes for buf in self.buffers) + sum(
-                b.keys.exact_mask.numel() + b.values.exact_mask.numel() for b in self.blocks[:n])
+        blocks = self.storage.memory()
         exact_parts = (self.sink_keys, self.sink_values, self.window_keys, self.window_values)
         if self._static is not None:  # the exact tokens' fixed buffers, room for the coming tokens included
-            st, s = self._static, self._static.view.sink_tokens
-            exact_parts = (st.keys[:, :, :s], st.values[:, :, :s], st.keys[:, :, s:], st.values[:, :, s:])
+            exact_parts = self._static.exact_parts()
         exact = sum(_nbytes(t) for t in exact_parts)
         ref = self._reference()
         per_token = 0 if ref is None else 2 * ref.shape[0] * ref.shape[1] * ref.shape[3]  # elements of K and V
         itemsize = 0 if self.dtype is None else torch.empty((), dtype=self.dtype).element_size()
-        return {"compressed_blocks": blocks, "exact_tokens": exact, "total": blocks + exact,
+        return {**blocks, "exact_tokens": exact, "total": blocks["compressed_blocks"] + exact,
                 "exact_elements": sum(0 if t is None else t.numel() for t in exact_parts),
                 "sink_elements": sum(0 if t is None else t.numel() for t in exact_parts[:2]),
-                "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
                 "fp16_equivalent": 2 * per_token * self.length, "dynamic_cache": itemsize * per_token * self.length,
-                "tokens": self.length, "fallback_blocks": sum(b.fallback for b in self.blocks),
-                "exact_blocks": sum(b.exact for b in self.blocks),
-                "compressed_tokens": sum(b.length for b in self.blocks),
-                "decoded_copy": 0 if self.decoded is None else self.decoded.nbytes}
-
-
-def _fallback_rows(ck: CompressedKV, cv: CompressedKV, i: int, b: int) -> tuple:
-    """Block i's record of the keys' and values' fallback masks: (masks, its rows), no tensor work."""
-    return ck.fallback_mask, cv.fallback_mask, slice(i * b, (i + 1) * b)
-
-
-def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, H, n * S, D] -> [n * B, H, S, D], block-major (rows i*B .. i*B + B - 1 are block i): a strided view
-    for one sequence (the compression kernels read it in place), a copy otherwise."""
-    b, h, t, d = x.shape
-    return x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, t // n, d)
+                "tokens": self.length}
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -1,158 +1,193 @@
-"""Block storage: compressed blocks packed into the contiguous layout the kernels read (`PackedKV`), and the
-growing per-layer buffer a fused store keeps them in."""
+"""A layer's compressed blocks: `BlockStorage` keeps them, compresses new ones into them, and reads them back.
+
+Blocks are immutable `Block` records (keys and values, valid length). A fused storage also keeps them in
+contiguous packed buffers (`buffer.PackedKVBuffer`), each `Block` then a lazy view into them, so the
+decode-attention kernels read the whole history in place. A block that keeps exact rows (its input was not
+finite) stays out of the buffers; from then on the history is read by decoding.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from functools import partial
 
 import torch
 
+from .api import compress, compress_kv_deferred, with_exact_rows
+from .blocks import Block, DecodedHistory, select_batch
+from .buffer import PackedKVBuffer
 from .compressed import CompressedKV
-from .format import KVFormat
+from .format import Backend
+from .kernels.attention import dequantize
 from .kernels.layout import PackedKV
 
-
-def pack_blocks(blocks: Sequence[CompressedKV], check_exact: bool = True) -> PackedKV:
-    """Concatenate equally sized compressed blocks (one kind, of a format the fused kernels read, no exact
-    rows; check_exact=False: the caller vouches for that, and no host sync counts them) into one PackedKV."""
-    if not blocks:
-        raise ValueError("blocks must hold at least one CompressedKV")
-    cfg, kind = blocks[0].config, blocks[0].kind
-    KVFormat.of(cfg).require_fused("packing blocks for the fused kernels")
-    if check_exact and any(c.num_exact for c in blocks):
-        raise ValueError("blocks with exact rows cannot be read by the fused kernels")
-    b, h, t, d = blocks[0].shape
-    g = cfg.group_size
-    channel = cfg.granularity(kind) == "channel"
-    cg = cfg.quant_group_size if channel else 0
-    shape = (lambda: (b, h, t // cg, d)) if channel else (lambda: (b, -1, t))
-    cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=2)  # noqa: E731
-    codes = cat([c.codes for c in blocks])
-    scales = cat([c.params["scale"].reshape(shape()) for c in blocks])
-    zeros = None
-    if "zero" in blocks[0].params:
-        zeros = cat([c.params["zero"].reshape(shape()) for c in blocks])
-    ts = torch.stack([c.params["site2"].reshape(b, -1, g, g) for c in blocks], dim=2)
-    return PackedKV(codes, scales, ts, cfg.bits, t, g, zeros, cg)
+# at most this many elements of K (and of V) are compressed in one call
+COMPRESS_ELEMENTS = 1 << 26
 
 
-class PackedKVBuffer:
-    """A growing PackedKV (capacity grows by 1/16, whole blocks): blocks are appended in place, never
-    rewritten."""
+class BlockStorage:
+    """The blocks of one layer. fused: also in packed buffers (see the module docstring); backend: of every
+    kernel they meet (`format.Backend`); keep_decoded: keep their decoded form between reads (`DecodedHistory`)."""
 
-    def __init__(self):
-        self.codes = self.scales = self.zeros = self.ts = None
-        self.tokens = 0
-        self.blocks = 0
-        self.bits = self.block_size = self.group_size = None
-        self.channel_group = 0
+    def __init__(self, config, fused: bool, backend: Backend, keep_decoded: bool):
+        self.config, self.backend = config, backend
+        self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
+        self.blocks: list[Block] = []
+        self.decoded = DecodedHistory() if keep_decoded else None
+        self._like = None  # (keys, values) template of the buffered blocks' views
 
-    def _scale_rows(self, tokens: int) -> int:
-        """Rows of the scales (dim 2) that `tokens` tokens take."""
-        return tokens // self.channel_group if self.channel_group else tokens
+    @property
+    def buffered(self) -> int:
+        """Blocks held in the packed buffers (a prefix of `blocks`)."""
+        return 0 if self.buffers is None else self.buffers[0].blocks
 
-    def append(self, block: CompressedKV, n: int = 1) -> None:
-        """Append `n` blocks given folded into the batch dim ([n * B, ...], block-major, as the
-        cache compresses a prefill), or one block (n = 1). The caller keeps blocks with exact rows out (the
-        store truncates them off again when it learns of such rows after the append)."""
-        p = pack_blocks([block], check_exact=False)
-        b = p.codes.shape[0] // n
-        unfold = lambda t: t.reshape(n, b, *t.shape[1:]).movedim(0, 2)  # noqa: E731  [b, H, n, ...]
-        codes = unfold(p.codes).reshape(b, p.codes.shape[1], n * p.tokens, -1)
-        params = [unfold(t).reshape(b, t.shape[1], n * t.shape[2], *t.shape[3:]) for t in (p.scales, p.zeros)
-                  if t is not None]
-        ts = unfold(p.ts.squeeze(2))  # [b, TS_H, n, G, G]
-        if self.codes is None:
-            self.bits, self.block_size, self.group_size = p.bits, p.block_size, p.group_size
-            self.channel_group = p.channel_group
-            self.codes, self.ts = codes.contiguous(), ts.contiguous()
-            self.scales = params[0].contiguous()
-            self.zeros = params[1].contiguous() if len(params) > 1 else None
-        else:
-            if self.tokens + codes.shape[2] > self.codes.shape[2]:
-                self._grow(self.tokens + codes.shape[2])
-            t, k = self.tokens, codes.shape[2]
-            self.codes[:, :, t:t + k] = codes
-            r0, r1 = self._scale_rows(t), self._scale_rows(t + k)
-            self.scales[:, :, r0:r1] = params[0]
-            if self.zeros is not None:
-                self.zeros[:, :, r0:r1] = params[1]
-            self.ts[:, :, self.blocks:self.blocks + n] = ts
-        self.tokens += codes.shape[2]
-        self.blocks += n
+    @property
+    def all_buffered(self) -> bool:
+        """Every block in the packed buffers (no exact rows) and none shortened by a crop; O(1), no sync."""
+        return (self.buffers is not None and bool(self.blocks) and self.buffered == len(self.blocks)
+                and self.blocks[-1].length == self.config.block_size)
 
-    def reserve(self, tokens: int) -> None:
-        """Capacity for `tokens` tokens (whole blocks) now, so that appends up to there never reallocate: the
-        addresses a captured CUDA graph reads stay fixed. The spare capacity is zero-filled."""
-        if self.codes is None:
-            raise ValueError("reserve needs a buffer that has its format (append a block first)")
-        if tokens > self.codes.shape[2]:
-            self._grow(tokens, exact=True)
+    def packed(self, capacity: bool = False) -> tuple[PackedKV, PackedKV]:
+        """The packed buffers' blocks (or their whole capacity, see `PackedKVBuffer.view`)."""
+        return self.buffers[0].view(capacity), self.buffers[1].view(capacity)
 
-    def _grow(self, need: int, exact: bool = False) -> None:
-        # +1/16 (whole blocks): at most ~6% spare capacity; a copy of the layer's blocks every ~L/16 decode
-        # steps at L cached tokens (e.g. ~20 MB per layer every 1k steps at 16k tokens, 4 bits) stays cheap
-        step = self.block_size * max(1, self.codes.shape[2] // (16 * self.block_size))
-        cap = need if exact else max(need, self.codes.shape[2] + step)
-        def grown(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-            shape = list(t.shape)
-            shape[dim] = size
-            out = (torch.zeros if exact else torch.empty)(shape, dtype=t.dtype, device=t.device)
-            out.narrow(dim, 0, t.shape[dim]).copy_(t)
-            return out
-        self.codes = grown(self.codes, 2, cap)
-        self.scales = grown(self.scales, 2, self._scale_rows(cap))
-        if self.zeros is not None:
-            self.zeros = grown(self.zeros, 2, self._scale_rows(cap))
-        self.ts = grown(self.ts, 2, cap // self.block_size)
+    def history(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The blocks' keys and values, decoded, as parts to concatenate (none without blocks)."""
+        if self.all_buffered:  # one dequantize kernel per buffer instead of one decode per block
+            k, v = self.packed()
+            return [dequantize(k, dtype, self.backend)], [dequantize(v, dtype, self.backend)]
+        if self.decoded is not None and self.blocks:
+            k, v = self.decoded.read(self.blocks)
+            return [k], [v]
+        decoded = [block.decode() for block in self.blocks]
+        return [k for k, _ in decoded], [v for _, v in decoded]
 
-    def block(self, i: int, like: CompressedKV) -> CompressedKV:
-        """Block i as a CompressedKV whose tensors are views into this buffer (no copy); `like`: a block of
-        the same format (any batch size) for the parameter shapes and metadata."""
-        from dataclasses import replace
+    # ------------------------------------------------------------------ writes
+    def compress(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Compress keys and values [B, H, n * block_size, D] into n new blocks. Blocks due together (a prefill)
+        are compressed a few at a time folded into the batch dim (at most COMPRESS_ELEMENTS each); every codec
+        works per batch row, so this equals compressing them one by one."""
+        size = self.config.block_size
+        b, h, t, d = keys.shape
+        n, per_call = t // size, max(1, COMPRESS_ELEMENTS // (b * h * size * d))  # bounds the transient memory
+        for first in range(0, n, per_call):
+            m = min(per_call, n - first)
+            span = slice(first * size, (first + m) * size)
+            self._add(_fold_blocks(keys[..., span, :], m), _fold_blocks(values[..., span, :], m), m, b)
 
-        t0, t1 = i * self.block_size, (i + 1) * self.block_size
-        r0, r1 = self._scale_rows(t0), self._scale_rows(t1)
-        b = self.codes.shape[0]
-        # back to the codec's parameter shapes ([B, S_H, T, 1] per token, [B, H, T / cg, 1, D] per channel)
-        as_param = ((lambda t: t[:, :, r0:r1].unsqueeze(3)) if self.channel_group
-                    else (lambda t: t[:, :, r0:r1].unsqueeze(-1)))
-        batch = lambda name: (b,) + tuple(like.params[name].shape[1:])  # noqa: E731  (like: any batch size)
-        params = {"scale": as_param(self.scales).reshape(batch("scale")),
-                  "site2": self.ts[:, :, i].reshape(batch("site2"))}
-        if self.zeros is not None:
-            params["zero"] = as_param(self.zeros).reshape(batch("zero"))
-        return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
-                       exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None,
-                       fallback_mask=None)
+    def _add(self, ks: torch.Tensor, vs: torch.Tensor, n: int, b: int) -> None:
+        """Compress n blocks folded into the batch dim ([n * b, H, S, D], block-major) and store them. A fused
+        storage queues the copies into its packed buffers before the one host sync (whether any row must stay
+        exact), so the GPU has work while the host waits; in the rare case one must, the appends are undone."""
+        cfg = self.config
+        ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
+        # (blocks that come with their exact rows, off the kernel route, have them: never into the buffers)
+        buffered = (self.buffers is not None and len(self.blocks) == self.buffered and ck.exact_values is None
+                    and cv.exact_values is None)
+        if buffered:  # the packed buffers take all n blocks at once; the blocks become views into them
+            storage = [None if buf.codes is None else buf.codes.data_ptr() for buf in self.buffers]
+            self.buffers[0].append(ck, n)
+            self.buffers[1].append(cv, n)
+            regrown = storage != [buf.codes.data_ptr() for buf in self.buffers]
+        if buffered and not bool(any_exact):
+            if self._like is None:  # one batch row: the template (shapes, metadata) of every buffered block's views
+                first = torch.arange(1, device=ks.device)
+                self._like = (select_batch(ck, first), select_batch(cv, first))
+            self.blocks += [Block(None, None, cfg.block_size, _fallback_rows(ck, cv, i, b)) for i in range(n)]
+            # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
+            # step that compresses a block stays O(1) in the number of blocks)
+            self.repoint(0 if regrown else len(self.blocks) - n)
+            return
+        if buffered:  # rows to keep exact: the blocks stay out of the packed buffers (the store decodes from now)
+            for buf in self.buffers:
+                buf.truncate(len(self.blocks))
+            if regrown:
+                self.repoint()
+        ck, cv = with_exact_rows(ck, ks), with_exact_rows(cv, vs)
+        for i in range(n):
+            rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
+            self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
+                                     cv if n == 1 else select_batch(cv, rows), cfg.block_size,
+                                     _fallback_rows(ck, cv, i, b)))
 
-    def view(self, capacity: bool = False) -> PackedKV:
-        """The blocks appended so far (slices: later appends do not change them), or (capacity) the whole
-        allocation, which later appends fill in place (read with a kv_len bound)."""
-        tokens = self.codes.shape[2] if capacity else self.tokens
-        blocks = self.ts.shape[2] if capacity else self.blocks
-        rows = self._scale_rows(tokens)
-        return PackedKV(self.codes[:, :, :tokens], self.scales[:, :, :rows], self.ts[:, :, :blocks],
-                        self.bits, self.block_size, self.group_size,
-                        None if self.zeros is None else self.zeros[:, :, :rows], self.channel_group)
+    def reserve(self, blocks: int, like: torch.Tensor) -> None:
+        """Capacity for `blocks` blocks in the packed buffers now (fixed addresses for a captured graph); empty
+        buffers first get their format from one block of random data like `like` [B, H, *, D], then forget it."""
+        if self.buffers[0].codes is None:
+            b, h, _, d = like.shape
+            gen = torch.Generator(device=like.device).manual_seed(0)
+            x = torch.randn(b, h, self.config.block_size, d, generator=gen, device=like.device).to(like.dtype)
+            for buf, kind in zip(self.buffers, ("key", "value")):
+                buf.append(compress(x, self.config, kind, self.backend))
+                buf.truncate(0)
+        for buf in self.buffers:
+            buf.reserve(blocks * self.config.block_size)
+        self.repoint()  # blocks whose views were read still point into the old buffers (and keep them alive)
 
-    def truncate(self, blocks: int) -> None:
-        """Forget blocks past the first `blocks` (after a crop); their space is reused."""
-        self.blocks = min(self.blocks, blocks)
-        self.tokens = self.blocks * (self.block_size or 0)
+    def repoint(self, first: int = 0) -> None:
+        """Make the buffered blocks from `first` on (lazy) views into the (possibly regrown) packed buffers."""
+        for i in range(first, self.buffered):
+            self.blocks[i].point(partial(self._views, i))
+
+    def _views(self, i: int) -> tuple[CompressedKV, CompressedKV]:
+        return self.buffers[0].block(i, self._like[0]), self.buffers[1].block(i, self._like[1])
+
+    # ------------------------------------------------------------------ edits
+    def crop(self, drop: int) -> int:
+        """Drop up to `drop` tokens from the end (blocks are shortened, never rewritten); returns how many."""
+        if self.decoded is not None:
+            self.decoded.reset()
+        done = 0
+        while done < drop and self.blocks:
+            block = self.blocks[-1]
+            n = min(drop - done, block.length)
+            block.length -= n
+            if block.length == 0:
+                self.blocks.pop()
+            done += n
+        for buf in self.buffers or ():
+            buf.truncate(len(self.blocks))
+        return done
 
     def select_batch(self, index: torch.Tensor) -> None:
-        if self.codes is not None:
-            self.codes, self.scales, self.ts = (t.index_select(0, index.to(t.device))
-                                                for t in (self.codes, self.scales, self.ts))
-            if self.zeros is not None:
-                self.zeros = self.zeros.index_select(0, index.to(self.zeros.device))
+        """Keep/reorder/repeat batch rows."""
+        if self.decoded is not None:
+            self.decoded.reset()
+        n = self.buffered
+        for buf in self.buffers or ():
+            buf.select_batch(index)
+        self.blocks = self.blocks[:n] + [b.select_batch(index) for b in self.blocks[n:]]
+        if n:
+            self.repoint()
 
+    # ------------------------------------------------------------------ accounting
     @property
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.codes, self.scales, self.zeros, self.ts) if t is not None)
+    def shape(self) -> torch.Size | None:
+        """[B, H, block_size, D] of the blocks (None without blocks)."""
+        return self.blocks[0].keys.shape if self.blocks else None
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the capacity actually allocated."""
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+    def memory(self) -> dict[str, int]:
+        """The blocks' share of `CompressedKVStore.memory()`."""
+        n = self.buffered
+        # buffered blocks are views: count the buffers' whole allocation (spare capacity included)
+        nbytes = sum(b.keys.nbytes + b.values.nbytes for b in self.blocks[n:])
+        if n:
+            nbytes += sum(buf.nbytes for buf in self.buffers) + sum(
+                b.keys.exact_mask.numel() + b.values.exact_mask.numel() for b in self.blocks[:n])
+        return {"compressed_blocks": nbytes,
+                "compressed_elements": sum(b.keys.numel + b.values.numel for b in self.blocks),
+                "fallback_blocks": sum(b.fallback for b in self.blocks),
+                "exact_blocks": sum(b.exact for b in self.blocks),
+                "compressed_tokens": sum(b.length for b in self.blocks),
+                "decoded_copy": 0 if self.decoded is None else self.decoded.nbytes}
+
+
+def _fallback_rows(ck: CompressedKV, cv: CompressedKV, i: int, b: int) -> tuple:
+    """Block i's record of the keys' and values' fallback masks: (masks, its rows), no tensor work."""
+    return ck.fallback_mask, cv.fallback_mask, slice(i * b, (i + 1) * b)
+
+
+def _fold_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, H, n * S, D] -> [n * B, H, S, D], block-major (rows i*B .. i*B + B - 1 are block i): a strided view
+    for one sequence (the compression kernels read it in place), a copy otherwise."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).reshape(n * b, h, t // n, d)

@@ -234,7 +234,8 @@ def prefill_cost(model, device, contexts, presets=("paper",), bits=4, runs=5):
 
     def same_blocks(a, b) -> bool:
         return all(torch.equal(x, y) for la, lb in zip(a.layers, b.layers)
-                   for ba, bb in zip(la.store.buffers, lb.store.buffers) for x, y in zip(ba.tensors, bb.tensors))
+                   for ba, bb in zip(la.store.storage.buffers, lb.store.storage.buffers)
+                   for x, y in zip(ba.tensors, bb.tensors))
 
     rows = []
     for ctx in contexts:

@@ -30,7 +30,7 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
 def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed, preset="paper"):
     """Compressed blocks of random outlier-heavy KV, built in chunks of blocks to bound memory."""
     import decoquant as dq
-    from decoquant.storage import PackedKVBuffer
+    from decoquant.buffer import PackedKVBuffer
 
     cfg = dq.DecoQuantConfig(preset=preset, bits=bits, block_size=block_size)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -1,6 +1,6 @@
 """`PackedKV`: the contiguous GPU layout of a layer's compressed blocks (DecoQuant group layout),
 read directly by the decode-attention kernels: tensors and integers only (which configs produce it:
-`decoquant.format`; how blocks get into it: `decoquant.storage`).
+`decoquant.format`; how blocks get into it: `decoquant.buffer`).
 
     codes   uint8  [B, KVH, T, D * bits / 8]   packed per token row (packing.py bit order)
     scales  fp16   [B, S_H, T]                 per-token scales (channel_group = 0; S_H = 1: shared
