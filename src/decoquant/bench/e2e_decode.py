@@ -26,7 +26,9 @@ import gc
 import json
 
 import torch
+
 from ..integrations.transformers import cache_kwargs
+from .common import fill, timed_steps
 
 
 def llama2_7b_config(layers: int):
@@ -47,42 +49,17 @@ def random_model(layers: int, device):
     return model
 
 
-def random_kv(batch, heads, tokens, head_dim, device, gen):
-    k = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.float16, generator=gen)
-    k[..., 5] *= 20
-    v = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.float16, generator=gen)
-    return k, v
-
-
-def fill(cache, model, batch, context, device):
-    cfg = model.config
-    gen = torch.Generator(device=device).manual_seed(1)
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    for layer in range(cfg.num_hidden_layers):
-        # chunks keep the transient fp16 copy small; the cache compresses block by block
-        for start in range(0, context, 4096):
-            n = min(4096, context - start)
-            k, v = random_kv(batch, cfg.num_key_value_heads, n, hd, device, gen)
-            cache.update(k, v, layer)
-            del k, v
-
-
 @torch.no_grad()
 def decode(model, cache, batch, context, steps, device):
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-    pos = torch.full((batch, 1), context, device=device)
-    logits = None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(steps + 2):
-        if i == 2:  # two warm-up steps (kernel compilation, allocator)
-            torch.cuda.synchronize()
-            start.record()
-        logits = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, use_cache=True, logits_to_keep=1).logits
-        ids = logits[:, -1:].argmax(-1)
-        pos = pos + 1
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps, logits
+    state = {"ids": torch.randint(0, model.config.vocab_size, (batch, 1), device=device),
+             "pos": torch.full((batch, 1), context, device=device), "logits": None}
+
+    def step():
+        logits = model(input_ids=state["ids"], **cache_kwargs(cache), position_ids=state["pos"], use_cache=True,
+                       logits_to_keep=1).logits
+        state.update(ids=logits[:, -1:].argmax(-1), pos=state["pos"] + 1, logits=logits)
+
+    return timed_steps(step, steps), state["logits"]
 
 
 @torch.no_grad()
@@ -92,15 +69,7 @@ def decode_graphed(model, cache, batch, context, steps, device):
 
     ids = torch.randint(0, model.config.vocab_size, (batch,), device=device)
     decoder = GraphDecoder(model, cache, ids, context, steps + 2, cuda_graph=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(steps + 2):
-        if i == 2:
-            torch.cuda.synchronize()
-            start.record()
-        decoder.step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps, decoder.logits
+    return timed_steps(decoder.step, steps), decoder.logits
 
 
 QUANTIZED_BACKENDS = ("hqq", "quanto")
@@ -168,7 +137,7 @@ def run(kind, bits, batch, context, steps, model, device, graph=False):
         dq.enable_fused_attention(model)
         cache = dq.DecoQuantCache(decoquant_config(kind, bits), model.config)
         assert cache.fused
-    fill(cache, model, batch, context, device)
+    fill(cache, model, batch, context, [device] * model.config.num_hidden_layers)
     if hasattr(cache, "nbytes"):
         cache_bytes = cache.nbytes()
     elif kind == "fp16":
@@ -193,7 +162,7 @@ def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
 
     dq.enable_fused_attention(model)
     cache = dq.DecoQuantCache(decoquant_config(kind, bits), model.config)
-    fill(cache, model, batch, context, device)
+    fill(cache, model, batch, context, [device] * model.config.num_hidden_layers)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
     pos = torch.full((batch, 1), context, device=device)
     outs = {}

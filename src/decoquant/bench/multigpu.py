@@ -23,7 +23,9 @@ import os
 from pathlib import Path
 
 import torch
+
 from ..integrations.transformers import cache_kwargs
+from .common import fill, timed_steps
 
 LLAMA2_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                   num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=32768)
@@ -84,21 +86,6 @@ def make_cache(model, kind: str, bits: int):
     return dq.DecoQuantCache.from_model(model, dq.DecoQuantConfig(bits=bits, **CONFIG))
 
 
-def fill(cache, model, batch: int, context: int, world: int) -> None:
-    cfg = model.config
-    heads = cfg.num_key_value_heads // world
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    for layer, device in enumerate(layer_devices(model)):
-        gen = torch.Generator(device=device).manual_seed(layer)
-        for start in range(0, context, 4096):
-            n = min(4096, context - start)
-            k = torch.randn(batch, heads, n, hd, device=device, dtype=torch.float16, generator=gen)
-            k[..., 5] *= 20
-            v = torch.randn(batch, heads, n, hd, device=device, dtype=torch.float16, generator=gen)
-            cache.update(k, v, layer)
-            del k, v
-
-
 def reset_peaks() -> None:
     for d in range(torch.cuda.device_count()):
         torch.cuda.reset_peak_memory_stats(d)
@@ -114,21 +101,15 @@ def peaks(model, mode: str) -> list[float]:
 def decode_ms(model, cache, batch: int, context: int, steps: int) -> float:
     first = layer_devices(model)[0]
     gen = torch.Generator(device=first).manual_seed(7)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=first, generator=gen)
-    pos = torch.full((batch, 1), context, device=first)
-    for i in range(steps + 2):
-        if i == 2:
-            torch.cuda.synchronize()
-            barrier()
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        logits = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, use_cache=True, logits_to_keep=1).logits
-        ids = logits[:, -1:].argmax(-1).to(first)
-        pos = pos + 1
-    end = torch.cuda.Event(enable_timing=True)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    state = {"ids": torch.randint(0, model.config.vocab_size, (batch, 1), device=first, generator=gen),
+             "pos": torch.full((batch, 1), context, device=first)}
+
+    def step():
+        logits = model(input_ids=state["ids"], **cache_kwargs(cache), position_ids=state["pos"], use_cache=True,
+                       logits_to_keep=1).logits
+        state.update(ids=logits[:, -1:].argmax(-1).to(first), pos=state["pos"] + 1)
+
+    return timed_steps(step, steps, sync=barrier)
 
 
 def run(model, mode, world, kind, bits, batch, context, steps) -> dict:
@@ -137,7 +118,7 @@ def run(model, mode, world, kind, bits, batch, context, steps) -> dict:
     label = "fp16" if kind == "fp16" else f"decoquant-{bits}b"
     try:
         cache = make_cache(model, kind, bits)
-        fill(cache, model, batch, context, world)
+        fill(cache, model, batch, context, layer_devices(model), model.config.num_key_value_heads // world)
         reset_peaks()
         ms = decode_ms(model, cache, batch, context, steps)
         out = dict(cache=label, batch=batch, context=context, ms_per_step=ms, tokens_per_s=batch * 1000 / ms,
