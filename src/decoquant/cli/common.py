@@ -9,6 +9,7 @@ import sys
 from ..config import BITS, METHODS
 
 CACHE_METHODS = tuple(m for m in METHODS if m != "none")  # what --methods takes besides fp16
+DEFAULT_METHODS = "fp16,rtn,kivi,rotation,decoquant"  # the main job's caches (turboquant on request)
 
 
 def _progress(iterable, desc: str, total: int | None = None):
@@ -114,8 +115,8 @@ def _args_dict(args: argparse.Namespace) -> dict:
 
 
 def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None:
-    p.add_argument("--methods", default="fp16,rtn,kivi,rotation,decoquant",
-                   help="comma-separated from fp16,rtn,kivi,rotation,turboquant,decoquant (decoquant = --preset)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated from {','.join(('fp16',) + CACHE_METHODS)} (decoquant = --preset)")
     p.add_argument("--preset", default="paper,channel64-token",
                    help="DecoQuant's recipes, comma-separated from paper, kv-split, channel64-token (default: the "
                         "paper's and the frontier's choice)")

@@ -6,10 +6,12 @@ import importlib
 
 from .base import Codec
 
-_MODULES = {"decoquant": "decoquant", "rtn": "rtn", "kivi": "kivi", "rotation": "rotation", "turboquant": "turboquant"}
+from ..config import METHODS
+
+CODEC_METHODS = tuple(m for m in METHODS if m != "none")  # each has a module of its name here
 
 
 def get_codec(method: str) -> Codec:
-    if method not in _MODULES:
-        raise ValueError(f"method={method!r} has no codec; allowed values: {sorted(_MODULES)}")
-    return importlib.import_module(f"{__name__}.{_MODULES[method]}").CODEC
+    if method not in CODEC_METHODS:
+        raise ValueError(f"method={method!r} has no codec; allowed values: {sorted(CODEC_METHODS)}")
+    return importlib.import_module(f"{__name__}.{method}").CODEC
