@@ -36,6 +36,7 @@ def shape_id(s) -> str:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_gram_kernel_matches_reference(shape, dtype):
     b, h, t, d, g, per_head = shape
     x = kv(b, h, t, d, dtype, strided=t % 2 == 1)
@@ -59,6 +60,7 @@ def test_gram_kernel_flags_non_finite_rows():
     assert float((out[0] - ref[0]).norm() / ref[0].norm()) < 1e-6
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_factor_kernel_matches_reference():
     """W and T_S from the eigenpairs: random Gram matrices of outlier-heavy K/V (per batch row and per head),
     a zero block (rank deficient) and one whose T_S passes fp16's range: both fall back to W = T_S = I and set
@@ -90,6 +92,7 @@ FORMATS = [  # scale granularity, symmetric, channel group, bits
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: "{}-{}-cg{}-{}bit".format(f[0], "sym" if f[1] else "asym",
                                                                                  *f[2:]))
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_quantize_pack_kernel_matches_reference(shape, fmt):
     b, h, t, d, g, per_head = shape
     gran, sym, cg, bits = fmt
@@ -157,6 +160,7 @@ def test_kernel_route_reconstructs_like_the_torch_route(fields):
         assert err[0] < 1.1 * err[1] + 1e-3, err
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_kernel_route_through_compress():
     """compress() on the kernel route (on a CPU through the interpreter): packed codes straight from the
     kernel, decompress == fake_quantize bit for bit, NaN/Inf rows kept exact, a degenerate row through the

@@ -46,6 +46,7 @@ def tolerance(low_precision):
 
 @pytest.mark.parametrize("low_precision", [True, False], ids=["fp16-dots", "fp32-dots"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}-kv{}-q{}-t{}-d{}-{}bit".format(*c[:4], c[6], c[7]))
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_fused_matches_reference(case, low_precision):
     b, kvh, hq, t, lengths, w, d, bits, block = case
     k, v = packed(b, kvh, t, d, bits, block, seed=t + bits)
@@ -62,6 +63,7 @@ def test_fused_matches_reference(case, low_precision):
     assert rel(out, ref) < tolerance(low_precision)
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_per_head_scales_and_ts():
     k, v = packed(2, 2, 64, 64, 4, 32, seed=5, ts_sharing="head", scale_granularity="token_head")
     assert k.ts.shape[1] == 2 and k.scales.shape[1] == 2
@@ -77,6 +79,7 @@ def test_per_head_scales_and_ts():
     {"scale_granularity": "token_head", "symmetric": False},  # asymmetric per-token keys and values
 ], ids=["channel64-token", "kv-split", "asym-token-head"])
 @pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_asymmetric_and_channel_scales(fields, bits):
     """Asymmetric codes and per-channel key scales: the kernel folds channel scales into the query per
     tile and adds the zero points; ragged lengths, left padding and a window as in the main test."""
@@ -114,6 +117,7 @@ if CUDA:
                          ids=["paper", "channel64-token", "asym-token-head"])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("case", ROWS_CASES, ids=lambda c: "b{}-kv{}-t{}-d{}".format(c[0], c[1], c[2], c[5]))
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_rows_kernel_matches_reference(case, bits, fields):
     """The one-row (MHA) kernel: dp2a on the GPU, its emulation (same integer products) in the
     interpreter; symmetric and asymmetric codes, per-token and per-channel key
@@ -158,6 +162,7 @@ def _with_poisoned_capacity(p: PackedKV, blocks: int) -> PackedKV:
 
 @pytest.mark.parametrize("kernel,q_heads,preset", [("rows", 2, "paper"), ("rows", 2, "channel64-token"),
                                                    ("mma", 4, "paper")])
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_kernels_read_only_the_filled_part_of_a_capacity_view(kernel, q_heads, preset):
     """A static cache (CUDA-graph decoding) hands the kernels its buffers at full capacity with kv_len
     bounds; each program takes its blocks from its sequence's length, so the unwritten capacity (poisoned
@@ -242,6 +247,7 @@ def test_int_dot_reads_what_packing_writes(bits):
 
 
 @pytest.mark.parametrize("window", [0, 5, 37, 133])
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_merge_with_window_matches_reference(window):
     """The merge kernel: split partials (one split empty, as past a short sequence's end) with an exact
     window read through a non-contiguous view, GQA (2 query heads per kv head), a validity mask with one
@@ -320,6 +326,7 @@ if CUDA:
 
 
 @pytest.mark.parametrize("case", DEQUANT_CASES, ids=lambda c: "b{}-kv{}-t{}-d{}-{}bit-blk{}".format(*c[:6]))
+@pytest.mark.usefixtures("poisoned_outputs")
 def test_dequantize_kernel_matches_reference(case):
     from decoquant.kernels.attention import dequantize
 
@@ -350,3 +357,9 @@ def test_dequantize_kernel_offsets_past_int32():
     ref = dequantize(k, torch.float16, backend="torch")
     assert rel(out[-1:], ref) < 1e-3 and rel(out[:1], ref) < 1e-3
 
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_the_poison_reaches_what_the_kernel_wrappers_allocate():
+    assert torch.empty(4).isnan().all() and torch.empty_like(torch.zeros(2, dtype=torch.float16)).isnan().all()
+    assert (torch.empty(3, dtype=torch.int32) == 2**31 - 1).all()
