@@ -168,7 +168,7 @@ def check_fused(model, device, bits=4, batch=2, context=1024, kind="decoquant"):
     outs = {}
     original = attention.decode_attention
     for backend in ("triton", "torch"):
-        attention.decode_attention = lambda *a, _b=backend, **k: original(*a, backend=_b, **k)
+        attention.decode_attention = lambda *a, _b=backend, **k: original(*a, **{**k, "backend": _b})
         for layer in cache.layers:  # forget the step's token so both runs see the same state
             layer.crop(-1) if layer.get_seq_length() > context else None
         outs[backend] = model(input_ids=ids, **cache_kwargs(cache), position_ids=pos, logits_to_keep=1).logits.float()
