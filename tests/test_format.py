@@ -35,8 +35,13 @@ def test_formats_the_fused_kernels_do_not_read_say_why(fields, named):
     cfg = dq.DecoQuantConfig(**fields)
     fmt = KVFormat.of(cfg)
     assert not fmt.fused and named in fmt.fused_problem()
-    with pytest.raises(ValueError, match=f"fused attention needs .*{cfg.label()}"):
+    with pytest.raises(ValueError, match=f"fused attention needs .*{cfg.label()}|layout='channel'"):
         CompressedKVStore(cfg, fused=True)
+
+
+def test_a_cache_refuses_the_fake_quantization_layout_at_construction():
+    with pytest.raises(ValueError, match="layout='channel'.*fake_quantize only"):
+        CompressedKVStore(dq.DecoQuantConfig(method="decoquant", layout="channel"))
 
 
 def test_the_format_is_derived_once_per_config():

@@ -57,6 +57,9 @@ class CompressedKVStore:
         backend = Backend.parse(backend)
         if keep_decoded not in (True, False):
             raise ValueError(f"keep_decoded={keep_decoded!r} is not supported; allowed values: True, False")
+        if config.method == "decoquant" and config.layout == "channel":  # refused here, not at the first block
+            raise ValueError("layout='channel' stores a tokens x rank fp16 tensor and saves no memory: it is "
+                             "supported by decoquant.fake_quantize only; a cache needs layout='group'")
         if fused:
             KVFormat.of(config).require_fused("fused attention")
         self.config = config
