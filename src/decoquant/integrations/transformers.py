@@ -83,8 +83,7 @@ class DecoQuantLayer(DynamicLayer):
     def offload(self):  # the store manages its own tensors; offloading is not supported
         pass
 
-    def prefetch(self):
-        pass
+    prefetch = offload
 
 
 class DecoQuantCache(DynamicCache):
@@ -102,9 +101,8 @@ class DecoQuantCache(DynamicCache):
     keep_decoded: keep the blocks' decoded form between forwards, so each block is decoded once (evaluating
         long texts on the CPU, e.g. `decoquant perplexity`); it costs the history in full precision on top
         of the blocks (`memory_report()["decoded_copy"]`, not counted in the cache's total).
-    backend: where the blocks are compressed, dequantized and attended: "auto" (the Triton kernels on CUDA
-        where they read the format, else the pure-torch reference), "triton" or "torch" (the reference, on
-        any device: e.g. to check the kernels against it inside a model).
+    backend: of every kernel the blocks meet ("auto": Triton on CUDA where it reads the format; "torch": the
+        pure-torch reference on any device, e.g. to check the kernels inside a model; "triton").
 
     Left-padded batches: `set_padding(attention_mask)` before the prefill (`from_model` installs a hook that
     does it from every forward's `attention_mask`) keeps each row's padding and its first `sink_tokens` real
