@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Codec
-
 from ..config import METHODS
+from .base import Codec
 
 CODEC_METHODS = tuple(m for m in METHODS if m != "none")  # each has a module of its name here
 

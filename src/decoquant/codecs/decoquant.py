@@ -111,9 +111,10 @@ def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
-    """Whether `encode` compresses x with the Triton kernels (CUDA, or backend="triton"; a format and shape they
-    take, `KVFormat.compress_problem`): they read x in its dtype, return packed codes and flag non-finite rows
-    themselves. backend="triton" with a format they do not take raises a ValueError saying why."""
+    """Whether x is compressed by the Triton kernels (`encode_kernels`; on CUDA, or anywhere with
+    backend="triton"; a format and shape they take, `KVFormat.compress_problem`): they read x in its dtype,
+    return packed codes and flag non-finite rows themselves. backend="triton" with a format they do not take
+    raises a ValueError saying why."""
     from ..format import Backend, KVFormat
 
     backend = Backend.parse(backend)
