@@ -108,7 +108,7 @@ def test_bad_cache_input_is_a_clear_error():
     assert cache.fused is False
     for layer in (cache.layers[0], cache.layers[1]):
         layer.reset()
-        assert layer.store.backend is Backend.TORCH and layer.store.storage.decoded is not None and not layer.defer
+        assert layer.store.backend is Backend.TORCH and layer.store.storage.decoded is not None and not layer.overlap
     with pytest.raises(ValueError, match="backend='cuda' is not supported"):
         dq.DecoQuantCache.from_model(model, backend="cuda")
     # another codec through from_model: its own defaults, not the default preset's pinned fields

@@ -207,33 +207,33 @@ def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_deferred_prefill_compression_equals_immediate(device):
-    """append(defer=True) leaves a prefill's blocks to launch()/settle() (on CUDA: a worker thread, a side stream).
+def test_overlapped_prefill_compression_equals_immediate(device):
+    """append(overlap=True) leaves a prefill's blocks to launch()/settle() (on CUDA: a worker thread, a side stream).
     It returns what an immediate append returns, every later read settles first, and the store then holds
-    the same blocks, buffers and window; single-token steps never defer."""
+    the same blocks, buffers and window; single-token steps never overlap."""
     x = outlier_kv(batch=2, heads=2, tokens=300, seed=3).to(device)
     config = cfg(block_size=32, residual_length=16, sink_tokens=2)
     now, later = CompressedKVStore(config, fused=True), CompressedKVStore(config, fused=True)
     k_now, v_now = now.append(x[..., :200, :], x[..., :200, :] * 0.5)
-    k_later, v_later = later.append(x[..., :200, :], x[..., :200, :] * 0.5, defer=True)
+    k_later, v_later = later.append(x[..., :200, :], x[..., :200, :] * 0.5, overlap=True)
     assert torch.equal(k_now, k_later) and torch.equal(v_now, v_later)
-    assert later.deferred and not later.blocks and later.length == 200
-    assert later.memory() == now.memory() and not later.deferred  # a read settles
+    assert later.pending and not later.blocks and later.length == 200
+    assert later.memory() == now.memory() and not later.pending  # a read settles
     assert len(later.blocks) == len(now.blocks) == (200 - 2 - 16) // 32
     for a, b in zip(now.storage.buffers, later.storage.buffers):
         assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
-    later.append(x[..., 200:201, :], x[..., 200:201, :], defer=True)  # one token: compressed at once
+    later.append(x[..., 200:201, :], x[..., 200:201, :], overlap=True)  # one token: compressed at once
     now.append(x[..., 200:201, :], x[..., 200:201, :])
-    assert not later.deferred
+    assert not later.pending
     k_now, _ = now.append(x[..., 201:300, :], x[..., 201:300, :])
-    later.append(x[..., 201:300, :], x[..., 201:300, :], defer=True)
-    assert later.deferred
+    later.append(x[..., 201:300, :], x[..., 201:300, :], overlap=True)
+    assert later.pending
     k_later, _ = later.append(x[..., :1, :], x[..., :1, :])  # the next append settles the previous one first
     k_now, _ = now.append(x[..., :1, :], x[..., :1, :])
     assert torch.equal(k_now.window_keys, k_later.window_keys) and len(later.blocks) == len(now.blocks)  # FusedKVs
     for a, b in zip(now.storage.buffers, later.storage.buffers):
         assert all(torch.equal(s, t) for s, t in zip(a.tensors, b.tensors))
-    later.append(x[..., :40, :], x[..., :40, :], defer=True)
+    later.append(x[..., :40, :], x[..., :40, :], overlap=True)
     now.append(x[..., :40, :], x[..., :40, :])
     later.crop(50)
     now.crop(50)

@@ -27,7 +27,7 @@ def test_overlapped_prefill_holds_the_same_cache(device, fused):
         for cache in caches:
             out = [model(input_ids=ids[:, :100], **cache_kwargs(cache)).logits,  # a prefill in two chunks
                    model(input_ids=ids[:, 100:140], **cache_kwargs(cache)).logits]
-            assert not any(layer.store.deferred for layer in cache.layers)  # every forward returns settled
+            assert not any(layer.store.pending for layer in cache.layers)  # every forward returns settled
             out += [model(input_ids=ids[:, t:t + 1], **cache_kwargs(cache)).logits for t in range(140, 150)]
             logits.append(out)
     for other, cache in zip(logits[1:], caches[1:]):

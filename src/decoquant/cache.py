@@ -10,7 +10,7 @@ Token order inside a store: [sinks | block_0 | block_1 | ... | window].
 
 `append` returns the keys/values attention needs for the current step: the sinks, the decoded
 blocks that existed before this step, and every token of the window plus the new tokens exact
-(a prefill attends over its own tokens exactly, as in generation). With `defer=True` the blocks a
+(a prefill attends over its own tokens exactly, as in generation). With `overlap=True` the blocks a
 prefill fills are compressed later (`launch()`, then `settle()`), off the critical path (see `streams`).
 The parts: the blocks live in a `storage.BlockStorage`, the CUDA-graph decoding mode (`make_static`,
 `advance`) is a `static_store.StaticMode`; the store owns the exact tokens and the order of things.
@@ -72,20 +72,20 @@ class CompressedKVStore:
         self.dtype = None  # of the keys and values appended
         self.exact_prefix = config.sink_tokens  # sinks, plus a padded batch's leading pads (set_padding)
         self._static: StaticMode | None = None
-        self._deferred = False
-        self._event = None  # of a deferred compression: the main stream's work it waits for
-        self._job = None  # the deferred compression, once launched
+        self._pending = False
+        self._event = None  # of a pending compression: the main stream's work it waits for
+        self._job = None  # the pending compression, once launched
 
     @property
     def blocks(self) -> list:
         return self.storage.blocks
 
     # ------------------------------------------------------------------ update
-    def append(self, keys: torch.Tensor, values: torch.Tensor, defer: bool = False):
+    def append(self, keys: torch.Tensor, values: torch.Tensor, overlap: bool = False):
         """Add new tokens; return (all keys, all values) for attention, or (FusedKV, FusedKV) for a
         single-token step of a fused store.
 
-        defer: leave the compression of the blocks that several new tokens fill (a prefill) to `launch()`
+        overlap: leave the compression of the blocks that several new tokens fill (a prefill) to `launch()`
         (on CUDA: a worker thread and a side stream, after this call's work) and `settle()` (waits for it):
         a caller that launches layer l's compression and goes on with layer l+1 keeps the GPU busy through
         compression's host syncs. The store settles itself before anything else reads or changes it."""
@@ -119,9 +119,9 @@ class CompressedKVStore:
         # one part (a first prefill without sinks): no copy
         out = (parts_k[0], parts_v[0]) if len(parts_k) == 1 else (torch.cat(parts_k, -2), torch.cat(parts_v, -2))
         self.length = out[0].shape[-2]
-        # (only several new tokens defer: `out` is then fresh memory of this stream, never the side stream's)
-        if defer and keys.shape[-2] > 1 and self._due():
-            self._deferred, self._event = True, streams.mark(keys.device)
+        # (only several new tokens overlap: `out` is then fresh memory of this stream, never the side stream's)
+        if overlap and keys.shape[-2] > 1 and self._due():
+            self._pending, self._event = True, streams.mark(keys.device)
         else:
             self._flush()
         return out
@@ -141,26 +141,26 @@ class CompressedKVStore:
         return view, view
 
     @property
-    def deferred(self) -> bool:
-        """Whether a deferred append left blocks to compress (done at `settle()`)."""
-        return self._deferred
+    def pending(self) -> bool:
+        """Whether an overlapped append left blocks to compress (done at `settle()`)."""
+        return self._pending
 
     def launch(self) -> None:
-        """Start compressing what a deferred `append` left (see `streams.launch`); `settle()` waits for it."""
-        if self._deferred and self._job is None:
+        """Start compressing what an overlapped `append` left (see `streams.launch`); `settle()` waits for it."""
+        if self._pending and self._job is None:
             reads = (self.window_keys, self.window_values) + sum((b.tensors for b in self.storage.buffers or ()), ())
             self._job = streams.launch(self._flush, self._event, self.window_keys.device, reads)
 
     def settle(self) -> None:
-        """Finish the compression a deferred `append` left."""
-        if not self._deferred:
+        """Finish the compression an overlapped `append` left."""
+        if not self._pending:
             return
         self.launch()
         job, self._job, self._event = self._job, None, None
         try:
             job.wait()
         finally:
-            self._deferred = False
+            self._pending = False
 
     def _due(self) -> int:
         """Full blocks of the window to compress (past the `residual_length` newest tokens)."""
@@ -235,7 +235,7 @@ class CompressedKVStore:
         return False
 
     def leave_static(self) -> None:
-        """Back to the ordinary (dynamic) store, same tokens (and any deferred compression done)."""
+        """Back to the ordinary (dynamic) store, same tokens (and any pending compression done)."""
         self.settle()
         if self._static is not None:
             self._leave_static()

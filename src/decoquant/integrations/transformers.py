@@ -27,11 +27,11 @@ class DecoQuantLayer(DynamicLayer):
 
     is_croppable = True
 
-    def __init__(self, config: DecoQuantConfig, fused: bool = False, defer: bool = False,
+    def __init__(self, config: DecoQuantConfig, fused: bool = False, overlap: bool = False,
                  keep_decoded: bool = False, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.defer = defer  # the cache settles the deferred compression (see DecoQuantCache.update)
+        self.overlap = overlap  # the cache settles the pending compression (see DecoQuantCache.update)
         self._store_options = dict(fused=fused, backend=backend, keep_decoded=keep_decoded)
         self.store = CompressedKVStore(config, **self._store_options)
 
@@ -44,7 +44,7 @@ class DecoQuantLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.store.append(key_states, value_states, defer=self.defer)
+        return self.store.append(key_states, value_states, overlap=self.overlap)
 
     def get_seq_length(self) -> int:
         return self.store.length
@@ -189,7 +189,7 @@ class DecoQuantCache(DynamicCache):
                              f"head_dim={self.head_dim}: build it from the config of the model it serves")
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
-        if isinstance(layer, DecoQuantLayer) and layer.store.deferred:
+        if isinstance(layer, DecoQuantLayer) and layer.store.pending:
             layer.store.launch()
             self._unsettled.append(layer_idx)
         if layer_idx == self._last:
