@@ -276,22 +276,9 @@ class DecoQuantCache(DynamicCache):
         element counts. `fallback_blocks`: blocks the codec stored with its simpler fallback (see
         `CompressedKV.fallback_mask`); `exact_blocks`: blocks with rows kept exact (NaN/Inf); `decoded_copy`: the
         decoded history a `keep_decoded` cache holds besides (not in `total`)."""
-        out = {"compressed_blocks": 0, "exact_tokens": 0, "total": 0, "dynamic_cache": 0, "fp16_equivalent": 0,
-               "exact_elements": 0, "compressed_elements": 0, "sink_elements": 0, "fallback_blocks": 0,
-               "exact_blocks": 0, "decoded_copy": 0}
-        for layer in self.layers:
-            if isinstance(layer, DecoQuantLayer):
-                mem = layer.store.memory()
-                for key in out:
-                    out[key] += mem[key]
-            elif layer.is_initialized and getattr(layer, "keys", None) is not None and layer.keys.numel():
-                exact = layer.keys.numel() * layer.keys.element_size() * 2
-                out["exact_elements"] += layer.keys.numel() * 2
-                out["exact_tokens"] += exact
-                out["total"] += exact
-                out["dynamic_cache"] += exact
-                out["fp16_equivalent"] += layer.keys.numel() * 2 * 2
-        return out
+        from .memory import memory_report
+
+        return memory_report([layer.store if isinstance(layer, DecoQuantLayer) else layer for layer in self.layers])
 
     def nbytes(self) -> int:
         """Bytes actually held (blocks + exact windows + metadata)."""
