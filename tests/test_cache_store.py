@@ -178,32 +178,49 @@ def test_fused_store_blocks_follow_regrown_buffers_and_batch_changes():
         assert ka.shape[0] == 3 and torch.equal(ka, kb) and torch.equal(va, vb)
 
 
-def test_kernel_route_store_undoes_buffer_appends_for_exact_rows():
-    """On the kernel route a fused store queues the copies into its packed buffers before it learns whether a
-    block keeps exact rows; when one does, the appends are undone (also after a regrow), the blocks keep their
-    exact rows outside the buffers, and every block decodes as a store on the torch route decodes it.
-    (On a CPU the kernels run through Triton's interpreter.)"""
+@pytest.mark.parametrize("q_heads", [2, 4], ids=["rows-kernel", "mma-kernel"])
+def test_fused_store_keeps_exact_rows_beside_the_buffers(q_heads):
+    """On the kernel route a fused store queues its blocks into the packed buffers before it learns whether one
+    keeps exact rows; one that does stays there with those rows cleared and recorded exact beside the buffers
+    (also after a regrow), every block decodes as a store on the torch route decodes it, and single-token steps
+    stay fused: the kernel skips the exact rows and attention reads them exactly. (On a CPU the kernels run
+    through Triton's interpreter.)"""
     pytest.importorskip("triton")
-    x = outlier_kv(batch=2, heads=2, tokens=100, seed=7).to("cuda" if torch.cuda.is_available() else "cpu")
+    from decoquant.blocks import FusedKV
+    from decoquant.kernels.attention import decode_attention
+    from decoquant.kernels.reference import attention_reference
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = outlier_kv(batch=2, heads=2, tokens=101, seed=7).to(dev)
     x[1, 0, 40, 3] = float("nan")  # in the block a decode step compresses (tokens 32..63; the buffer regrows)
     config = cfg(block_size=32, residual_length=16)
     fast, ref = CompressedKVStore(config, fused=True, backend="triton"), CompressedKVStore(config, backend="torch")
     for store in (fast, ref):
         store.append(x[..., :60, :], x[..., :60, :] * 0.5)
-    assert fast.storage.buffers[0].blocks == len(fast.blocks) == 1
     for t in range(60, 100):
         for store in (fast, ref):
             store.append(x[..., t:t + 1, :], x[..., t:t + 1, :] * 0.5)
-    assert len(fast.blocks) == len(ref.blocks) == 2 and fast.storage.buffers[0].blocks == 1  # the second: exact rows
-    assert fast.blocks[1].keys.exact_mask.tolist() == [False, True]
+    assert len(fast.blocks) == len(ref.blocks) == fast.storage.buffers[0].blocks == 2  # both in the buffers
+    assert list(fast.storage.exact) == [1] and fast.blocks[1].keys.exact_mask.tolist() == [False, True]
+    assert fast.memory()["exact_blocks"] == ref.memory()["exact_blocks"] == 1
     for a, b in zip(fast.blocks, ref.blocks):
         (ka, va), (kb, vb) = a.decode(), b.decode()
         exact = a.keys.exact_mask
         for fast_x, ref_x in ((ka, kb), (va, vb)):
             torch.testing.assert_close(fast_x[exact], ref_x[exact], rtol=0, atol=0, equal_nan=True)
             assert float((fast_x[~exact] - ref_x[~exact]).norm() / ref_x[~exact].norm()) < 1e-3  # signs aside
-    k, _ = fast.append(x[..., :1, :], x[..., :1, :])  # decoding from now on
-    assert torch.isnan(k[1, 0, 40, 3]) and not torch.isnan(k[0]).any()
+    new = (x[..., 100:101, :], x[..., 100:101, :] * 0.5)
+    kf, _ = fast.append(*new)
+    kd, vd = ref.append(*new)
+    assert isinstance(kf, FusedKV) and kf.exact is not None and kf.exact.skip[:, :2].tolist() == [[0, 0], [0, 1]]
+    q = torch.randn(2, q_heads, 64, generator=torch.Generator().manual_seed(3)).to(dev)
+    out = decode_attention(q, kf.keys, kf.values, 0.125, window_k=kf.window_keys, window_v=kf.window_values,
+                           exact=kf.exact, backend="triton")
+    want = attention_reference(q, kd, vd, 0.125)
+    assert float((out[0] - want[0]).norm() / want[0].norm()) < 1e-2  # row 0: every block read by the kernel
+    assert torch.equal(torch.isnan(out[1]), torch.isnan(want[1]))  # row 1 attends its NaN key exactly
+    k_full, _ = fast.append(x[..., :2, :], x[..., :2, :])  # several tokens: decoded, the exact rows in place
+    assert torch.isnan(k_full[1, 0, 40, 3]) and not torch.isnan(k_full[0]).any()
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

@@ -1,6 +1,7 @@
 """What a layer's store keeps and hands out, besides its own bookkeeping (cache.py):
 
 - `Block`: one compressed block (keys and values), with views into the store's packed buffers taken lazily;
+- `ExactRows`: the rows of one buffered block stored exact;
 - `select_batch`: rows of a CompressedKV (beam reorder, batch selection);
 - `FusedKV`: what a fused-attention decode step reads instead of fp16 K/V;
 - `StaticWindow`: a static store's exact tokens and device-side counters (CUDA-graph decoding);
@@ -15,7 +16,7 @@ import torch
 
 from .api import decompress
 from .compressed import CompressedKV
-from .kernels.layout import PackedKV
+from .kernels.layout import ExactBlocks, PackedKV
 
 
 class Block:
@@ -74,6 +75,25 @@ class Block:
 
     def select_batch(self, index: torch.Tensor) -> "Block":
         return Block(select_batch(self.keys, index), select_batch(self.values, index), self.length, self._fallback)
+
+
+@dataclass
+class ExactRows:
+    """The batch rows of one block kept exact (its input was not finite, or its codec could not compress them
+    safely): mask bool [B], and those rows' keys and values [mask.sum(), H, block_size, D], in the input dtype."""
+
+    mask: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "ExactRows | None":
+        """The record of batch rows `index` (None if none of them is exact)."""
+        index = index.to(self.mask.device)
+        mask = self.mask.index_select(0, index)
+        if not bool(mask.any()):
+            return None
+        at = (torch.cumsum(self.mask.long(), 0) - 1).index_select(0, index)[mask]  # rows of keys/values
+        return ExactRows(mask, self.keys.index_select(0, at), self.values.index_select(0, at))
 
 
 class DecodedHistory:
@@ -142,6 +162,7 @@ class FusedKV:
     kv_start: torch.Tensor | None = None  # int32 [B] zeros (static stores)
     kv_len: torch.Tensor | None = None  # int32 [B]: compressed tokens held (static stores; None: all of keys)
     window_valid: torch.Tensor | None = None  # bool [B, S + W]: which exact tokens are held (static stores)
+    exact: ExactBlocks | None = None  # rows of blocks stored exact (the kernel skips them; read with the window)
     backend: str = "auto"  # of the decode-attention kernel (the store's, see format.Backend)
 
     @property

@@ -14,7 +14,8 @@ from .kernels.layout import PackedKV
 
 def pack_blocks(blocks: Sequence[CompressedKV], check_exact: bool = True) -> PackedKV:
     """Concatenate equally sized compressed blocks (one kind, of a format the fused kernels read, no exact
-    rows; check_exact=False: the caller vouches for that, and no host sync counts them) into one PackedKV."""
+    rows; check_exact=False: the caller keeps those rows elsewhere, and no host sync counts them) into one
+    PackedKV."""
     if not blocks:
         raise ValueError("blocks must hold at least one CompressedKV")
     cfg, kind = blocks[0].config, blocks[0].kind
@@ -53,8 +54,8 @@ class PackedKVBuffer:
 
     def append(self, block: CompressedKV, n: int = 1) -> None:
         """Append `n` blocks given folded into the batch dim ([n * B, ...], block-major, as the
-        cache compresses a prefill), or one block (n = 1). The caller keeps blocks with exact rows out (the
-        store truncates them off again when it learns of such rows after the append)."""
+        cache compresses a prefill), or one block (n = 1). Rows that must stay exact are cleared afterwards
+        (`clear_rows`) and kept by the caller."""
         p = pack_blocks([block], check_exact=False)
         b = p.codes.shape[0] // n
         unfold = lambda t: t.reshape(n, b, *t.shape[1:]).movedim(0, 2)  # noqa: E731  [b, H, n, ...]
@@ -125,6 +126,15 @@ class PackedKVBuffer:
         return replace(like, codes=self.codes[:, :, t0:t1], params=params, shape=(b,) + tuple(like.shape[1:]),
                        exact_mask=torch.zeros(b, dtype=torch.bool, device=self.codes.device), exact_values=None,
                        fallback_mask=None)
+
+    def clear_rows(self, i: int, rows: torch.Tensor) -> None:
+        """Zero block i's parameters on batch rows `rows` (bool [B]): rows stored exact elsewhere, which the
+        kernels skip (zeroed, nothing there is NaN)."""
+        r0, r1 = self._scale_rows(i * self.block_size), self._scale_rows((i + 1) * self.block_size)
+        for t in (self.scales, self.zeros):
+            if t is not None:
+                t[rows, :, r0:r1] = 0
+        self.ts[rows, :, i] = 0
 
     def view(self, capacity: bool = False) -> PackedKV:
         """The blocks appended so far (slices: later appends do not change them), or (capacity) the whole

@@ -44,10 +44,10 @@ class CompressedKVStore:
     fused: keep the blocks in contiguous packed buffers (each Block's tensors are views into them)
     and answer single-token steps with a `FusedKV` for the fused attention kernel instead of
     decoding the history. Needs a config whose blocks the fused kernels read (`format.KVFormat.fused`);
-    steps that cannot be served that way (several new tokens, a cropped or exact-row block) fall back to
-    decoding. backend: of every kernel the store's blocks meet, compression, dequantization and fused
-    attention ("auto": Triton on CUDA where it reads the format, see `format.Backend`; "torch": the pure-torch
-    reference everywhere).
+    steps that cannot be served that way (several new tokens, a cropped block) fall back to decoding; rows
+    stored exact are read exactly beside the kernel (see `storage`). backend: of every kernel the store's
+    blocks meet, compression, dequantization and fused attention ("auto": Triton on CUDA where it reads the
+    format, see `format.Backend`; "torch": the pure-torch reference everywhere).
     keep_decoded: keep the blocks' decoded form between steps (`DecodedHistory`: each block is decoded once,
     at the price of holding the history in full precision too; for evaluating long texts on the CPU).
     """
@@ -136,7 +136,8 @@ class CompressedKVStore:
         if self.sink_keys is not None:
             exact_k, exact_v = torch.cat([self.sink_keys, exact_k], -2), torch.cat([self.sink_values, exact_v], -2)
             sinks = self.sink_keys.shape[-2]
-        view = FusedKV(*self.storage.packed(), exact_k, exact_v, sinks, backend=self.backend)
+        view = FusedKV(*self.storage.packed(), exact_k, exact_v, sinks, exact=self.storage.exact_blocks(),
+                       backend=self.backend)
         self._flush()
         return view, view
 
@@ -216,16 +217,16 @@ class CompressedKVStore:
         if self._static is not None:
             raise ValueError("the store is static already")
         if self.window_keys is None or (self.blocks and not self.storage.all_buffered):
-            raise ValueError("static decoding needs a prefill longer than sink_tokens whose blocks all sit in "
-                             "the packed buffers (no exact rows, no crop)")
+            raise ValueError("static decoding needs a prefill longer than sink_tokens and blocks that the "
+                             "kernels read in place (no crop)")
         sinks = None if self.sink_keys is None else (self.sink_keys, self.sink_values)
         self._static = StaticMode(self.storage, sinks, (self.window_keys, self.window_values), steps)
         self.window_keys = self.window_values = self.sink_keys = self.sink_values = None
 
     def advance(self) -> bool:
         """Host bookkeeping after one static step (outside any graph), see `StaticMode.advance`. Returns False if
-        the store had to leave static mode (a block that cannot be compressed safely stays exact, which the
-        static view cannot serve); decoding then goes on through `append` as usual."""
+        the store had to leave static mode (a block that cannot be compressed safely keeps exact rows, which
+        the static view's fixed tensors cannot take in); decoding then goes on through `append` as usual."""
         if self._static is None:
             raise ValueError("advance() follows a step of a static store; call make_static first")
         self.length += 1

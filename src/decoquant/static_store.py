@@ -41,7 +41,7 @@ class StaticMode:
                           torch.zeros(b, dtype=torch.int32, device=dev), blocks)
         k, v = storage.packed(capacity=True)
         st.view = FusedKV(k, v, st.keys, st.values, s, kv_start=st.kv_start, kv_len=st.kv_len,
-                          window_valid=st.valid.expand(b, room), backend=storage.backend)
+                          window_valid=st.valid.expand(b, room), exact=storage.exact_blocks(), backend=storage.backend)
         self.window = st
 
     @property
@@ -63,7 +63,7 @@ class StaticMode:
     def advance(self) -> bool:
         """Host bookkeeping after one step: count the token and, when the window is full, compress its oldest
         block into the reserved buffers and shift the window down. False: that block kept exact rows, which
-        the static view cannot serve (the caller leaves static mode with `exit(drop=block_size)`)."""
+        the static view's fixed tensors cannot take in (the caller leaves static mode with `exit(drop=block_size)`)."""
         st, storage = self.window, self.storage
         cfg, sinks = storage.config, self.sink_tokens
         st.count += 1
@@ -73,9 +73,8 @@ class StaticMode:
             raise RuntimeError(f"the static store was made for {st.max_blocks} blocks and is full; call "
                                "make_static with more steps")
         cut, end = sinks + cfg.block_size, st.count
-        storage.compress(st.keys[:, :, sinks:cut].contiguous(), st.values[:, :, sinks:cut].contiguous())
-        if len(storage.blocks) != storage.buffered:  # the block kept exact rows: not in the packed buffers
-            return False
+        if storage.compress(st.keys[:, :, sinks:cut].contiguous(), st.values[:, :, sinks:cut].contiguous()):
+            return False  # the block kept exact rows, which this view's fixed tensors do not hold
         for t in (st.keys, st.values):  # the window moves down over the compressed block (same addresses)
             t[:, :, sinks:end - cfg.block_size] = t[:, :, cut:end].clone()
         st.count -= cfg.block_size

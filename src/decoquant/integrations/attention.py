@@ -47,7 +47,7 @@ def decoquant_attention_forward(module, query, key, value, attention_mask, dropo
         (kv_start, window_valid), kv_len = _validity(attention_mask, key, b), None
     out = decode_attention(query[:, :, 0], key.keys, key.values, scale, kv_start=kv_start, kv_len=kv_len,
                            window_k=key.window_keys, window_v=key.window_values, window_valid=window_valid,
-                           backend=key.backend)
+                           exact=key.exact, backend=key.backend)
     return out.to(query.dtype)[:, None], None  # [B, 1, Hq, D], no weights
 
 

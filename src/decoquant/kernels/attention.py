@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 
 from ..format import Backend, dequantize_problem
-from .layout import PackedKV
+from .layout import ExactBlocks, PackedKV
 from .reference import decode_attention_reference, dequantize_packed
 
 
@@ -23,16 +23,23 @@ def _whole_cache(batch: int, tokens: int, device: torch.device):
 def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                      kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
-                     window_valid: torch.Tensor | None = None, backend: str = "auto",
-                     **kernel_options) -> torch.Tensor:
+                     window_valid: torch.Tensor | None = None, exact: ExactBlocks | None = None,
+                     backend: str = "auto", **kernel_options) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
-    (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all). backend: "triton" (the
-    fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
+    (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all); exact: rows of blocks
+    stored exact (`ExactBlocks`): the kernel skips those blocks and their tokens join the window. backend:
+    "triton" (the fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
+    skip = None
+    if exact is not None:
+        window_k, window_v, window_valid = _join_exact(exact, k.block_size, kv_start, kv_len, window_k, window_v,
+                                                       window_valid)
+        skip = exact.skip
     if Backend.parse(backend).on(q.is_cuda) is Backend.TORCH:
-        return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid)
+        return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid,
+                                          skip)
     from .triton.decode_attention import decode_blocks_partials
     from .triton.merge import merge_with_window
 
@@ -42,8 +49,19 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
         kv_start = start if kv_start is None else kv_start
         kv_len = length if kv_len is None else kv_len
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
-                                      **kernel_options)
+                                      skip=skip, **kernel_options)
     return merge_with_window(q, o, m, l_, sm_scale, window_k, window_v, window_valid)
+
+
+def _join_exact(exact: ExactBlocks, block_size: int, kv_start, kv_len, window_k, window_v, window_valid):
+    """The window with the exact blocks' tokens appended (their order does not matter to attention)."""
+    ok = exact.valid(block_size, kv_start, kv_len)
+    if window_k is None:
+        return exact.keys, exact.values, ok
+    if window_valid is None:
+        window_valid = torch.ones(ok.shape[0], window_k.shape[2], dtype=torch.bool, device=ok.device)
+    return (torch.cat([window_k, exact.keys.to(window_k.dtype)], 2),
+            torch.cat([window_v, exact.values.to(window_v.dtype)], 2), torch.cat([window_valid.to(ok.device), ok], 1))
 
 
 def dequantize(p: PackedKV, dtype: torch.dtype = torch.float16, backend: str = "auto") -> torch.Tensor:

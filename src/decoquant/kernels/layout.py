@@ -11,6 +11,14 @@ read directly by the decode-attention kernels: tensors and integers only (which 
                                                (None): T_L = (codes - qmax) * s
     ts      fp16   [B, TS_H, NB, G, G]         T_S of each block (TS_H = 1: shared, or KVH)
 T = NB * block_size. Token t of head h decodes as x[t, c*G:(c+1)*G] = T_L[t, c*G:(c+1)*G] @ T_S[t // block_size].
+
+`ExactBlocks`: the rows of some blocks that are stored exact instead (their input was not finite). The kernels
+skip block n of batch row b where skip[b, n] is set; attention reads those rows' tokens exactly instead:
+
+    skip       int8   [B, NB']                 NB' >= the blocks read (a static view's whole capacity)
+    keys       like the input [B, KVH, E * block_size, D]   the E blocks' tokens, exact where skipped
+    values
+    positions  int32  [E * block_size]         each of those tokens' position among the compressed tokens
 """
 
 from __future__ import annotations
@@ -52,3 +60,22 @@ class PackedKV:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class ExactBlocks:
+    skip: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+    def valid(self, block_size: int, kv_start: torch.Tensor | None, kv_len: torch.Tensor | None) -> torch.Tensor:
+        """bool [B, E * block_size]: which of `keys` are attended (their row skips the block, and the position
+        lies in [kv_start, kv_len))."""
+        pos = self.positions.long()
+        ok = self.skip.index_select(1, pos // block_size).bool()
+        if kv_start is not None:
+            ok &= pos[None] >= kv_start[:, None]
+        if kv_len is not None:
+            ok &= pos[None] < kv_len[:, None]
+        return ok

@@ -46,11 +46,13 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                                kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
                                window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
-                               window_valid: torch.Tensor | None = None) -> torch.Tensor:
+                               window_valid: torch.Tensor | None = None,
+                               skip: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step over [compressed blocks | fp16 window].
 
     q [B, Hq, D]; k, v: PackedKV of T compressed tokens; kv_start/kv_len int [B]: compressed tokens
-    t with kv_start <= t < kv_len are attended (left padding, per-sequence lengths);
+    t with kv_start <= t < kv_len are attended (left padding, per-sequence lengths); skip int [B, NB'] (NB' >=
+    the blocks): block n of row b is not attended where skip[b, n] is set (its rows are stored exact);
     window_k/v [B, KVH, W, D] exact recent tokens, window_valid bool [B, W] which of them are
     attended (default: all). Returns fp32 [B, Hq, D].
     """
@@ -62,6 +64,8 @@ def decode_attention_reference(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_sca
         valid &= pos >= kv_start[:, None]
     if kv_len is not None:
         valid &= pos < kv_len[:, None]
+    if skip is not None:
+        valid &= ~skip[:, : t // k.block_size].bool().repeat_interleave(k.block_size, 1)
     if window_k is not None:
         keys = torch.cat([keys, window_k.float()], dim=2)
         values = torch.cat([values, window_v.float()], dim=2)

@@ -114,7 +114,8 @@ def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constex
 
 @triton.jit
 def _decode_blocks_kernel(
-    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, O, M, L,
+    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, SKIP, O, M, L,
+    stride_skb,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kch, stride_kct,
     stride_ksb, stride_ksh, stride_ksg,
@@ -129,7 +130,7 @@ def _decode_blocks_kernel(
     G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
-    USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr,
+    USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -157,6 +158,10 @@ def _decode_blocks_kernel(
     first = split * per_split
     for blk in tl.range(first, tl.minimum(first + per_split, blocks), num_stages=NUM_STAGES):
         t0 = blk * BLOCK
+        if HAS_SKIP:  # a block whose row is stored exact (attended with the window instead)
+            end = tl.where(tl.load(SKIP + b * stride_skb + blk) != 0, 0, length)
+        else:
+            end = length
         ts_off = gi[:, None] * G + gi[None, :]
         ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off).to(tl.float32)
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
@@ -173,7 +178,7 @@ def _decode_blocks_kernel(
         a3 = tl.zeros([GROUP_PAD, D // P], tl.float32)
         for j in tl.static_range(BLOCK // TILE):
             toks = t0 + j * TILE + tl.arange(0, TILE)
-            ok = (toks >= start) & (toks < length)
+            ok = (toks >= start) & (toks < end)
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
                          mask=ok[:, None], other=0)  # [TILE, D / P] uint8
             k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
@@ -264,10 +269,11 @@ def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
                            tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                           low_precision: bool = True, kernel: str = "auto"):
+                           low_precision: bool = True, kernel: str = "auto", skip: torch.Tensor | None = None):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
+    skip: int8 [B, NB'] or None; block n of row b is not attended where skip[b, n] != 0 (`layout.ExactBlocks`).
     low_precision: fp16 tensor-core dots (codes are exact; the query transform and p * s_v are
     rounded; the rows kernel rounds them to int16 per block), else fp32 (tf32) dots (mma kernel).
     tile: tokens per step of the mma kernel (default 128; keys with per-channel scales use tiles of
@@ -288,7 +294,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         # within 3% of each other, 4 splits 30% slower)
         splits = num_splits or _num_splits(b * kvh, k.tokens // k.block_size, q.device, per_sm=16)
         return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, num_warps=num_warps or 1,
-                                    num_stages=num_stages or 1)
+                                    num_stages=num_stages or 1, skip=skip)
     num_warps, num_stages = num_warps or 4, num_stages or 3
     if k.bits not in (2, 4, 8) or v.bits != k.bits:
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
@@ -314,7 +320,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     use_asm = q.is_cuda and low_precision  # PTX on the GPU; the interpreter runs _plane
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * kvh, splits)](
-        q, k.codes, k.scales, kz, kt, v.codes, v.scales, vz, vt, kv_start, kv_len, o, m, l_,
+        q, k.codes, k.scales, kz, kt, v.codes, v.scales, vz, vt, kv_start, kv_len,
+        kv_len if skip is None else skip, o, m, l_, 0 if skip is None else skip.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
         k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
@@ -330,6 +337,6 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=convert_asm(v.bits, v.qmax)
-        if use_asm else "", num_warps=num_warps,
+        if use_asm else "", HAS_SKIP=skip is not None, num_warps=num_warps,
     )
     return o, m, l_

@@ -186,7 +186,8 @@ def _value_step(vc, wbuf, t, t_rel, length, a0, a1, a2, a3, a4, a5, a6, a7, a8, 
 
 @triton.jit(do_not_specialize=["VC"])  # VC: 4-byte value loads, one word per lane
 def _decode_rows_kernel(
-    Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, O, M, L, SCRATCH,
+    Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, SKIP, O, M, L, SCRATCH,
+    stride_skb,
     stride_qb, stride_qh, stride_qd,
     stride_ktb, stride_kth, stride_ktn,
     stride_kcb, stride_kch,
@@ -200,7 +201,7 @@ def _decode_rows_kernel(
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HAS_SKIP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -247,7 +248,10 @@ def _decode_rows_kernel(
     for blk in tl.range(first, end, num_stages=NUM_STAGES):
         ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         toks = blk * BLOCK + rel
-        ok = (toks >= start) & (toks < length)
+        if HAS_SKIP:  # a block whose row is stored exact (attended with the window instead)
+            ok = (toks >= start) & (toks < tl.where(tl.load(SKIP + b * stride_skb + blk) != 0, 0, length))
+        else:
+            ok = (toks >= start) & (toks < length)
         tl.debug_barrier()  # the previous block's key steps have read the query rows
         _store_query_rows(qbuf, q_ptr, stride_qd, KT + b * stride_ktb + h * stride_kth + blk * stride_ktn,
                           ks_ptr + blk * (BLOCK // QG) * stride_ksg, kz_ptr + blk * (BLOCK // QG) * stride_ksg,
@@ -327,12 +331,13 @@ def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool)
 
 
 def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int, num_warps: int = 1,
-                         num_stages: int = 1, maxnreg: int | None = None):
+                         num_stages: int = 1, maxnreg: int | None = None, skip: torch.Tensor | None = None):
     """Partial attention of q [B, H, D] (one query row per kv head) over the compressed tokens of k/v
     (PackedKV, see rows_kernel_supports), split-K over `splits` programs per sequence.
 
     maxnreg: registers per thread (default: 128 at 2 bits, the compiler's choice at 4; H100, batch 8 x 32
     heads x 32k, kernel alone: 2-bit 278 -> 239 us at 128; 4-bit 404 us unbounded, 409 at 192, 467 at 128).
+    skip: int8 [B, NB'] or None, blocks not attended (see decode_blocks_partials).
     Returns (o [B, H, S, D] fp32 unnormalised, m [B, H, S], l [B, H, S]) like decode_blocks_partials.
     """
     b, hq, d = q.shape
@@ -351,7 +356,8 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     vz = v.zeros if v.zeros is not None else v.scales
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
     _decode_rows_kernel[(b * hq, splits)](
-        q, k.ts, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len, o, m, l_, scratch,
+        q, k.ts, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len,
+        kv_len if skip is None else skip, o, m, l_, scratch, 0 if skip is None else skip.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.ts.stride(0), head_stride(k.ts), k.ts.stride(2),
         codes[0].stride(0), codes[0].stride(1),
@@ -365,6 +371,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         K_ASM=dot_asm(k.bits), V_ASM=axpy_asm(v.bits), USE_ASM=q.is_cuda,
-        NUM_STAGES=num_stages, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
+        NUM_STAGES=num_stages, HAS_SKIP=skip is not None, num_warps=num_warps,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return o, m, l_
