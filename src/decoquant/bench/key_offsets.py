@@ -109,10 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    from ..cli.common import _progress
+    from ..progress import progress as progress_bar
 
     rows = run(args.layers, [float(n) for n in args.bias_norm.split(",")], [int(b) for b in args.bits.split(",")],
-               args.tokens, progress=_progress)
+               args.tokens, progress=progress_bar)
     print(_markdown(rows))
     if args.json:
         with open(args.json, "w") as f:

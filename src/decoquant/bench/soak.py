@@ -99,9 +99,9 @@ def soak(model, tok, bits: int, tokens: int, every: int, prompt_tokens: int = 25
     rows, start, t0 = [], None, time.time()
     bar = None
     if progress:
-        from ..cli.common import _progress
+        from ..progress import progress as progress_bar
 
-        bar = _progress(range(tokens - ids.shape[1]), desc=f"soak {bits}-bit", total=tokens - ids.shape[1])
+        bar = progress_bar(range(tokens - ids.shape[1]), desc=f"soak {bits}-bit", total=tokens - ids.shape[1])
         bar = bar if hasattr(bar, "update") else None  # no tqdm: no bar
     with torch.no_grad():
         out = model(ids, use_cache=True, **cache_kwargs(cache))

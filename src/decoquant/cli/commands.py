@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ..config import BITS, METHODS
-from .common import _args_dict, _load_model, _parse_list, _progress, _run_perplexities, _text
+from ..progress import progress
+from .common import _args_dict, _load_model, _parse_list, _run_perplexities, _text
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
@@ -27,7 +28,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     kv = capture_kv(model, ids)
     configs = [DecoQuantConfig(method=m, bits=b, preset="paper" if m == "decoquant" else None)
                for b in bits for m in methods]
-    rows = [evaluate_config(kv, c) for c in _progress(configs, "codecs")]
+    rows = [evaluate_config(kv, c) for c in progress(configs, "codecs")]
     layers, (k0, _) = len(kv), kv[0]
     header = (f"Reconstruction of real post-RoPE KV: {args.model}, {ids.shape[1]} tokens, {layers} layers, "
               f"{k0.shape[1]} kv heads x head_dim {k0.shape[3]} (mean relative Frobenius error over layers)")
@@ -81,7 +82,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
     base, points = run_sweep(model, ids, configs, args.window, args.chunk, args.max_windows,
-                             progress=lambda it: _progress(it, "windows x settings"))
+                             progress=lambda it: progress(it, "windows x settings"))
     lambada_note = ""
     if args.lambada_limit:
         from ..eval.data import lambada_passages
@@ -89,7 +90,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from ..eval.sweep import add_lambada
 
         items = lambada_items(tok, lambada_passages(args.data_dir, "paper")[:args.lambada_limit], "paper")
-        acc = add_lambada(model, items, points, progress=lambda it: _progress(it, "lambada"))
+        acc = add_lambada(model, items, points, progress=lambda it: progress(it, "lambada"))
         lambada_note = (f" LAMBADA delta = last-token accuracy on the first {len(items)} validation passages minus "
                         f"fp16's ({100 * acc:.1f}%), in points; k_proj/v_proj outputs fake-quantized over each "
                         "passage (the paper's protocol, group layout, no window or sinks).")
@@ -144,7 +145,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
     base = run(model)
     rows = [{"weights": "fp16", "perplexity": base.perplexity, "delta_pct": 0.0, "memory": None}]
     for b in bits:
-        for method in _progress(methods, f"{b}-bit weights"):
+        for method in progress(methods, f"{b}-bit weights"):
             model, _ = _load_model(args)  # a fresh copy: quantization is in place
             base_method, _, variant = method.partition("-")
             symmetric = default_symmetric(base_method) if not variant else variant == "sym"

@@ -1,23 +1,15 @@
-"""Shared pieces of the `decoquant` commands: argument groups, list parsing, progress bars,
-configs per method, the text source and the perplexity runs."""
+"""Shared pieces of the `decoquant` commands: argument groups, list parsing, the text source and the
+perplexity runs (configs per method: `eval.job`)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import BITS, METHODS
+from ..eval.job import method_configs, perplexities
 
 CACHE_METHODS = tuple(m for m in METHODS if m != "none")  # what --methods takes besides fp16
 DEFAULT_METHODS = "fp16,rtn,kivi,rotation,decoquant"  # the main job's caches (turboquant on request)
-
-
-def _progress(iterable, desc: str, total: int | None = None):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False)
 
 
 def _parse_list(text: str, allowed, cast=str) -> list:
@@ -64,34 +56,12 @@ def _presets(args: argparse.Namespace) -> list[str]:
     return _parse_list(args.preset, PRESET_CHOICES)
 
 
-def _method_configs(methods: list[str], bits: list[int], fields: dict, presets: list[str] = ("paper",)) -> list:
-    """fp16 (None = transformers' DynamicCache) and one config per method and bit width (DecoQuant:
-    one per preset)."""
-    from ..config import DecoQuantConfig
-
-    out = [None] if "fp16" in methods else []
-    for b in bits:
-        for m in methods:
-            if m == "fp16":
-                continue
-            for extra in ([{"preset": p} for p in presets] if m == "decoquant" else [{}]):
-                out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
-    return out
-
-
 def _text(args) -> tuple[str, str]:
     """(source name, text); checked before the model loads so a bad data folder fails fast."""
     from ..eval.text import load_text
 
     source = "wikitext2" if args.data_dir else "gensim-wiki"
     return source, load_text(source, args.data_dir)
-
-
-def _perplexities(model, ids, args, configs) -> list:
-    from ..eval.perplexity import perplexities
-
-    return perplexities(model, ids, configs, window=args.window, chunk=args.chunk, max_windows=args.max_windows,
-                        progress=lambda it: _progress(it, "windows x caches"))
 
 
 def _cache_fields(args) -> dict:
@@ -102,11 +72,11 @@ def _run_perplexities(args: argparse.Namespace):
     """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
-    configs = _method_configs(methods, bits, _cache_fields(args), _presets(args))
+    configs = method_configs(methods, bits, _cache_fields(args), _presets(args))
     source, text = _text(args)
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
-    return configs, source, model, ids, _perplexities(model, ids, args, configs)
+    return configs, source, model, ids, perplexities(model, ids, configs, args.window, args.chunk, args.max_windows)
 
 
 
