@@ -80,3 +80,16 @@ def smollm2_kv(smollm2):
 @pytest.fixture(scope="session")
 def gemma3():
     return real_model("gemma3-270m")
+
+
+def tiny_llama(kv_heads: int, device="cpu", dtype=torch.float32, layers: int = 2):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=512,
+                                   max_position_embeddings=1024)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # larger weights than the default init: logits with clear winners
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() == 2 else 1.0)
+    return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import decoquant as dq
-from test_graph_decode import tiny_llama
+from conftest import tiny_llama
 from decoquant.integrations.transformers import cache_kwargs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
