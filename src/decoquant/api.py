@@ -32,14 +32,14 @@ def _validate(x: torch.Tensor, config: DecoQuantConfig, kind: str) -> None:
 def _encode(x: torch.Tensor, config: DecoQuantConfig, kind: str, backend: str) -> tuple[Encoded, torch.Tensor]:
     """Encode x with non-finite rows zeroed (or flagged by the GPU kernels themselves, which read x once);
     returns the encoding and the exact-row mask [B]."""
-    b = x.shape[0]
+    b, spec = x.shape[0], config.spec(kind)
     codec = get_codec(config.method)
-    if codec.uses_kernels(x, config, kind, backend):  # the route, decided once (format.KVFormat.compress_problem)
-        enc = codec.encode_kernels([x], config, [kind])[0]  # they flag non-finite inputs and parameters
+    if codec.uses_kernels(x, spec, backend):  # the route, decided once (format.compress_problem)
+        enc = codec.encode_kernels([x], [spec])[0]  # they flag non-finite inputs and parameters
         return enc, enc.unsafe
     finite = torch.isfinite(x).reshape(b, -1).all(1)
     clean = torch.where(finite[:, None, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    enc = codec.encode(clean, config, kind)
+    enc = codec.encode(clean, spec)
     mask = ~finite if enc.unsafe is None else ~finite | enc.unsafe
     for p in enc.params.values():  # e.g. an fp16 scale that overflowed
         mask = mask | ~torch.isfinite(p.float()).reshape(b, -1).all(1)
@@ -107,8 +107,9 @@ def compress_kv_deferred(keys: torch.Tensor, values: torch.Tensor, config: DecoQ
     _validate(values, config, "value")
     codec = get_codec(config.method) if config.method != "none" else None
     if codec is not None and keys.shape == values.shape:
-        if codec.uses_kernels(keys, config, "key", backend) and codec.uses_kernels(values, config, "value", backend):
-            encs = codec.encode_kernels([keys.detach(), values.detach()], config, ["key", "value"])
+        specs = [config.spec("key"), config.spec("value")]
+        if codec.uses_kernels(keys, specs[0], backend) and codec.uses_kernels(values, specs[1], backend):
+            encs = codec.encode_kernels([keys.detach(), values.detach()], specs)
             ck, cv = (_stored(x, e, e.unsafe, False, config, kind)
                       for x, e, kind in zip((keys, values), encs, ("key", "value")))
             return ck, cv, (encs[0].unsafe | encs[1].unsafe).any()
@@ -131,7 +132,7 @@ def decompress(c: CompressedKV) -> torch.Tensor:
     if c.config.method == "none":
         return c.exact_values.clone()
     enc = Encoded(unpack_codes(c.codes, c.config.bits, c.n_codes), c.params)
-    decoded = get_codec(c.config.method).decode(enc, c.config, c.kind, c.shape)
+    decoded = get_codec(c.config.method).decode(enc, c.config.spec(c.kind), c.shape)
     return _restore(decoded, c.exact_mask, c.exact_values, c.dtype)
 
 
@@ -144,6 +145,6 @@ def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key", b
     enc, mask = _encode(x.detach(), config, kind, backend)
     if enc.packed:
         enc.codes = unpack_codes(enc.codes, config.bits, x.shape[-1])
-    decoded = get_codec(config.method).decode(enc, config, kind, tuple(x.shape))
+    decoded = get_codec(config.method).decode(enc, config.spec(kind), tuple(x.shape))
     exact = x.detach()[mask] if bool(mask.any()) else None
     return _restore(decoded, mask, exact, x.dtype)

@@ -23,10 +23,9 @@ def pack_blocks(blocks: Sequence[CompressedKV], check_exact: bool = True) -> Pac
     if check_exact and any(c.num_exact for c in blocks):
         raise ValueError("blocks with exact rows cannot be read by the fused kernels")
     b, h, t, d = blocks[0].shape
-    g = cfg.group_size
-    channel = cfg.granularity(kind) == "channel"
-    cg = cfg.quant_group_size if channel else 0
-    shape = (lambda: (b, h, t // cg, d)) if channel else (lambda: (b, -1, t))
+    spec = cfg.spec(kind)
+    g, cg = spec.group_size, spec.channel_group
+    shape = (lambda: (b, h, t // cg, d)) if cg else (lambda: (b, -1, t))
     cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, dim=2)  # noqa: E731
     codes = cat([c.codes for c in blocks])
     scales = cat([c.params["scale"].reshape(shape()) for c in blocks])
@@ -34,7 +33,7 @@ def pack_blocks(blocks: Sequence[CompressedKV], check_exact: bool = True) -> Pac
     if "zero" in blocks[0].params:
         zeros = cat([c.params["zero"].reshape(shape()) for c in blocks])
     ts = torch.stack([c.params["site2"].reshape(b, -1, g, g) for c in blocks], dim=2)
-    return PackedKV(codes, scales, ts, cfg.bits, t, g, zeros, cg)
+    return PackedKV(codes, scales, ts, spec.bits, t, g, zeros, cg)
 
 
 class PackedKVBuffer:

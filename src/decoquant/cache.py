@@ -29,9 +29,8 @@ from .storage import BlockStorage
 
 
 def exact_capacity(config: DecoQuantConfig) -> int:
-    """The most tokens a fresh, unpadded store holds before its first block is compressed (everything it
-    answers attention with up to then is exact): the sinks, the window and one token short of a block."""
-    return config.sink_tokens + config.residual_length + config.block_size - 1
+    """`spec.Streaming.exact_capacity` of the config."""
+    return config.streaming.exact_capacity
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -63,6 +62,7 @@ class CompressedKVStore:
         if fused:
             KVFormat.of(config).require_fused("fused attention")
         self.config = config
+        self.stream = config.streaming  # block_size, residual_length, sink_tokens
         self.fused = fused
         self.backend = backend
         self.storage = BlockStorage(config, fused, backend, keep_decoded)
@@ -70,7 +70,7 @@ class CompressedKVStore:
         self.window_keys = self.window_values = None
         self.length = 0
         self.dtype = None  # of the keys and values appended
-        self.exact_prefix = config.sink_tokens  # sinks, plus a padded batch's leading pads (set_padding)
+        self.exact_prefix = self.stream.sink_tokens  # sinks, plus a padded batch's leading pads (set_padding)
         self._static: StaticMode | None = None
         self._pending = False
         self._event = None  # of a pending compression: the main stream's work it waits for
@@ -167,11 +167,11 @@ class CompressedKVStore:
         """Full blocks of the window to compress (past the `residual_length` newest tokens)."""
         if self.window_keys is None:
             return 0
-        return max(0, (self.window_keys.shape[-2] - self.config.residual_length) // self.config.block_size)
+        return max(0, (self.window_keys.shape[-2] - self.stream.residual_length) // self.stream.block_size)
 
     def _flush(self) -> None:
         """Compress the oldest full blocks of the window, keeping `residual_length` tokens exact."""
-        cut = self._due() * self.config.block_size
+        cut = self._due() * self.stream.block_size
         if cut == 0:
             return
         self.storage.compress(self.window_keys[..., :cut, :], self.window_values[..., :cut, :])
@@ -232,7 +232,7 @@ class CompressedKVStore:
         self.length += 1
         if self._static.advance():
             return True
-        self._leave_static(drop=self.config.block_size)
+        self._leave_static(drop=self.stream.block_size)
         return False
 
     def leave_static(self) -> None:

@@ -2,14 +2,21 @@
 
 `DecoQuantConfig` is a frozen dataclass: construct it, it validates itself, and every bad value
 raises a `ValueError` that names the field and the allowed values. `preset="paper"` pins the
-settings of the paper's memory-saving ("group") experiments exactly.
+settings of the paper's memory-saving ("group") experiments exactly; `DecoQuantConfig.paper(...)` and the
+other named constructors say the same. It splits into what the codec does to keys and to values
+(`spec("key")`, `spec("value")`: `spec.KindSpec`) and how the cache streams (`streaming`: `spec.Streaming`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+
+from .presets import preset_fields
+from .spec import KindSpec, Streaming
+from .spec import site_factors as _site_factors
 
 METHODS = ("decoquant", "rtn", "kivi", "rotation", "turboquant", "none")
 BITS = (2, 3, 4, 8)
@@ -23,6 +30,9 @@ TS_SHARING = ("layer", "head")
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
 PRESETS = (None, "paper", "kv-split", "channel64-token")
+# the scale granularity of each method's keys and values (DecoQuant's: its fields)
+METHOD_GRANULARITY = {"rtn": ("token", "token"), "kivi": ("channel", "group"), "rotation": ("token_head",) * 2,
+                      "turboquant": ("token_head",) * 2, "none": ("token", "token")}
 
 
 class _Unset:
@@ -148,9 +158,38 @@ class DecoQuantConfig:
                 f"group_size={self.group_size} cannot be split into {self.num_sites - 1} factors >= 2 "
                 f"for num_sites={self.num_sites}; use a group_size with enough prime factors (e.g. 16)")
 
+    # ------------------------------------------------------------------ named presets
+    @classmethod
+    def paper(cls, bits: int = 4, **fields: Any) -> "DecoQuantConfig":
+        """DecoQuant's published recipe (`preset="paper"`); a field it pins given otherwise is a ValueError."""
+        return cls(method="decoquant", bits=bits, preset="paper", **fields)
+
+    @classmethod
+    def channel64_token(cls, bits: int = 4, **fields: Any) -> "DecoQuantConfig":
+        """The quality-per-bit frontier's choice (`preset="channel64-token"`), the cache's default recipe."""
+        return cls(method="decoquant", bits=bits, preset="channel64-token", **fields)
+
+    @classmethod
+    def kv_split(cls, bits: int = 4, **fields: Any) -> "DecoQuantConfig":
+        """KIVI's key/value split over DecoQuant's T_L (`preset="kv-split"`)."""
+        return cls(method="decoquant", bits=bits, preset="kv-split", **fields)
+
+    # ------------------------------------------------------------------ the two halves
+    def spec(self, kind: str) -> KindSpec:
+        """What the codec does to `kind` ("key" or "value"), resolved (derived once per config and kind)."""
+        _choice("kind", kind, KINDS)
+        return _kind_spec(self, kind)
+
+    @property
+    def streaming(self) -> Streaming:
+        """How a cache streams blocks of this config."""
+        return Streaming(self.block_size, self.residual_length, self.sink_tokens)
+
     # ------------------------------------------------------------------ helpers
     def granularity(self, kind: str) -> str:
-        """The scale granularity used for `kind` ("key" or "value")."""
+        """The scale granularity used for `kind` ("key" or "value"): the method's own, or DecoQuant's fields."""
+        if self.method != "decoquant":
+            return METHOD_GRANULARITY[self.method][kind == "value"]
         if kind == "value" and self.value_scale_granularity is not None:
             return self.value_scale_granularity
         return self.scale_granularity
@@ -240,37 +279,11 @@ class DecoQuantConfig:
                     "(channel groups of values)")
 
 
-def preset_fields(preset: str, block_size: int) -> dict[str, Any]:
-    """The fields a preset pins (see `DecoQuantConfig.preset`)."""
-    if preset == "paper":
-        return dict(group_size=16, ts_sharing="layer", scale_granularity="token", value_scale_granularity=None,
-                    symmetric=True, num_sites=2)
-    if preset == "kv-split":
-        return dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
-                    value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
-                    quant_group_size=block_size)
-    # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md)
-    return dict(group_size=16, ts_sharing="layer", scale_granularity="channel", value_scale_granularity="token",
-                symmetric=False, num_sites=2, layout="group", quant_group_size=64)
-
-
 FIELDS = tuple(f.name for f in dataclasses.fields(DecoQuantConfig))
 
 
-def _site_factors(g: int, n_sites: int) -> tuple[int, ...] | None:
-    """Split g into n_sites - 1 factors >= 2 as evenly as possible (None if impossible)."""
-    need = n_sites - 1
-    if need == 1:
-        return (g,)
-    primes, rest, p = [], g, 2
-    while rest > 1:
-        while rest % p == 0:
-            primes.append(p)
-            rest //= p
-        p += 1
-    if len(primes) < need:
-        return None
-    factors = [1] * need
-    for prime in sorted(primes, reverse=True):
-        factors[factors.index(min(factors))] *= prime
-    return tuple(sorted(factors, reverse=True))
+@lru_cache(maxsize=512)
+def _kind_spec(config: DecoQuantConfig, kind: str) -> KindSpec:
+    return KindSpec(config.method, kind, config.bits, config.granularity(kind), config.quant_group_size,
+                    config.is_symmetric, config.group_size, config.ts_sharing, config.num_sites, config.site_factors,
+                    config.layout, config.rotation_seed, config.label())

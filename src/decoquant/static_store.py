@@ -18,16 +18,16 @@ class StaticMode:
     buffers have room for `steps` more single-token steps."""
 
     def __init__(self, storage: BlockStorage, sinks: tuple | None, window: tuple, steps: int):
-        cfg = storage.config
+        stream = storage.config.streaming
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.storage = storage
         b, h, w, d = window[0].shape
         # blocks the steps will add: the window compresses a block whenever it reaches residual + block tokens
-        blocks = storage.buffered + max(0, (w + steps - cfg.residual_length) // cfg.block_size)
+        blocks = storage.buffered + max(0, (w + steps - stream.residual_length) // stream.block_size)
         storage.reserve(blocks, window[0])
         s = 0 if sinks is None else sinks[0].shape[-2]
-        room = s + cfg.residual_length + cfg.block_size
+        room = s + stream.residual_length + stream.block_size
         exact = []
         for i in (0, 1):
             t = window[0].new_zeros(b, h, room, d)
@@ -65,19 +65,19 @@ class StaticMode:
         block into the reserved buffers and shift the window down. False: that block kept exact rows, which
         the static view's fixed tensors cannot take in (the caller leaves static mode with `exit(drop=block_size)`)."""
         st, storage = self.window, self.storage
-        cfg, sinks = storage.config, self.sink_tokens
+        stream, sinks = storage.config.streaming, self.sink_tokens
         st.count += 1
-        if st.count - sinks < cfg.residual_length + cfg.block_size:
+        if st.count - sinks < stream.residual_length + stream.block_size:
             return True
         if storage.buffered >= st.max_blocks:
             raise RuntimeError(f"the static store was made for {st.max_blocks} blocks and is full; call "
                                "make_static with more steps")
-        cut, end = sinks + cfg.block_size, st.count
+        cut, end = sinks + stream.block_size, st.count
         if storage.compress(st.keys[:, :, sinks:cut].contiguous(), st.values[:, :, sinks:cut].contiguous()):
             return False  # the block kept exact rows, which this view's fixed tensors do not hold
         for t in (st.keys, st.values):  # the window moves down over the compressed block (same addresses)
-            t[:, :, sinks:end - cfg.block_size] = t[:, :, cut:end].clone()
-        st.count -= cfg.block_size
+            t[:, :, sinks:end - stream.block_size] = t[:, :, cut:end].clone()
+        st.count -= stream.block_size
         st.pos.fill_(st.count)
         torch.lt(st.positions, st.pos, out=st.valid[0])
         st.kv_len.fill_(storage.buffers[0].tokens)

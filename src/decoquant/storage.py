@@ -32,7 +32,7 @@ class BlockStorage:
     kernel they meet (`format.Backend`); keep_decoded: keep their decoded form between reads (`DecodedHistory`)."""
 
     def __init__(self, config, fused: bool, backend: Backend, keep_decoded: bool):
-        self.config, self.backend = config, backend
+        self.config, self.backend, self.block_size = config, backend, config.block_size
         self.buffers = (PackedKVBuffer(), PackedKVBuffer()) if fused else None
         self.blocks: list[Block] = []
         self.exact: dict[int, ExactRows] = {}  # fused: block index -> its rows stored exact
@@ -48,7 +48,7 @@ class BlockStorage:
     @property
     def all_buffered(self) -> bool:
         """Blocks that the kernels read in place: fused, and none shortened by a crop; O(1), no sync."""
-        return self.buffers is not None and bool(self.blocks) and self.blocks[-1].length == self.config.block_size
+        return self.buffers is not None and bool(self.blocks) and self.blocks[-1].length == self.block_size
 
     def exact_blocks(self) -> ExactBlocks | None:
         """The rows stored exact, for the kernels (None without any); the skip mask spans the buffers' capacity."""
@@ -56,7 +56,7 @@ class BlockStorage:
             return None
         key = (self.buffers[0].ts.shape[2], tuple(self.exact))
         if self._exact_view is None or self._exact_view[0] != key:
-            size, (b, h, _, d) = self.config.block_size, self.shape
+            size, (b, h, _, d) = self.block_size, self.shape
             recs = sorted(self.exact.items())
             rec = recs[0][1]
             skip = torch.zeros(b, key[0], dtype=torch.int8, device=rec.mask.device)
@@ -80,7 +80,7 @@ class BlockStorage:
         if self.all_buffered:  # one dequantize kernel per buffer instead of one decode per block
             k, v = self.packed()
             k, v = dequantize(k, dtype, self.backend), dequantize(v, dtype, self.backend)
-            size = self.config.block_size
+            size = self.block_size
             for i, r in self.exact.items():
                 k[r.mask, :, i * size:(i + 1) * size] = r.keys.to(dtype)
                 v[r.mask, :, i * size:(i + 1) * size] = r.values.to(dtype)
@@ -97,7 +97,7 @@ class BlockStorage:
         exact rows. Blocks due together (a prefill) are compressed a few at a time folded into the batch dim (at
         most COMPRESS_ELEMENTS each); every codec works per batch row, so this equals compressing them one by
         one."""
-        size = self.config.block_size
+        size = self.block_size
         b, h, t, d = keys.shape
         n, per_call = t // size, max(1, COMPRESS_ELEMENTS // (b * h * size * d))  # bounds the transient memory
         exact = 0
@@ -111,15 +111,14 @@ class BlockStorage:
         """Compress n blocks folded into the batch dim ([n * b, H, S, D], block-major) and store them; returns
         how many keep exact rows. A fused storage queues the copies into its packed buffers before the one host
         sync (whether any row must stay exact), so the GPU has work while the host waits."""
-        cfg = self.config
-        ck, cv, any_exact = compress_kv_deferred(ks, vs, cfg, self.backend)
+        ck, cv, any_exact = compress_kv_deferred(ks, vs, self.config, self.backend)
         if self.buffers is None:
             if bool(any_exact):
                 ck, cv = with_exact_rows(ck, ks), with_exact_rows(cv, vs)
             for i in range(n):
                 rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
                 self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
-                                         cv if n == 1 else select_batch(cv, rows), cfg.block_size,
+                                         cv if n == 1 else select_batch(cv, rows), self.block_size,
                                          _fallback_rows(ck, cv, i, b)))
             return int(sum(self.blocks[-n + i].exact for i in range(n))) if bool(any_exact) else 0
         # the packed buffers take all n blocks at once; the blocks become views into them
@@ -136,7 +135,7 @@ class BlockStorage:
             kept = self._keep_exact(mask, ks, vs, first, n, b)
             ck, cv = (replace(c, fallback_mask=None if c.fallback_mask is None else c.fallback_mask & ~mask)
                       for c in (ck, cv))
-        self.blocks += [Block(None, None, cfg.block_size, _fallback_rows(ck, cv, i, b)) for i in range(n)]
+        self.blocks += [Block(None, None, self.block_size, _fallback_rows(ck, cv, i, b)) for i in range(n)]
         # only a regrown buffer moves the older blocks; otherwise only the new ones need views (a decode
         # step that compresses a block stays O(1) in the number of blocks)
         self.repoint(0 if regrown else first)
@@ -162,12 +161,12 @@ class BlockStorage:
         if self.buffers[0].codes is None:
             b, h, _, d = like.shape
             gen = torch.Generator(device=like.device).manual_seed(0)
-            x = torch.randn(b, h, self.config.block_size, d, generator=gen, device=like.device).to(like.dtype)
+            x = torch.randn(b, h, self.block_size, d, generator=gen, device=like.device).to(like.dtype)
             for buf, kind in zip(self.buffers, ("key", "value")):
                 buf.append(compress(x, self.config, kind, self.backend))
                 buf.truncate(0)
         for buf in self.buffers:
-            buf.reserve(blocks * self.config.block_size)
+            buf.reserve(blocks * self.block_size)
         self.repoint()  # blocks whose views were read still point into the old buffers (and keep them alive)
 
     def repoint(self, first: int = 0) -> None:

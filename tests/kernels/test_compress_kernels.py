@@ -150,12 +150,13 @@ def test_kernel_route_reconstructs_like_the_torch_route(fields):
     cfg = _config(**fields)
     x = kv(3, 2, 128, 64, torch.float16, seed=5)
     for kind in ("key", "value"):
-        assert codec.CODEC.uses_kernels(x, cfg, kind, "triton") and not codec.CODEC.uses_kernels(x, cfg, kind, "torch")
-        fast = codec.encode_kernels([x], cfg, [kind])[0]
-        slow = codec.encode(x, cfg, kind)
+        spec = cfg.spec(kind)
+        assert codec.CODEC.uses_kernels(x, spec, "triton") and not codec.CODEC.uses_kernels(x, spec, "torch")
+        fast = codec.encode_kernels([x], [spec])[0]
+        slow = codec.encode(x, spec)
         assert fast.packed and not slow.packed and not fast.unsafe.any()
         fast.codes = unpack_codes(fast.codes, cfg.bits, 64)
-        err = [float((codec.decode(e, cfg, kind, x.shape) - x.float()).norm() / x.float().norm())
+        err = [float((codec.decode(e, spec, x.shape) - x.float()).norm() / x.float().norm())
                for e in (fast, slow)]
         assert err[0] < 1.1 * err[1] + 1e-3, err
 

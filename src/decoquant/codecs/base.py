@@ -1,13 +1,14 @@
 """The small interface every codec implements, and the unpacked form it produces.
 
-A codec is a module whose `CODEC` is a `Codec` of two pure torch functions:
+A codec is a module whose `CODEC` is a `Codec` of two pure torch functions of one kind's recipe (`spec`: a
+`spec.KindSpec`, from `DecoQuantConfig.spec(kind)`; a codec reads nothing else):
 
-    encode(x, config, kind) -> Encoded     x: float [batch, kv_heads, tokens, head_dim]
-    decode(enc, config, kind, shape) -> Tensor    float32 [batch, kv_heads, tokens, head_dim]
+    encode(x, spec) -> Encoded     x: float [batch, kv_heads, tokens, head_dim]
+    decode(enc, spec, shape) -> Tensor    float32 [batch, kv_heads, tokens, head_dim]
 
-and, for a codec with GPU kernels, its fast path: `uses_kernels(x, config, kind, backend)` (decided once per
-tensor by the caller, `api`) and `encode_kernels(xs, config, kinds)`. A codec without kernels answers False,
-and refuses backend="triton".
+and, for a codec with GPU kernels, its fast path: `uses_kernels(x, spec, backend)` (decided once per tensor by
+the caller, `api`) and `encode_kernels(xs, specs)`. A codec without kernels answers False, and refuses
+backend="triton".
 
 `Encoded.codes` are unsigned integer codes (uint8, one per element of whatever tensor the codec
 quantizes, last dim = the dim that gets packed; or already packed, `packed`); `params` are the fp16
@@ -49,12 +50,12 @@ def from_qtensor(q: QTensor, **extra: torch.Tensor) -> Encoded:
 @dataclass(frozen=True)
 class Codec:
     method: str
-    encode: Callable[..., Encoded]  # (x, config, kind): the torch route, on any device
-    decode: Callable[..., torch.Tensor]  # (enc, config, kind, shape)
-    kernel_route: Callable[..., bool] | None = None  # (x, config, kind, backend): whether the kernels encode x
-    encode_kernels: Callable[..., list[Encoded]] | None = None  # (xs, config, kinds): several tensors, one pass
+    encode: Callable[..., Encoded]  # (x, spec): the torch route, on any device
+    decode: Callable[..., torch.Tensor]  # (enc, spec, shape)
+    kernel_route: Callable[..., bool] | None = None  # (x, spec, backend): whether the kernels encode x
+    encode_kernels: Callable[..., list[Encoded]] | None = None  # (xs, specs): several tensors, one pass
 
-    def uses_kernels(self, x: torch.Tensor, config, kind: str, backend="auto") -> bool:
+    def uses_kernels(self, x: torch.Tensor, spec, backend="auto") -> bool:
         """Whether x is encoded by this codec's GPU kernels (`encode_kernels`) under `backend`."""
         from ..format import Backend
 
@@ -64,4 +65,4 @@ class Codec:
                 raise ValueError(f"backend='triton' compresses method='decoquant' only; method={self.method!r} "
                                  "runs on torch")
             return False
-        return self.kernel_route(x, config, kind, backend)
+        return self.kernel_route(x, spec, backend)

@@ -57,10 +57,10 @@ def small_tensor(params: dict[str, torch.Tensor], n_sites: int) -> torch.Tensor:
     return acc.reshape(*batch, r1, -1)
 
 
-def _matrix_view(x: torch.Tensor, config) -> torch.Tensor:
+def _matrix_view(x: torch.Tensor, spec) -> torch.Tensor:
     b, h, t, d = x.shape
-    g = config.group_size
-    if config.ts_sharing == "layer":
+    g = spec.group_size
+    if spec.ts_sharing == "layer":
         return x.reshape(b, h * t * (d // g), g)
     return x.reshape(b, h, t * (d // g), g)
 
@@ -110,24 +110,24 @@ def _two_sites_gram(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return t_l, t_s, bad, fallback
 
 
-def uses_kernels(x: torch.Tensor, config, kind: str, backend: str = "auto") -> bool:
+def uses_kernels(x: torch.Tensor, spec, backend: str = "auto") -> bool:
     """Whether x is compressed by the Triton kernels (`encode_kernels`; on CUDA, or anywhere with
-    backend="triton"; a format and shape they take, `KVFormat.compress_problem`): they read x in its dtype,
+    backend="triton"; a format and shape they take, `format.compress_problem`): they read x in its dtype,
     return packed codes and flag non-finite rows themselves. backend="triton" with a format they do not take
     raises a ValueError saying why."""
-    from ..format import Backend, KVFormat
+    from ..format import Backend, compress_problem
 
     backend = Backend.parse(backend)
     if backend is Backend.TORCH:
         return False
-    problem = KVFormat.of(config).compress_problem(kind, tuple(x.shape), x.dtype)
+    problem = compress_problem(spec, tuple(x.shape), x.dtype)
     if backend is Backend.TRITON and problem is not None:
-        raise ValueError(f"backend='triton' cannot compress {config.label()} {kind}s of shape {tuple(x.shape)}: "
+        raise ValueError(f"backend='triton' cannot compress {spec.label} {spec.kind}s of shape {tuple(x.shape)}: "
                          f"{problem}; use backend='torch' or 'auto'")
     return problem is None and backend.on(x.is_cuda) is Backend.TRITON
 
 
-def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Encoded]:
+def encode_kernels(xs: list[torch.Tensor], specs: list) -> list[Encoded]:
     """Encode tensors of one shape (e.g. a layer's keys and values) with the Triton kernels: Gram kernel ->
     one batch of float64 eigenproblems for all of them -> factor kernel (W, fp16 T_S) -> one kernel from each
     x to its packed codes (T_L never in memory). A few launches; the kernels flag the batch rows they find
@@ -135,20 +135,19 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
     vectors, so no host sync asks which rows until the caller does."""
     from ..kernels.compress import factor, gram, quantize_pack
 
-    g, b = config.group_size, xs[0].shape[0]
+    g, b, per_head = specs[0].group_size, xs[0].shape[0], specs[0].ts_sharing == "head"
     # flags[0]: unsafe rows (kept exact), flags[1]: rows of the T_S = I fallback; one allocation, one cast
     both = torch.zeros(2, len(xs), b, dtype=torch.int32, device=xs[0].device)
     flags, fell = both[0], both[1]
-    grams = [gram(x, g, config.ts_sharing == "head", f, "triton") for x, f in zip(xs, flags)]
+    grams = [gram(x, g, per_head, f, "triton") for x, f in zip(xs, flags)]
     # torch.linalg.eigh syncs with the host to check its result; a Jacobi kernel without that sync took 1.0 ms
     # per launch on an H100 against 0.3 ms for eigh and the factor kernel
     evals, evecs = torch.linalg.eigh(torch.cat(grams) if len(grams) > 1 else grams[0])
     w, t_s = factor(evals, evecs, fell.view(-1), "triton")
     out = []
-    for i, (x, kind) in enumerate(zip(xs, kinds)):
-        gran = config.granularity(kind)
-        codes, scale, zero = quantize_pack(x, w[i * b:(i + 1) * b], config.bits, gran, config.is_symmetric,
-                                           config.quant_group_size if gran == "channel" else 0, flags[i], "triton")
+    for i, (x, spec) in enumerate(zip(xs, specs)):
+        codes, scale, zero = quantize_pack(x, w[i * b:(i + 1) * b], spec.bits, spec.granularity, spec.symmetric,
+                                           spec.channel_group, flags[i], "triton")
         params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         t_s_i = t_s[i * b:(i + 1) * b]
         params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)
@@ -158,12 +157,12 @@ def encode_kernels(xs: list[torch.Tensor], config, kinds: list[str]) -> list[Enc
             for i, (codes, params) in enumerate(out)]
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+def encode(x: torch.Tensor, spec) -> Encoded:
     """The torch route (any device; the kernels' route is `encode_kernels`, chosen by `uses_kernels`)."""
-    if config.layout == "channel":
-        return _encode_channel(x, config)
-    g, n_sites = config.group_size, config.num_sites
-    m = _matrix_view(x.to(_compute_dtype(x)), config)
+    if spec.layout == "channel":
+        return _encode_channel(x, spec)
+    g, n_sites = spec.group_size, spec.num_sites
+    m = _matrix_view(x.to(_compute_dtype(x)), spec)
     n_rows = m.shape[-2]
     fallback = None
     if x.is_cuda and n_sites == 2 and n_rows >= g:
@@ -171,7 +170,7 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
         sites = [t_l, t_s]
     else:
         rows = (n_rows,) + (1,) * (n_sites - 1)
-        cols = (1,) + config.site_factors
+        cols = (1,) + spec.site_factors
         sites = mpo_decompose(m, rows, cols, gauge="symmetric")
         t_l = sites[0].reshape(*m.shape[:-2], n_rows, sites[0].shape[-1])
         deficient = _rank_deficient(t_l)
@@ -185,8 +184,7 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
         t_l = torch.where(deficient[..., None, None], m.to(t_l.dtype), t_l)
         sites[1] = torch.where(deficient[..., None, None, None, None], eye, sites[1])
         unsafe, fallback = torch.zeros_like(unsafe), _per_row(deficient)
-    q = quantize_kv(t_l.reshape(x.shape), config.bits, config.granularity(kind),
-                    config.is_symmetric, config.quant_group_size)
+    q = quantize_kv(t_l.reshape(x.shape), spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size)
     params = {"scale": q.scale}
     if q.zero is not None:
         params["zero"] = q.zero
@@ -195,32 +193,32 @@ def encode(x: torch.Tensor, config, kind: str) -> Encoded:
     return Encoded(q.codes, params, unsafe, fallback=fallback)
 
 
-def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if config.layout == "channel":
-        return _decode_channel(enc, config, shape)
-    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), config.bits)
-    t_l = dequantize_kv(q, config.granularity(kind), config.quant_group_size)
-    t_s = small_tensor(enc.params, config.num_sites)
-    return (_matrix_view(t_l, config) @ t_s).reshape(t_l.shape)
+def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
+    if spec.layout == "channel":
+        return _decode_channel(enc, spec, shape)
+    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), spec.bits)
+    t_l = dequantize_kv(q, spec.granularity, spec.quant_group_size)
+    t_s = small_tensor(enc.params, spec.num_sites)
+    return (_matrix_view(t_l, spec) @ t_s).reshape(t_l.shape)
 
 
 # ------------------------------------------------------------------------- channel layout
-def _encode_channel(x: torch.Tensor, config) -> Encoded:
+def _encode_channel(x: torch.Tensor, spec) -> Encoded:
     b, h, t, d = x.shape
     xt = x.to(_compute_dtype(x)).permute(0, 1, 3, 2).reshape(b, h * d, t)  # [B, H*D, T]
     sites = mpo_decompose(xt, (h * d, 1), (1, t), gauge="symmetric")
     t_l = sites[0].reshape(b, h * d, -1)  # [B, HD, r]
     unsafe = _rank_deficient(t_l)
-    q = quantize(t_l, config.bits, (-1,), config.is_symmetric)
+    q = quantize(t_l, spec.bits, (-1,), spec.symmetric)
     params = {"scale": q.scale, "site2": sites[1].to(torch.float16)}
     if q.zero is not None:
         params["zero"] = q.zero
     return Encoded(q.codes, params, unsafe)
 
 
-def _decode_channel(enc: Encoded, config, shape: tuple[int, ...]) -> torch.Tensor:
+def _decode_channel(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
     b, h, t, d = shape
-    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), config.bits)
+    q = QTensor(enc.codes, enc.params["scale"], enc.params.get("zero"), spec.bits)
     t_s = enc.params["site2"].float().reshape(b, -1, t)  # [B, r, T]
     xt = dequantize(q) @ t_s  # [B, H*D, T]
     return xt.reshape(b, h, d, t).transpose(-1, -2)

@@ -10,17 +10,12 @@ from ..quant import dequantize_kv, quantize_kv
 from .base import Codec, Encoded, from_qtensor
 
 
-def _granularity(kind: str) -> str:
-    return "channel" if kind == "key" else "group"
+def encode(x: torch.Tensor, spec) -> Encoded:  # spec.granularity: keys "channel", values "group"
+    return from_qtensor(quantize_kv(x, spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size))
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
-    q = quantize_kv(x, config.bits, _granularity(kind), config.is_symmetric, config.quant_group_size)
-    return from_qtensor(q)
-
-
-def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return dequantize_kv(enc.qtensor(config.bits), _granularity(kind), config.quant_group_size)
+def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
+    return dequantize_kv(enc.qtensor(spec.bits), spec.granularity, spec.quant_group_size)
 
 
 CODEC = Codec("kivi", encode, decode)

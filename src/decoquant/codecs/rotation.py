@@ -31,14 +31,14 @@ def rotation_matrix(dim: int, seed: int, device: torch.device | str = "cpu") -> 
     return _rotation_cpu(dim, seed).to(device)
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
-    r = rotation_matrix(x.shape[-1], config.rotation_seed, x.device)
-    return from_qtensor(quantize_kv(x.float() @ r, config.bits, "token_head", config.is_symmetric))
+def encode(x: torch.Tensor, spec) -> Encoded:  # spec.granularity: "token_head"
+    r = rotation_matrix(x.shape[-1], spec.seed, x.device)
+    return from_qtensor(quantize_kv(x.float() @ r, spec.bits, spec.granularity, spec.symmetric))
 
 
-def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    xr = dequantize_kv(enc.qtensor(config.bits), "token_head")
-    return xr @ rotation_matrix(xr.shape[-1], config.rotation_seed, xr.device).T
+def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
+    xr = dequantize_kv(enc.qtensor(spec.bits), spec.granularity)
+    return xr @ rotation_matrix(xr.shape[-1], spec.seed, xr.device).T
 
 
 CODEC = Codec("rotation", encode, decode)

@@ -9,12 +9,12 @@ from ..quant import dequantize_kv, quantize_kv
 from .base import Codec, Encoded, from_qtensor
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
-    return from_qtensor(quantize_kv(x, config.bits, "token", config.is_symmetric))
+def encode(x: torch.Tensor, spec) -> Encoded:
+    return from_qtensor(quantize_kv(x, spec.bits, spec.granularity, spec.symmetric))
 
 
-def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    return dequantize_kv(enc.qtensor(config.bits), "token")
+def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
+    return dequantize_kv(enc.qtensor(spec.bits), spec.granularity)
 
 
 CODEC = Codec("rtn", encode, decode)

@@ -52,21 +52,21 @@ def codebook(dim: int, bits: int, iters: int = 300, grid: int = 1 << 16) -> tupl
     return levels.float(), ((levels[1:] + levels[:-1]) / 2).float()
 
 
-def encode(x: torch.Tensor, config, kind: str) -> Encoded:
+def encode(x: torch.Tensor, spec) -> Encoded:
     d = x.shape[-1]
     xf = x.float()
     norm = xf.norm(dim=-1, keepdim=True)
-    y = (xf / norm.clamp_min(torch.finfo(torch.float32).tiny)) @ rotation(d, config.rotation_seed, x.device)
-    _, bounds = codebook(d, config.bits)
+    y = (xf / norm.clamp_min(torch.finfo(torch.float32).tiny)) @ rotation(d, spec.seed, x.device)
+    _, bounds = codebook(d, spec.bits)
     codes = torch.bucketize(y, bounds.to(x.device)).to(torch.uint8)
     return Encoded(codes, {"norm": norm.half()})
 
 
-def decode(enc: Encoded, config, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
     d = shape[-1]
-    levels, _ = codebook(d, config.bits)
+    levels, _ = codebook(d, spec.bits)
     y = levels.to(enc.codes.device)[enc.codes.long()]
-    return (y @ rotation(d, config.rotation_seed, y.device).T) * enc.params["norm"].float()
+    return (y @ rotation(d, spec.seed, y.device).T) * enc.params["norm"].float()
 
 
 CODEC = Codec("turboquant", encode, decode)
