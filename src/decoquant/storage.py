@@ -113,14 +113,15 @@ class BlockStorage:
         sync (whether any row must stay exact), so the GPU has work while the host waits."""
         ck, cv, any_exact = compress_kv_deferred(ks, vs, self.config, self.backend)
         if self.buffers is None:
-            if bool(any_exact):
+            exact = bool(any_exact)
+            if exact:
                 ck, cv = with_exact_rows(ck, ks), with_exact_rows(cv, vs)
             for i in range(n):
                 rows = torch.arange(i * b, (i + 1) * b, device=ks.device)
                 self.blocks.append(Block(ck if n == 1 else select_batch(ck, rows),
                                          cv if n == 1 else select_batch(cv, rows), self.block_size,
                                          _fallback_rows(ck, cv, i, b)))
-            return int(sum(self.blocks[-n + i].exact for i in range(n))) if bool(any_exact) else 0
+            return sum(block.exact for block in self.blocks[-n:]) if exact else 0
         # the packed buffers take all n blocks at once; the blocks become views into them
         storage = [None if buf.codes is None else buf.codes.data_ptr() for buf in self.buffers]
         self.buffers[0].append(ck, n)
