@@ -73,3 +73,21 @@ def test_generate_prints_text_and_the_memory_report(capsys, monkeypatch):
     assert "compressed blocks 0.00 MiB" not in out.err and "DynamicCache would hold" in out.err
     assert main(["generate", "  ", "--max-new-tokens", "4"]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_says_so(monkeypatch, capsys):
+    """bfloat16 runs emulated on a CPU without AVX512-BF16 / AMX (about half the speed of float32 there): the
+    commands say so on stderr, and stay silent where the CPU has them or the dtype is float32."""
+    import argparse
+
+    import torch
+
+    from decoquant.cli import common
+    from decoquant.integrations import models
+
+    monkeypatch.setattr(models, "load_model", lambda name, dtype: (name, dtype))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for has, dtype, noted in ((False, "bfloat16", True), (True, "bfloat16", False), (False, "float32", False)):
+        monkeypatch.setattr(common, "_cpu_has_bf16", lambda has=has: has)
+        assert common._load_model(argparse.Namespace(model="m", dtype=dtype)) == ("m", getattr(torch, dtype))
+        assert ("no bfloat16 instructions" in capsys.readouterr().err) == noted

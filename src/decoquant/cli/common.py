@@ -4,6 +4,7 @@ perplexity runs (configs per method: `eval.job`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import BITS, METHODS
 from ..eval.job import method_configs, perplexities
@@ -29,12 +30,27 @@ def _add_dtype_arg(p: argparse.ArgumentParser, default: str = "float32") -> None
                         "with bf16 instructions and is what GPUs serve; the KV cache then holds bfloat16)")
 
 
+def _cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX; Linux), None where it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return None
+    if not flags:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _load_model(args: argparse.Namespace):
-    """(model, tokenizer) of --model in --dtype."""
+    """(model, tokenizer) of --model in --dtype; a note on stderr where bfloat16 would run emulated on the CPU."""
     import torch
 
     from ..integrations.models import load_model
 
+    if args.dtype == "bfloat16" and not torch.cuda.is_available() and _cpu_has_bf16() is False:
+        print("note: this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16), so bfloat16 runs emulated; "
+              "--dtype float32 is faster here (about 1.8x on a 2-core AVX2 machine)", file=sys.stderr)
     return load_model(args.model, dtype=getattr(torch, args.dtype))
 
 
