@@ -1,5 +1,5 @@
-"""The GPU's code conversion of the fused decode kernel (`convert_asm`, PTX) run on the CPU by a small emulator
-of the instructions it emits, for every byte value and code width."""
+"""The GPU's code conversions of the fused decode kernel (`convert_asm`, `pair_asm`: PTX) run on the CPU by a small
+emulator of the instructions they emit, for every byte value and code width."""
 
 import pytest
 
@@ -7,7 +7,8 @@ triton = pytest.importorskip("triton")
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """Execute the few PTX instructions convert_asm emits (mov, prmt, lop3 with LUT 0xea, fma.rn.f16x2)."""
+    """Execute the few PTX instructions convert_asm and pair_asm emit (mov, prmt, shr, lop3 with LUT 0xea,
+    fma.rn.f16x2)."""
     import numpy as np
 
     def val(x):
@@ -28,6 +29,8 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             pool = val(src[0]).to_bytes(4, "little") + val(src[1]).to_bytes(4, "little")
             sel = val(src[2])
             regs[d] = int.from_bytes(bytes(pool[(sel >> (4 * i)) & 7] for i in range(4)), "little")
+        elif op == "shr.b32":
+            regs[d] = val(src[0]) >> val(src[1])
         elif op == "lop3.b32":
             assert val(src[3]) == 0xEA  # (a & b) | c
             regs[d] = (val(src[0]) & val(src[1])) | val(src[2])
@@ -46,7 +49,7 @@ def test_convert_asm_gives_every_code_minus_qmax(bits, qmax):
     plane k, element i = code at bits k*B of byte i, minus qmax, exactly, for every byte value."""
     import numpy as np
 
-    from decoquant.kernels.triton.decode_attention import convert_asm
+    from decoquant.kernels.triton.codes import convert_asm
 
     asm, planes = convert_asm(bits, qmax), 8 // bits
     for start in range(0, 256, 4):
@@ -57,3 +60,22 @@ def test_convert_asm_gives_every_code_minus_qmax(bits, qmax):
             got = got.view(np.uint16).view(np.float16).astype(np.float32)
             want = [((start + i) >> (k * bits) & ((1 << bits) - 1)) - qmax for i in range(4)]
             assert got.tolist() == want, (k, start)
+
+
+@pytest.mark.parametrize("bits,qmax", [(4, 7), (4, 0), (8, 127), (8, 0)])
+def test_pair_asm_gives_every_code_of_two_words_minus_qmax(bits, qmax):
+    """The value conversion (`pair_asm`): one register of two 16-bit code words (token t low, t + 1 high) ->
+    register k = (code k of t, code k of t + 1) - qmax, exactly, for every value of either word's bytes."""
+    import numpy as np
+
+    from decoquant.kernels.triton.codes import pair_asm
+
+    asm, planes = pair_asm(bits, qmax), 16 // bits
+    rng = np.random.default_rng(0)
+    words = [(lo, hi) for lo in range(0, 1 << 16, 257) for hi in rng.integers(0, 1 << 16, 2)] + [(0xFFFF, 0x0)]
+    for lo, hi in words:
+        regs = _run_ptx(asm, {f"${planes}": int(lo) | int(hi) << 16})
+        for k in range(planes):
+            got = np.array([regs[f"${k}"]], dtype=np.uint32).view(np.uint16).view(np.float16).astype(np.float32)
+            want = [(w >> (k * bits) & ((1 << bits) - 1)) - qmax for w in (int(lo), int(hi))]
+            assert got.tolist() == want, (k, lo, hi)

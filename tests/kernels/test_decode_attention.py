@@ -24,7 +24,9 @@ CASES = [  # batch, kv heads, q heads, compressed tokens, valid lengths, window,
 ]
 if CUDA:
     CASES += [(4, 8, 32, 1024, [1000, 1024, 517, 63], 17, 128, 4, 128),
-              (2, 32, 32, 2048, [2048, 1500], 100, 128, 2, 128)]
+              (2, 32, 32, 2048, [2048, 1500], 100, 128, 2, 128),
+              (2, 1, 32, 1024, [1024, 700], 9, 128, 8, 128),  # MQA, values read as 16-bit words
+              (2, 8, 64, 512, [512, 300], 3, 128, 4, 128)]  # 8 query rows per kv head
 
 
 @pytest.mark.parametrize("low_precision", [True, False], ids=["fp16-dots", "fp32-dots"])
@@ -268,3 +270,16 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="backend='cuda'"):
         k, v = packed(1, 1, 32, 64, 4, 32, seed=0)
         decode_attention(torch.randn(1, 1, 64), k, v, 1.0, backend="cuda")
+
+
+def test_value_words_view_only_where_the_bytes_pair_up():
+    """Values are read as int16 words only through an exact view of the same bytes; odd rows, strides or offsets
+    keep the byte path (None)."""
+    from decoquant.kernels.triton.decode_attention import _value_words
+
+    codes = torch.randint(0, 256, (2, 3, 8, 64), dtype=torch.uint8)
+    words = _value_words(codes)
+    assert words.dtype == torch.int16 and words.shape == (2, 3, 8, 32)
+    assert torch.equal(words.view(torch.uint8), codes)
+    assert _value_words(codes[..., 1:]) is None and _value_words(codes[..., :63]) is None
+    assert _value_words(torch.zeros(2, 3, 8, 66, dtype=torch.uint8)[..., 1:65]) is None

@@ -21,95 +21,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PackedKV
-
-
-@triton.jit
-def _plane(packed, k: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr):
-    # bit plane k of int16 packed bytes -> (code - qmax) as fp16 (or fp32). The fp16 path skips the
-    # slow int->float conversion: 0x6400 | code is the fp16 number 1024 + code, exactly.
-    bits = (packed >> (k * BITS)) & ((1 << BITS) - 1)
-    if LOW_PRECISION:
-        return (bits | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + QMAX)
-    else:
-        return bits.to(tl.float32) - QMAX
-
-
-@lru_cache(maxsize=None)  # built once per (width, offset): the launcher asks for it at every decode step
-def convert_asm(bits: int, qmax: int) -> str:
-    """PTX converting 4 packed code bytes (the last input) into the 8 / bits bit planes of their codes minus
-    qmax, as fp16, two per output register (plane k: outputs 2k, 2k + 1). Per pair of codes: one lop3 ((x &
-    mask) | 0x6400 puts 1024 + code * 2**s in each half) and one fma.f16x2 (* 2**-s - 1024 * 2**-s - qmax),
-    exact; two prmt per 4 bytes spread them to 16-bit halves."""
-    import struct
-
-    planes = 8 // bits
-    half = lambda v: struct.unpack("<H", struct.pack("<e", v))[0]  # noqa: E731  (fp16 bit pattern)
-    pair = lambda v: f"{half(v) * 0x10001:#010x}"  # noqa: E731
-    w = f"${2 * planes}"
-    lines = ["{", ".reg .b32 t0, t1, x, s, o, z;", "mov.b32 z, 0;", f"prmt.b32 t0, {w}, z, 0x5140;",
-             f"prmt.b32 t1, {w}, z, 0x7362;"]
-    for k in range(planes):
-        shift = k * bits
-        mask = (((1 << bits) - 1) << shift) * 0x10001
-        lines += [f"mov.b32 s, {pair(2.0 ** -shift)};", f"mov.b32 o, {pair(-(1024.0 * 2.0 ** -shift) - qmax)};"]
-        for j, t in enumerate(("t0", "t1")):
-            lines += [f"lop3.b32 x, {t}, {mask:#010x}, 0x64006400, 0xea;",  # (t & mask) | magic
-                      f"fma.rn.f16x2 ${2 * k + j}, x, s, o;"]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-@triton.jit
-def _code_planes(packed8, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr,
-                 USE_ASM: tl.constexpr):
-    # packed uint8 codes [R, C] -> the 8 / BITS planes of (code - qmax), [R, C] each (packing.py's order:
-    # plane k holds the codes at bits k*BITS of every byte); extra outputs repeat. On the GPU, fp16: the PTX of
-    # convert_asm, about one instruction per code; elsewhere (the interpreter, fp32 dots): _plane per plane.
-    P: tl.constexpr = 8 // BITS
-    if USE_ASM:
-        if P == 1:
-            c0 = tl.inline_asm_elementwise(CONV, "=r,=r,r", [packed8], dtype=tl.float16, is_pure=True, pack=4)
-            return c0, c0, c0, c0
-        elif P == 2:
-            c0, c1 = tl.inline_asm_elementwise(CONV, "=r,=r,=r,=r,r", [packed8], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-            return c0, c1, c0, c1
-        else:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(CONV, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed8],
-                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                       is_pure=True, pack=4)
-            return c0, c1, c2, c3
-    else:
-        x = packed8.to(tl.int16)
-        return (_plane(x, 0, BITS, QMAX, LOW_PRECISION), _plane(x, 1 % P, BITS, QMAX, LOW_PRECISION),
-                _plane(x, 2 % P, BITS, QMAX, LOW_PRECISION), _plane(x, 3 % P, BITS, QMAX, LOW_PRECISION))
-
-
-@triton.jit
-def _planes(x, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    # x [ROWS, D] -> P planes [ROWS, D / P]; plane k holds columns P*j + k, the codes that sit in
-    # bits k*B..(k+1)*B of packed byte j (packing.py's order). Extra outputs repeat plane 0.
-    if P == 1:
-        return x, x, x, x
-    elif P == 2:
-        even, odd = tl.split(tl.reshape(x, [ROWS, D // 2, 2]))
-        return even, odd, even, odd
-    else:
-        lo, hi = tl.split(tl.reshape(x, [ROWS, D // 4, 2, 2]))  # k = 2a + b: lo = (b=0), hi = (b=1)
-        p0, p2 = tl.split(lo)
-        p1, p3 = tl.split(hi)
-        return p0, p1, p2, p3
-
-
-@triton.jit
-def _unplanes(a0, a1, a2, a3, P: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
-    # inverse of _planes: P planes [ROWS, D / P] -> [ROWS, D]
-    if P == 1:
-        return a0
-    elif P == 2:
-        return tl.reshape(tl.join(a0, a1), [ROWS, D])
-    else:
-        return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [ROWS, D])
+from .codes import _code_planes, _pair_planes, _unplanes, _planes, convert_asm, pair_asm
 
 
 @triton.jit
@@ -131,18 +43,22 @@ def _decode_blocks_kernel(
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
     USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
+    VPAIR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // KV_HEADS).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
     h = (pid % KV_HEADS).to(tl.int64)
     PACKED: tl.constexpr = D * BITS // 8
-    P: tl.constexpr = 8 // BITS  # codes per byte = bit planes
+    P: tl.constexpr = 8 // BITS  # codes per byte = bit planes of the keys
+    # value planes: codes per 16-bit word (VPAIR: values read as int16 words, `codes._pair_planes`), else per byte
+    PV: tl.constexpr = 16 // BITS if VPAIR else P
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
     dims = tl.arange(0, D)
     cols = tl.arange(0, PACKED)
+    vcols = tl.arange(0, PACKED // 2 if VPAIR else PACKED)  # VC's columns: int16 words or bytes
     gi = tl.arange(0, G)
     q = tl.load(Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
@@ -172,10 +88,10 @@ def _decode_blocks_kernel(
             qsum = tl.sum(qt, 1)  # per-token zero points: z_k[t] * sum(q~)
         zacc = tl.zeros([GROUP_PAD], tl.float32)  # sum_t p[t] z_v[t] of this block
         # this block's value sum in the code basis, one accumulator per bit plane
-        a0 = tl.zeros([GROUP_PAD, D // P], tl.float32)
-        a1 = tl.zeros([GROUP_PAD, D // P], tl.float32)
-        a2 = tl.zeros([GROUP_PAD, D // P], tl.float32)
-        a3 = tl.zeros([GROUP_PAD, D // P], tl.float32)
+        a0 = tl.zeros([GROUP_PAD, D // PV], tl.float32)
+        a1 = tl.zeros([GROUP_PAD, D // PV], tl.float32)
+        a2 = tl.zeros([GROUP_PAD, D // PV], tl.float32)
+        a3 = tl.zeros([GROUP_PAD, D // PV], tl.float32)
         for j in tl.static_range(BLOCK // TILE):
             toks = t0 + j * TILE + tl.arange(0, TILE)
             ok = (toks >= start) & (toks < end)
@@ -209,9 +125,12 @@ def _decode_blocks_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + cols[None, :],
+            vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + vcols[None, :],
                          mask=ok[:, None], other=0)
-            v0, v1, v2, v3 = _code_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
+            if VPAIR:
+                v0, v1, v2, v3 = _pair_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
+            else:
+                v0, v1, v2, v3 = _code_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
             vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
@@ -219,15 +138,15 @@ def _decode_blocks_kernel(
                 vz = tl.load(VZ + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
                 zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
             a0 = a0 * alpha[:, None] + tl.dot(pw, v0)
-            if P > 1:
+            if PV > 1:
                 a1 = a1 * alpha[:, None] + tl.dot(pw, v1)
-            if P > 2:
+            if PV > 2:
                 a2 = a2 * alpha[:, None] + tl.dot(pw, v2)
                 a3 = a3 * alpha[:, None] + tl.dot(pw, v3)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         # back to the real basis once per block: [GP * D/G, G] @ T_S_v
-        acc_code = _unplanes(a0, a1, a2, a3, P, GROUP_PAD, D)
+        acc_code = _unplanes(a0, a1, a2, a3, PV, GROUP_PAD, D)
         if V_ASYM:
             acc_code += zacc[:, None]
         acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
@@ -235,6 +154,15 @@ def _decode_blocks_kernel(
     tl.store(O + b * stride_ob + hq[:, None] * stride_oh + split * stride_os + dims[None, :], acc, mask=row_ok[:, None])
     tl.store(M + b * stride_mb + hq * stride_mh + split, m_i, mask=row_ok)
     tl.store(L + b * stride_mb + hq * stride_mh + split, l_i, mask=row_ok)
+
+
+def _value_words(codes: torch.Tensor) -> torch.Tensor | None:
+    """The value codes [B, H, T, C] as int16 words [B, H, T, C / 2] (a view), or None where the bytes do not pair
+    up (an odd row length, stride or offset)."""
+    if codes.stride(-1) != 1 or codes.shape[-1] % 2 or codes.storage_offset() % 2 \
+            or any(st % 2 for st in codes.stride()[:-1]):
+        return None
+    return codes.view(torch.int16)
 
 
 KERNELS = ("auto", "mma", "rows")
@@ -318,25 +246,33 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
     use_asm = q.is_cuda and low_precision  # PTX on the GPU; the interpreter runs _plane
+    group_pad = max(16, triton.next_power_of_2(group))
+    # values read as 16-bit words where that measured faster (H200, batch 8 x 32k, graph-timed, old -> new ms:
+    # GQA-4 4-bit 0.395 -> 0.372 default preset, 0.230 -> 0.210 paper; 8-bit 0.439 -> 0.365 and 0.268 -> 0.219;
+    # MQA 8-bit 0.106 -> 0.092; but MQA 4-bit, 32 query rows, 0.094 -> 0.129: it keeps the byte path)
+    vc = _value_words(v.codes) if v.bits == 8 or v.bits == 4 and group_pad == 16 else None
+    vpair = vc is not None
+    vc = vc if vpair else v.codes
+    vconv = (pair_asm if vpair else convert_asm)(v.bits, v.qmax) if use_asm else ""
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * kvh, splits)](
-        q, k.codes, k.scales, kz, kt, v.codes, v.scales, vz, vt, kv_start, kv_len,
+        q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
         kv_len if skip is None else skip, o, m, l_, 0 if skip is None else skip.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
         k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
         kt.stride(0), head_stride(kt), kt.stride(2),
-        v.codes.stride(0), v.codes.stride(1), v.codes.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2),
         v.scales.stride(0), head_stride(v.scales),
         vt.stride(0), head_stride(vt), vt.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
         sm_scale,
-        KV_HEADS=kvh, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
+        KV_HEADS=kvh, GROUP=group, GROUP_PAD=group_pad, D=d,
         G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
-        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=convert_asm(v.bits, v.qmax)
-        if use_asm else "", HAS_SKIP=skip is not None, num_warps=num_warps,
+        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=vconv,
+        HAS_SKIP=skip is not None, VPAIR=vpair, num_warps=num_warps,
     )
     return o, m, l_

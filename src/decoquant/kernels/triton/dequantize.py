@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PackedKV
-from .decode_attention import _plane, _unplanes
+from .codes import _plane, _unplanes
 
 
 @triton.jit
