@@ -64,17 +64,20 @@ def test_per_head_scales_and_ts():
     {"scale_granularity": "token_head", "symmetric": False},  # asymmetric per-token keys and values
 ], ids=["channel64-token", "kv-split", "asym-token-head"])
 @pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("q_heads", [4, 32], ids=["groups-stacked", "one-group-a-step"])
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_asymmetric_and_channel_scales(fields, bits):
+def test_asymmetric_and_channel_scales(fields, bits, q_heads):
     """Asymmetric codes and per-channel key scales: the kernel folds channel scales into the query per
-    tile and adds the zero points; ragged lengths, left padding and a window as in the main test."""
+    tile and adds the zero points; ragged lengths, left padding and a window as in the main test. With 2 query
+    rows per kv head a 128-token step stacks both 64-token scale groups of the default preset in the tile's
+    padding rows; with 16 there is no room and it steps by one group."""
     block = fields.get("block_size", 64)
     k, v = packed(2, 2, 2 * block, 64, bits, block, seed=11 + bits, **fields)
     assert k.zeros is not None and v.zeros is not None
     assert k.channel_group == (fields.get("quant_group_size") or (64 if fields.get("preset") == "channel64-token"
                                                                   else block if "preset" in fields else 0))
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 4, 64, generator=gen).to(DEVICE)
+    q = torch.randn(2, q_heads, 64, generator=gen).to(DEVICE)
     kv_len = torch.tensor([2 * block - 7, block + 3], device=DEVICE)
     kv_start = torch.tensor([0, 2], device=DEVICE)
     wk, wv = (torch.randn(2, 2, 3, 64, generator=gen).to(DEVICE) for _ in range(2))
@@ -283,3 +286,13 @@ def test_value_words_view_only_where_the_bytes_pair_up():
     assert torch.equal(words.view(torch.uint8), codes)
     assert _value_words(codes[..., 1:]) is None and _value_words(codes[..., :63]) is None
     assert _value_words(torch.zeros(2, 3, 8, 66, dtype=torch.uint8)[..., 1:65]) is None
+
+
+def test_tile_stacks_scale_groups_where_the_padding_rows_hold_them():
+    from decoquant.kernels.triton.decode_attention import _tile
+
+    k, _ = packed(1, 1, 128, 64, 4, 128, seed=0, preset="channel64-token")
+    assert _tile(k, None, 4, 16) == (128, 2) and _tile(k, None, 8, 16) == (128, 2)
+    assert _tile(k, None, 16, 16) == (64, 1) and _tile(k, 32, 4, 16) == (64, 1)
+    paper, _ = packed(1, 1, 128, 64, 4, 128, seed=0)
+    assert _tile(paper, None, 4, 16) == (128, 1) and _tile(paper, 32, 4, 16) == (32, 1)

@@ -4,8 +4,11 @@ For one kv head h, cache block n (T_S_k, T_S_v) and the g-channel chunk c of the
     scores[t]  = s_k[t] * sum_c (q_c @ T_S_k^T) . (codes_k[t, c] - qmax)
     out        = sum_blocks ( sum_t p[t] s_v[t] (codes_v[t] - qmax) ) @ T_S_v     (per chunk)
 Asymmetric codes (T_L = codes * s + z) add z_k[t] * sum(q~) to the scores and sum_t p[t] z_v[t] to
-every code column of the block's value sum. Keys with scales per T_L channel over groups of TILE
-tokens scale the transformed query instead, once per tile: scores = (q~ * s_k) . codes + q~ . z_k.
+every code column of the block's value sum. Keys with scales per T_L channel over groups of cg
+tokens scale the transformed query instead, once per tile: scores = (q~ * s_k) . codes + q~ . z_k. A
+tile holds STACK such groups where the padding rows of the tensor-core tile have room (STACK * GROUP
+<= GROUP_PAD): row i is query i % GROUP, scaled for and attending only group i // GROUP of the tile,
+with its own softmax state; a query's stacked rows are written as extra splits and merged as splits are.
 The query is transformed once per block, scores and the value sum stay in the code basis, and T_S_v
 is applied once per block. Programs split the blocks of a sequence (flash-decoding); their partial
 (max, sum, output) triples are merged with the exact residual window by `merge.py`.
@@ -43,7 +46,7 @@ def _decode_blocks_kernel(
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
     USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
-    VPAIR: tl.constexpr,
+    VPAIR: tl.constexpr, STACK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -55,12 +58,15 @@ def _decode_blocks_kernel(
     PV: tl.constexpr = 16 // BITS if VPAIR else P
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
-    row_ok = rows < GROUP
+    # STACK scale groups of per-channel key scales per tile (see the module docstring): row i of the tile is
+    # query i % GROUP over the tokens of group i // GROUP of each tile; STACK = 1: row i is query i
+    row_ok = rows < GROUP * STACK
+    row_group = rows // GROUP
     dims = tl.arange(0, D)
     cols = tl.arange(0, PACKED)
     vcols = tl.arange(0, PACKED // 2 if VPAIR else PACKED)  # VC's columns: int16 words or bytes
     gi = tl.arange(0, G)
-    q = tl.load(Q + b * stride_qb + (h * GROUP + rows)[:, None] * stride_qh + dims[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + (h * GROUP + rows % GROUP)[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
@@ -98,10 +104,11 @@ def _decode_blocks_kernel(
             kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
                          mask=ok[:, None], other=0)  # [TILE, D / P] uint8
             k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
-            if KEY_CHANNEL:  # this tile is one scale group: fold its channel scales into the query
-                grp = blk * (BLOCK // TILE) + j
-                ks_c = tl.load(KS + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
-                q0, q1, q2, q3 = _planes((qt * ks_c[None, :]).to(DOT), P, GROUP_PAD, D)
+            if KEY_CHANNEL:  # fold each row's scale group's channel scales into its query, once per tile
+                grp = (blk * (BLOCK // TILE) + j) * STACK + row_group  # [GP]
+                ch_off = b * stride_ksb + h * stride_ksh + grp[:, None] * stride_ksg + dims[None, :]
+                ks_c = tl.load(KS + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)  # [GP, D]
+                q0, q1, q2, q3 = _planes((qt * ks_c).to(DOT), P, GROUP_PAD, D)
             else:
                 ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
@@ -113,14 +120,18 @@ def _decode_blocks_kernel(
                 scores += tl.dot(q3, tl.trans(k3))
             if KEY_CHANNEL:
                 if K_ASYM:
-                    kz_c = tl.load(KZ + b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims).to(tl.float32)
-                    scores += tl.sum(qt * kz_c[None, :], 1)[:, None]
+                    kz_c = tl.load(KZ + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                    scores += tl.sum(qt * kz_c, 1)[:, None]
             else:
                 scores = scores * ks[None, :]
                 if K_ASYM:
                     kz = tl.load(KZ + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
                     scores += qsum[:, None] * kz[None, :]
-            scores = tl.where(ok[None, :], scores, float("-inf"))  # [GP, TILE]
+            if STACK > 1:  # a row attends its own scale group's tokens only
+                mine = ok[None, :] & (tl.arange(0, TILE)[None, :] // (TILE // STACK) == row_group[:, None])
+                scores = tl.where(mine, scores, float("-inf"))  # [GP, TILE]
+            else:
+                scores = tl.where(ok[None, :], scores, float("-inf"))  # [GP, TILE]
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
@@ -150,10 +161,28 @@ def _decode_blocks_kernel(
         if V_ASYM:
             acc_code += zacc[:, None]
         acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
-    hq = h * GROUP + rows
-    tl.store(O + b * stride_ob + hq[:, None] * stride_oh + split * stride_os + dims[None, :], acc, mask=row_ok[:, None])
-    tl.store(M + b * stride_mb + hq * stride_mh + split, m_i, mask=row_ok)
-    tl.store(L + b * stride_mb + hq * stride_mh + split, l_i, mask=row_ok)
+    # row i -> query i % GROUP, split row_group * splits + split (the merge combines a query's stacked rows as
+    # it combines splits)
+    hq = h * GROUP + rows % GROUP
+    out_split = row_group * tl.num_programs(1) + split
+    tl.store(O + b * stride_ob + hq[:, None] * stride_oh + out_split[:, None] * stride_os + dims[None, :], acc,
+             mask=row_ok[:, None])
+    tl.store(M + b * stride_mb + hq * stride_mh + out_split, m_i, mask=row_ok)
+    tl.store(L + b * stride_mb + hq * stride_mh + out_split, l_i, mask=row_ok)
+
+
+def _tile(k: PackedKV, tile: int | None, group: int, group_pad: int) -> tuple[int, int]:
+    """(tokens per step, scale groups stacked per step) of the mma kernel. Keys with per-channel scales over
+    groups of cg tokens step by `stack` groups at once where the tile's padding rows hold them (stack * group <=
+    group_pad; H200, default preset, GQA-4, batch 8 x 32k: one 128-token step instead of two 64-token ones),
+    else by one group."""
+    want = min(tile or 128, k.block_size)
+    cg = k.channel_group
+    if not cg:
+        return want, 1
+    stack = want // cg if want % cg == 0 else 1
+    stack = stack if stack >= 1 and stack * group <= group_pad else 1
+    return cg * stack, stack
 
 
 def _value_words(codes: torch.Tensor) -> torch.Tensor | None:
@@ -228,16 +257,17 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
-    tile = k.channel_group or min(tile or 128, k.block_size)
+    group = hq // kvh
+    group_pad = max(16, triton.next_power_of_2(group))
+    tile, stack = _tile(k, tile, group, group_pad)
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
     n_blocks = k.tokens // k.block_size
-    group = hq // kvh
     splits = num_splits or _num_splits(b * kvh, n_blocks, q.device)
-    o = torch.empty(b, hq, splits, d, device=q.device, dtype=torch.float32)
-    m = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
+    o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     kt, vt = k.ts, v.ts
     for p in (k, v):
@@ -246,7 +276,6 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     kz = k.zeros if k.zeros is not None else k.scales  # placeholders when symmetric (never read)
     vz = v.zeros if v.zeros is not None else v.scales
     use_asm = q.is_cuda and low_precision  # PTX on the GPU; the interpreter runs _plane
-    group_pad = max(16, triton.next_power_of_2(group))
     # values read as 16-bit words where that measured faster (H200, batch 8 x 32k, graph-timed, old -> new ms:
     # GQA-4 4-bit 0.395 -> 0.372 default preset, 0.230 -> 0.210 paper; 8-bit 0.439 -> 0.365 and 0.268 -> 0.219;
     # MQA 8-bit 0.106 -> 0.092; but MQA 4-bit, 32 query rows, 0.094 -> 0.129: it keeps the byte path)
@@ -273,6 +302,6 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=vconv,
-        HAS_SKIP=skip is not None, VPAIR=vpair, num_warps=num_warps,
+        HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, num_warps=num_warps,
     )
     return o, m, l_
