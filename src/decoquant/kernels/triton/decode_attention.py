@@ -6,9 +6,12 @@ For one kv head h, cache block n (T_S_k, T_S_v) and the g-channel chunk c of the
 Asymmetric codes (T_L = codes * s + z) add z_k[t] * sum(q~) to the scores and sum_t p[t] z_v[t] to
 every code column of the block's value sum. Keys with scales per T_L channel over groups of cg
 tokens scale the transformed query instead, once per tile: scores = (q~ * s_k) . codes + q~ . z_k. A
-tile holds STACK such groups where the padding rows of the tensor-core tile have room (STACK * GROUP
-<= GROUP_PAD): row i is query i % GROUP, scaled for and attending only group i // GROUP of the tile,
+tile holds STACK such groups where the padding rows of the tensor-core tile have room (STACK * ROWS
+<= GROUP_PAD): row i is query i % ROWS, scaled for and attending only group i // ROWS of the tile,
 with its own softmax state; a query's stacked rows are written as extra splits and merged as splits are.
+A program serves ROWS of the GROUP query heads of its kv head: where a tile would need more than 16 rows
+(MQA), GROUP / ROWS programs read the same blocks (mostly from L2) instead of one program with twice
+the registers.
 The query is transformed once per block, scores and the value sum stay in the code basis, and T_S_v
 is applied once per block. Programs split the blocks of a sequence (flash-decoding); their partial
 (max, sum, output) triples are merged with the exact residual window by `merge.py`.
@@ -41,7 +44,7 @@ def _decode_blocks_kernel(
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
     sm_scale,
-    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
@@ -50,8 +53,10 @@ def _decode_blocks_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = (pid // KV_HEADS).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
-    h = (pid % KV_HEADS).to(tl.int64)
+    RSPLIT: tl.constexpr = GROUP // ROWS  # programs per kv head
+    b = (pid // (KV_HEADS * RSPLIT)).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
+    h = (pid // RSPLIT % KV_HEADS).to(tl.int64)
+    q_first = h * GROUP + pid % RSPLIT * ROWS  # this program's first query head
     PACKED: tl.constexpr = D * BITS // 8
     P: tl.constexpr = 8 // BITS  # codes per byte = bit planes of the keys
     # value planes: codes per 16-bit word (VPAIR: values read as int16 words, `codes._pair_planes`), else per byte
@@ -59,14 +64,14 @@ def _decode_blocks_kernel(
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     # STACK scale groups of per-channel key scales per tile (see the module docstring): row i of the tile is
-    # query i % GROUP over the tokens of group i // GROUP of each tile; STACK = 1: row i is query i
-    row_ok = rows < GROUP * STACK
-    row_group = rows // GROUP
+    # query i % ROWS over the tokens of group i // ROWS of each tile; STACK = 1: row i is query i
+    row_ok = rows < ROWS * STACK
+    row_group = rows // ROWS
     dims = tl.arange(0, D)
     cols = tl.arange(0, PACKED)
     vcols = tl.arange(0, PACKED // 2 if VPAIR else PACKED)  # VC's columns: int16 words or bytes
     gi = tl.arange(0, G)
-    q = tl.load(Q + b * stride_qb + (h * GROUP + rows % GROUP)[:, None] * stride_qh + dims[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + (q_first + rows % ROWS)[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
@@ -105,9 +110,13 @@ def _decode_blocks_kernel(
                          mask=ok[:, None], other=0)  # [TILE, D / P] uint8
             k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
             if KEY_CHANNEL:  # fold each row's scale group's channel scales into its query, once per tile
-                grp = (blk * (BLOCK // TILE) + j) * STACK + row_group  # [GP]
-                ch_off = b * stride_ksb + h * stride_ksh + grp[:, None] * stride_ksg + dims[None, :]
-                ks_c = tl.load(KS + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)  # [GP, D]
+                grp = (blk * (BLOCK // TILE) + j) * STACK
+                if STACK > 1:  # [GP, D]: row i's group
+                    ch_off = b * stride_ksb + h * stride_ksh + (grp + row_group)[:, None] * stride_ksg + dims[None, :]
+                    ks_c = tl.load(KS + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                else:  # [D]: one group for every row (a 2-D load here costs MQA a third of its time)
+                    ch_off = b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims
+                    ks_c = tl.load(KS + ch_off).to(tl.float32)[None, :]
                 q0, q1, q2, q3 = _planes((qt * ks_c).to(DOT), P, GROUP_PAD, D)
             else:
                 ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
@@ -120,7 +129,10 @@ def _decode_blocks_kernel(
                 scores += tl.dot(q3, tl.trans(k3))
             if KEY_CHANNEL:
                 if K_ASYM:
-                    kz_c = tl.load(KZ + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                    if STACK > 1:
+                        kz_c = tl.load(KZ + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                    else:
+                        kz_c = tl.load(KZ + ch_off).to(tl.float32)[None, :]
                     scores += tl.sum(qt * kz_c, 1)[:, None]
             else:
                 scores = scores * ks[None, :]
@@ -161,9 +173,9 @@ def _decode_blocks_kernel(
         if V_ASYM:
             acc_code += zacc[:, None]
         acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
-    # row i -> query i % GROUP, split row_group * splits + split (the merge combines a query's stacked rows as
+    # row i -> query i % ROWS, split row_group * splits + split (the merge combines a query's stacked rows as
     # it combines splits)
-    hq = h * GROUP + rows % GROUP
+    hq = q_first + rows % ROWS
     out_split = row_group * tl.num_programs(1) + split
     tl.store(O + b * stride_ob + hq[:, None] * stride_oh + out_split[:, None] * stride_os + dims[None, :], acc,
              mask=row_ok[:, None])
@@ -171,18 +183,23 @@ def _decode_blocks_kernel(
     tl.store(L + b * stride_mb + hq * stride_mh + out_split, l_i, mask=row_ok)
 
 
-def _tile(k: PackedKV, tile: int | None, group: int, group_pad: int) -> tuple[int, int]:
-    """(tokens per step, scale groups stacked per step) of the mma kernel. Keys with per-channel scales over
-    groups of cg tokens step by `stack` groups at once where the tile's padding rows hold them (stack * group <=
-    group_pad; H200, default preset, GQA-4, batch 8 x 32k: one 128-token step instead of two 64-token ones),
-    else by one group."""
+def _tile(k: PackedKV, tile: int | None, group: int, max_rows: int = 16) -> tuple[int, int, int]:
+    """(tokens per step, scale groups stacked per step, query rows per program) of the mma kernel.
+
+    Keys with per-channel scales over groups of cg tokens step by `stack` groups at once, each in its own rows
+    of the tile (H200, default preset, GQA-4, batch 8 x 32k: 0.393 -> 0.238 ms for one 128-token step instead
+    of two 64-token ones). A program takes all `group` query rows of its kv head where rows * stack <= max_rows,
+    else the largest divisor of the group that fits (MQA: 32 rows would take a second 16-row tile's registers).
+    """
     want = min(tile or 128, k.block_size)
     cg = k.channel_group
-    if not cg:
-        return want, 1
-    stack = want // cg if want % cg == 0 else 1
-    stack = stack if stack >= 1 and stack * group <= group_pad else 1
-    return cg * stack, stack
+    stack = want // cg if cg and want % cg == 0 else 1
+    rows = group
+    while rows * stack > max_rows and rows % 2 == 0:
+        rows //= 2
+    if rows * stack > max_rows:  # an odd group too large to split: one group a step
+        stack = 1
+    return (cg * stack if cg else want), stack, rows
 
 
 def _value_words(codes: torch.Tensor) -> torch.Tensor | None:
@@ -258,14 +275,14 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
     group = hq // kvh
-    group_pad = max(16, triton.next_power_of_2(group))
-    tile, stack = _tile(k, tile, group, group_pad)
+    tile, stack, rows = _tile(k, tile, group)
+    group_pad = max(16, triton.next_power_of_2(rows * stack))
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
     n_blocks = k.tokens // k.block_size
-    splits = num_splits or _num_splits(b * kvh, n_blocks, q.device)
+    splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
@@ -284,7 +301,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     vc = vc if vpair else v.codes
     vconv = (pair_asm if vpair else convert_asm)(v.bits, v.qmax) if use_asm else ""
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
-    _decode_blocks_kernel[(b * kvh, splits)](
+    _decode_blocks_kernel[(b * hq // rows, splits)](
         q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
         kv_len if skip is None else skip, o, m, l_, 0 if skip is None else skip.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
@@ -297,7 +314,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
         sm_scale,
-        KV_HEADS=kvh, GROUP=group, GROUP_PAD=group_pad, D=d,
+        KV_HEADS=kvh, GROUP=group, ROWS=rows, GROUP_PAD=group_pad, D=d,
         G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
