@@ -21,7 +21,7 @@ CASES = [  # batch, kv heads, q heads, compressed tokens, valid lengths, window,
     (2, 2, 6, 128, [100, 128], 5, 64, 4, 32),
     (3, 1, 4, 96, [96, 33, 65], 1, 64, 2, 32),
     (1, 2, 2, 64, [50], 3, 32, 8, 16),
-    (2, 1, 32, 64, [64, 40], 2, 32, 4, 32),  # MQA: two programs of 16 query rows each
+    (2, 1, 32, 64, [64, 40], 2, 64, 2, 32),  # MQA at 2 bits: two programs of 16 query rows each
 ]
 if CUDA:
     CASES += [(4, 8, 32, 1024, [1000, 1024, 517, 63], 17, 128, 4, 128),
@@ -71,7 +71,7 @@ def test_asymmetric_and_channel_scales(fields, bits, q_heads):
     """Asymmetric codes and per-channel key scales: the kernel folds channel scales into the query per
     tile and adds the zero points; ragged lengths, left padding and a window as in the main test. With 2 query
     rows per kv head a 128-token step stacks both 64-token scale groups of the default preset in the tile's
-    padding rows; with 16 two programs take 8 rows each."""
+    padding rows; with 16 at 2 bits two programs take 8 rows each, at 4 bits one steps by one group."""
     block = fields.get("block_size", 64)
     k, v = packed(2, 2, 2 * block, 64, bits, block, seed=11 + bits, **fields)
     assert k.zeros is not None and v.zeros is not None
@@ -293,9 +293,13 @@ def test_tile_stacks_scale_groups_and_splits_rows_to_fit_one_tile():
     from decoquant.kernels.triton.decode_attention import _tile
 
     k, _ = packed(1, 1, 128, 64, 4, 128, seed=0, preset="channel64-token")
-    assert _tile(k, None, 4) == (128, 2, 4) and _tile(k, None, 8) == (128, 2, 8)
-    assert _tile(k, None, 16) == (128, 2, 8) and _tile(k, None, 32) == (128, 2, 8)
-    assert _tile(k, 32, 4) == (64, 1, 4) and _tile(k, None, 7) == (128, 2, 7) and _tile(k, None, 17) == (64, 1, 17)
+    assert _tile(k, None, 4) == (128, 2, 4) and _tile(k, None, 8) == (128, 2, 8) and _tile(k, None, 7) == (128, 2, 7)
+    assert _tile(k, None, 16) == (64, 1, 16) and _tile(k, None, 32) == (64, 1, 32) and _tile(k, 32, 4) == (64, 1, 4)
+    k2, _ = packed(1, 1, 128, 64, 2, 128, seed=0, preset="channel64-token")
+    assert _tile(k2, None, 16) == (128, 2, 8) and _tile(k2, None, 32) == (128, 2, 8)
+    assert _tile(k2, None, 17) == (64, 1, 17)
     paper, _ = packed(1, 1, 128, 64, 4, 128, seed=0)
     assert _tile(paper, None, 4) == (128, 1, 4) and _tile(paper, 32, 4) == (32, 1, 4)
-    assert _tile(paper, None, 32) == (128, 1, 16)
+    assert _tile(paper, None, 32) == (128, 1, 32)
+    paper2, _ = packed(1, 1, 128, 64, 2, 128, seed=0)
+    assert _tile(paper2, None, 32) == (128, 1, 16)

@@ -187,17 +187,20 @@ def _tile(k: PackedKV, tile: int | None, group: int, max_rows: int = 16) -> tupl
     """(tokens per step, scale groups stacked per step, query rows per program) of the mma kernel.
 
     Keys with per-channel scales over groups of cg tokens step by `stack` groups at once, each in its own rows
-    of the tile (H200, default preset, GQA-4, batch 8 x 32k: 0.393 -> 0.238 ms for one 128-token step instead
-    of two 64-token ones). A program takes all `group` query rows of its kv head where rows * stack <= max_rows,
-    else the largest divisor of the group that fits (MQA: 32 rows would take a second 16-row tile's registers).
+    of the tile, where rows * stack <= max_rows (H200, default preset, GQA-4, batch 8 x 32k: 0.393 -> 0.238 ms
+    for one 128-token step instead of two 64-token ones). Else a program steps by one group with all `group`
+    rows, except at 2 bits, where the group's rows are split over programs until they fit (MQA, batch 8 x 32k:
+    paper preset 0.094 -> 0.062 ms, default 0.123 -> 0.125; at 4 bits the split measured slower, 0.064 -> 0.069
+    and 0.094 -> 0.133: the blocks are read once per program).
     """
     want = min(tile or 128, k.block_size)
     cg = k.channel_group
     stack = want // cg if cg and want % cg == 0 else 1
     rows = group
-    while rows * stack > max_rows and rows % 2 == 0:
-        rows //= 2
-    if rows * stack > max_rows:  # an odd group too large to split: one group a step
+    if rows * stack > max_rows and k.bits == 2:
+        while rows * stack > max_rows and rows % 2 == 0:
+            rows //= 2
+    if rows * stack > max_rows:
         stack = 1
     return (cg * stack if cg else want), stack, rows
 
