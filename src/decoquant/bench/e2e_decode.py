@@ -1,9 +1,12 @@
-"""End-to-end decode throughput of a randomly initialised Llama-2-7B-shaped model, fp16 weights.
+"""End-to-end decode throughput of a randomly initialised model of a real shape (`--shape`: Llama-2-7B, MHA;
+Llama-3-8B and Qwen2.5-7B, GQA), fp16 weights.
 
-    python -m decoquant.bench.e2e_decode [--batch 1,8,32] [--context 4096,16384] [--steps 16] [--cuda-graph]
+    python -m decoquant.bench.e2e_decode [--shape llama3-8b] [--batch 1,8,32] [--context 4096,16384] [--cuda-graph]
 
 Caches compared, all driven by the model's own forward:
-- fp16:     transformers' DynamicCache, SDPA attention;
+- fp16:     transformers' DynamicCache, SDPA attention (which expands GQA keys/values with `repeat_kv`);
+- fp16 enable_gqa (GQA shapes): the same cache, SDPA over the unexpanded kv heads (`shapes.sdpa_gqa_forward`),
+            the fastest fp16 baseline for the shape;
 - decoquant: DecoQuantCache (paper preset, 4 or 2 bits, block 128, residual 128) with the fused
             attention kernel (`decoquant.enable_fused_attention`);
 - QuantizedCache-<backend>: transformers' QuantizedCache (HQQ or quanto, whichever is installed;
@@ -29,22 +32,15 @@ import torch
 
 from ..integrations.transformers import cache_kwargs
 from .common import fill, timed_steps
+from .shapes import SDPA_GQA, SHAPES, llama_config, register_sdpa_gqa
 
 
-def llama2_7b_config(layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=65536,
-                       torch_dtype="float16")
-
-
-def random_model(layers: int, device):
+def random_model(layers: int, device, shape: str = "llama2-7b"):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(llama2_7b_config(layers)).half()
+        model = LlamaForCausalLM(llama_config(shape, layers)).half()
     model.eval()
     return model
 
@@ -80,6 +76,8 @@ def label(kind: str, bits: int, graph: bool = False) -> str:
         return label(kind, bits) + " graph"
     if kind == "fp16":
         return "fp16"
+    if kind == "fp16-gqa":
+        return "fp16 enable_gqa"
     if kind in QUANTIZED_BACKENDS:
         return f"QuantizedCache-{kind}-{bits}b"
     preset = _preset(kind)
@@ -116,16 +114,15 @@ def run(kind, bits, batch, context, steps, model, device, graph=False):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    if kind == "fp16" and graph:  # fixed addresses for the graph: transformers' StaticCache
-        from transformers import StaticCache
+    if kind in ("fp16", "fp16-gqa"):
+        from transformers import DynamicCache, StaticCache
 
-        model.set_attn_implementation("sdpa")
-        cache = StaticCache(config=model.config, max_cache_len=context + steps + 2)
-    elif kind == "fp16":
-        from transformers import DynamicCache
-
-        model.set_attn_implementation("sdpa")
-        cache = DynamicCache(config=model.config)
+        if kind == "fp16-gqa":
+            register_sdpa_gqa()
+        model.set_attn_implementation(SDPA_GQA if kind == "fp16-gqa" else "sdpa")
+        # fixed addresses for the graph: transformers' StaticCache
+        cache = (StaticCache(config=model.config, max_cache_len=context + steps + 2) if graph
+                 else DynamicCache(config=model.config))
     elif kind in QUANTIZED_BACKENDS:  # transformers' QuantizedCache: rebuilds fp16 K/V every step
         from transformers import QuantizedCache
 
@@ -140,7 +137,7 @@ def run(kind, bits, batch, context, steps, model, device, graph=False):
     fill(cache, model, batch, context, [device] * model.config.num_hidden_layers)
     if hasattr(cache, "nbytes"):
         cache_bytes = cache.nbytes()
-    elif kind == "fp16":
+    elif kind in ("fp16", "fp16-gqa"):
         cache_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
     else:
         cache_bytes = float("nan")  # the backend's packed tensors are opaque; peak memory tells
@@ -183,6 +180,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="4,2")
     p.add_argument("--presets", default="paper", help="DecoQuant presets to run (paper, channel64-token with 4 sinks)")
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES),
+                   help="model shape: llama2-7b (MHA), llama3-8b (32 query / 8 kv heads), qwen2.5-7b (28 / 4)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
     p.add_argument("--max-batch-context", type=int, default=16384,
                    help="find the largest batch that fits at this context (0: skip)")
@@ -195,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-eager", action="store_true", help="with --cuda-graph: only the graph rows")
     args = p.parse_args(argv)
     device = torch.device("cuda")
-    model = random_model(args.layers, device)
+    model = random_model(args.layers, device, args.shape)
     if args.prefill:
         print("| prefill tokens | preset | overlap | DynamicCache ms | DecoQuantCache ms (4-bit, compression "
               "included) | overhead | same blocks |")
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
     presets = [p for p in args.presets.split(",") if p]
     errs = {p: check_fused(model, device, kind="decoquant" if p == "paper" else f"decoquant:{p}") for p in presets}
     err = max(errs.values())
-    print(f"# {torch.cuda.get_device_name()}, random Llama-2-7B-shaped model ({args.layers} layers, fp16); "
+    print(f"# {torch.cuda.get_device_name()}, random {args.shape}-shaped model ({args.layers} layers, fp16); "
           "fused vs reference logits rel. error " + ", ".join(f"{p} {e:.1e}" for p, e in errs.items()))
     ok = err < 2e-2
     rows = []
@@ -220,7 +219,9 @@ def main(argv=None) -> int:
     print(f"# transformers' QuantizedCache backends: {backends or 'none installed'}")
     print("| cache | batch | context | ms/step | tokens/s | peak GB | cache GB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    kinds = ([("fp16", 16)] + [("decoquant" if p == "paper" else f"decoquant:{p}", b) for p in presets for b in bits]
+    gqa = model.config.num_key_value_heads < model.config.num_attention_heads
+    kinds = ([("fp16", 16)] + [("fp16-gqa", 16)] * gqa
+             + [("decoquant" if p == "paper" else f"decoquant:{p}", b) for p in presets for b in bits]
              + [(q, b) for q in backends for b in bits])
     runs = [] if args.skip_eager else [(kind, bits, False) for kind, bits in kinds]
     if args.cuda_graph:
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
                     batch -= max(1, batch // 16)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "fused_logits_rel_error": err, "correct": ok,
+    print(json.dumps({"device": torch.cuda.get_device_name(), "shape": args.shape, "fused_logits_rel_error": err,
+                      "correct": ok,
                       "rows": rows, "largest_batch": fits}))
     return 0 if ok else 1
 

@@ -1,0 +1,37 @@
+"""The tensor-core decode kernel for every number of query heads per kv head (1 = MHA through the mma kernel,
+odd GQA groups as in Qwen2.5, 8 and 16, 32 = MQA) and every code width and preset, against the torch reference:
+ragged lengths, left padding and a window. These shapes take each path the launcher can pick: value codes read
+as bytes or as 16-bit word pairs, key scale groups stacked in the tile's padding rows or one a step, and a kv
+head's query rows in one program or split over several."""
+
+import pytest
+import torch
+
+from decoquant.kernels.attention import decode_attention
+from kernel_cases import DEVICE, packed, rel, tolerance
+
+pytest.importorskip("triton")
+
+GROUPS = [1, 3, 7, 8, 16, 32]
+
+
+@pytest.mark.parametrize("preset", ["paper", "channel64-token"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", GROUPS, ids=[f"group{g}" for g in GROUPS])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_mma_kernel_matches_reference_for_every_group_and_format(group, bits, preset):
+    from decoquant.kernels.triton.decode_attention import _tile
+
+    kvh = 2 if group < 16 else 1
+    k, v = packed(2, kvh, 256, 64, bits, 128, seed=group + bits, preset=preset)
+    gen = torch.Generator().manual_seed(group)
+    q = torch.randn(2, kvh * group, 64, generator=gen).to(DEVICE)
+    kv_len = torch.tensor([256 - 9, 131], device=DEVICE)
+    kv_start = torch.tensor([3, 0], device=DEVICE)
+    wk, wv = (torch.randn(2, kvh, 5, 64, generator=gen).to(DEVICE) for _ in range(2))
+    ref = decode_attention(q, k, v, 0.125, kv_start, kv_len, wk, wv, backend="torch")
+    out = decode_attention(q, k, v, 0.125, kv_start, kv_len, wk, wv, backend="triton", num_splits=2, kernel="mma")
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel(out, ref) < tolerance(True) * 2.5  # fp16 dots round the (channel-scaled) query and p * s_v
+    tile, stack, rows = _tile(k, None, group)
+    assert group % rows == 0 and rows * stack <= max(16, group)
