@@ -79,9 +79,14 @@ def _code_planes(packed8, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.const
                                                        is_pure=True, pack=4)
             return c0, c1, c2, c3
     else:
-        x = packed8.to(tl.int16)
-        return (_plane(x, 0, BITS, QMAX, LOW_PRECISION), _plane(x, 1 % P, BITS, QMAX, LOW_PRECISION),
-                _plane(x, 2 % P, BITS, QMAX, LOW_PRECISION), _plane(x, 3 % P, BITS, QMAX, LOW_PRECISION))
+        return _arith_planes(packed8.to(tl.int16), P, BITS, QMAX, LOW_PRECISION)
+
+
+@triton.jit
+def _arith_planes(x, N: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr):
+    # int16 x -> its first N (<= 4) planes by arithmetic (`_plane`); extra outputs repeat
+    return (_plane(x, 0, BITS, QMAX, LOW_PRECISION), _plane(x, 1 % N, BITS, QMAX, LOW_PRECISION),
+            _plane(x, 2 % N, BITS, QMAX, LOW_PRECISION), _plane(x, 3 % N, BITS, QMAX, LOW_PRECISION))
 
 
 @triton.jit
@@ -146,8 +151,5 @@ def _pair_planes(w16, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr
                                                        dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                                        is_pure=True, pack=2)
             return c0, c1, c2, c3
-    else:
-        x = w16  # int16: the masks drop what an arithmetic shift brings in
-        PV: tl.constexpr = 16 // BITS
-        return (_plane(x, 0, BITS, QMAX, LOW_PRECISION), _plane(x, 1 % PV, BITS, QMAX, LOW_PRECISION),
-                _plane(x, 2 % PV, BITS, QMAX, LOW_PRECISION), _plane(x, 3 % PV, BITS, QMAX, LOW_PRECISION))
+    else:  # int16: the masks drop what an arithmetic shift brings in
+        return _arith_planes(w16, 16 // BITS, BITS, QMAX, LOW_PRECISION)
