@@ -274,32 +274,3 @@ def test_unsupported_layouts_are_refused():
     with pytest.raises(ValueError, match="backend='cuda'"):
         k, v = packed(1, 1, 32, 64, 4, 32, seed=0)
         decode_attention(torch.randn(1, 1, 64), k, v, 1.0, backend="cuda")
-
-
-def test_value_words_view_only_where_the_bytes_pair_up():
-    """Values are read as int16 words only through an exact view of the same bytes; odd rows, strides or offsets
-    keep the byte path (None)."""
-    from decoquant.kernels.triton.decode_attention import _value_words
-
-    codes = torch.randint(0, 256, (2, 3, 8, 64), dtype=torch.uint8)
-    words = _value_words(codes)
-    assert words.dtype == torch.int16 and words.shape == (2, 3, 8, 32)
-    assert torch.equal(words.view(torch.uint8), codes)
-    assert _value_words(codes[..., 1:]) is None and _value_words(codes[..., :63]) is None
-    assert _value_words(torch.zeros(2, 3, 8, 66, dtype=torch.uint8)[..., 1:65]) is None
-
-
-def test_tile_stacks_scale_groups_and_splits_rows_to_fit_one_tile():
-    from decoquant.kernels.triton.decode_attention import _tile
-
-    k, _ = packed(1, 1, 128, 64, 4, 128, seed=0, preset="channel64-token")
-    assert _tile(k, None, 4) == (128, 2, 4) and _tile(k, None, 8) == (128, 2, 8) and _tile(k, None, 7) == (128, 2, 7)
-    assert _tile(k, None, 16) == (64, 1, 16) and _tile(k, None, 32) == (64, 1, 32) and _tile(k, 32, 4) == (64, 1, 4)
-    k2, _ = packed(1, 1, 128, 64, 2, 128, seed=0, preset="channel64-token")
-    assert _tile(k2, None, 16) == (128, 2, 8) and _tile(k2, None, 32) == (128, 2, 8)
-    assert _tile(k2, None, 17) == (64, 1, 17)
-    paper, _ = packed(1, 1, 128, 64, 4, 128, seed=0)
-    assert _tile(paper, None, 4) == (128, 1, 4) and _tile(paper, 32, 4) == (32, 1, 4)
-    assert _tile(paper, None, 32) == (128, 1, 32)
-    paper2, _ = packed(1, 1, 128, 64, 2, 128, seed=0)
-    assert _tile(paper2, None, 32) == (128, 1, 16)
