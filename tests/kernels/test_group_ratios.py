@@ -64,3 +64,32 @@ def test_tile_stacks_scale_groups_and_splits_rows_to_fit_one_tile():
     assert _tile(paper, None, 32) == (128, 1, 32)
     paper2, _ = packed(1, 1, 128, 64, 2, 128, seed=0)
     assert _tile(paper2, None, 32) == (128, 1, 16)
+    # at 4 bits the rows split only where one block per split leaves SMs idle (batch 1, short contexts)
+    assert _tile(k, None, 32, starved=True) == (128, 2, 8) and _tile(paper, None, 32, starved=True) == (128, 1, 16)
+    assert _tile(k, None, 4, starved=True) == (128, 2, 4)
+
+
+def test_rows_split_only_where_split_k_cannot_fill_the_gpu():
+    from decoquant.kernels.triton.decode_attention import _sms, _starved
+
+    sms = _sms(torch.device(DEVICE))
+    assert _starved(1, 4 * sms - 1, torch.device(DEVICE)) and not _starved(1, 4 * sms, torch.device(DEVICE))
+    assert not _starved(8 * 8, 256, torch.device(DEVICE))  # batch 8 x 8 kv heads x 32k
+
+
+@pytest.mark.parametrize("starved", [False, True], ids=["one-program", "rows-split"])
+@pytest.mark.parametrize("preset", ["paper", "channel64-token"])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_mqa_at_4_bits_matches_reference_with_and_without_the_row_split(preset, starved, monkeypatch):
+    """Both configurations the launcher picks for MQA at 4 bits (32 rows in one program, or split over programs
+    where the GPU is starved), whatever this machine's SM count makes of the shape."""
+    import decoquant.kernels.triton.decode_attention as launcher
+
+    monkeypatch.setattr(launcher, "_starved", lambda *a, **k: starved)
+    k, v = packed(2, 1, 256, 64, 4, 128, seed=3, preset=preset)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 32, 64, generator=gen).to(DEVICE)
+    kv_len, kv_start = torch.tensor([256 - 9, 131], device=DEVICE), torch.tensor([3, 0], device=DEVICE)
+    ref = decode_attention(q, k, v, 0.125, kv_start, kv_len, backend="torch")
+    out = decode_attention(q, k, v, 0.125, kv_start, kv_len, backend="triton", num_splits=2, kernel="mma")
+    assert torch.isfinite(out).all() and rel(out, ref) < tolerance(True) * 2.5

@@ -183,21 +183,23 @@ def _decode_blocks_kernel(
     tl.store(L + b * stride_mb + hq * stride_mh + out_split, l_i, mask=row_ok)
 
 
-def _tile(k: PackedKV, tile: int | None, group: int, max_rows: int = 16) -> tuple[int, int, int]:
+def _tile(k: PackedKV, tile: int | None, group: int, max_rows: int = 16,
+          starved: bool = False) -> tuple[int, int, int]:
     """(tokens per step, scale groups stacked per step, query rows per program) of the mma kernel.
 
     Keys with per-channel scales over groups of cg tokens step by `stack` groups at once, each in its own rows
     of the tile, where rows * stack <= max_rows (H200, default preset, GQA-4, batch 8 x 32k: 0.393 -> 0.238 ms
     for one 128-token step instead of two 64-token ones). Else a program steps by one group with all `group`
-    rows, except at 2 bits, where the group's rows are split over programs until they fit (MQA, batch 8 x 32k:
-    paper preset 0.094 -> 0.062 ms, default 0.123 -> 0.125; at 4 bits the split measured slower, 0.064 -> 0.069
-    and 0.094 -> 0.133: the blocks are read once per program).
+    rows, except at 2 bits or where the GPU is `starved` (one block per split still leaves SMs idle), where the
+    group's rows are split over programs until they fit (MQA, batch 8 x 32k: paper preset 0.094 -> 0.062 ms,
+    default 0.123 -> 0.125; at 4 bits the split measured slower there, 0.064 -> 0.069 and 0.094 -> 0.133, since
+    the blocks are read once per program, but faster at batch 1 x 4k: 0.014 -> 0.013 and 0.017 -> 0.013).
     """
     want = min(tile or 128, k.block_size)
     cg = k.channel_group
     stack = want // cg if cg and want % cg == 0 else 1
     rows = group
-    if rows * stack > max_rows and k.bits == 2:
+    if rows * stack > max_rows and (k.bits == 2 or starved):
         while rows * stack > max_rows and rows % 2 == 0:
             rows //= 2
     if rows * stack > max_rows:
@@ -235,12 +237,21 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+
+
+def _starved(heads: int, n_blocks: int, device: torch.device, per_sm: int = 4) -> bool:
+    """Whether `heads` (sequence, kv head) pairs of `n_blocks` blocks each, one block per split, make fewer than
+    `per_sm` programs per SM."""
+    return heads * n_blocks < per_sm * _sms(device)
+
+
 def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int = 4) -> int:
     """Splits of each sequence's blocks: about `per_sm` programs per SM, rounded up to a power of two (on
     an H100, batch 8 x 8 kv heads x 32k: 5 splits 0.37 ms, 4 or 8 splits 0.28 ms)."""
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    return max(1, min(n_blocks, triton.next_power_of_2(math.ceil(per_sm * sms / max(programs, 1)))))
+    return max(1, min(n_blocks, triton.next_power_of_2(math.ceil(per_sm * _sms(device) / max(programs, 1)))))
 
 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
@@ -278,13 +289,13 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
     group = hq // kvh
-    tile, stack, rows = _tile(k, tile, group)
+    n_blocks = k.tokens // k.block_size
+    tile, stack, rows = _tile(k, tile, group, starved=_starved(b * kvh, n_blocks, q.device))
     group_pad = max(16, triton.next_power_of_2(rows * stack))
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
-    n_blocks = k.tokens // k.block_size
     splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
