@@ -96,6 +96,9 @@ class DecoQuantConfig:
         DecoQuant's "channel"/"group" scale granularities.
     rotation_seed: seed of the random sign flips of the randomized Hadamard rotation (rotation) or of the
         random orthogonal rotation (turboquant).
+    outlier_channels: turboquant only: the channels of each head and block with the largest RMS, kept at
+        bits + 1 by a second TurboQuant instance (the paper's outlier split: 32 of 128 channels at 3 bits and
+        the rest at 2 gives 2.5 bits per code); 0 = off. bits 2 or 3.
 
     Cache fields (used by `DecoQuantCache`)
     ------------
@@ -116,6 +119,7 @@ class DecoQuantConfig:
     num_sites: int = UNSET
     quant_group_size: int = UNSET
     rotation_seed: int = 0
+    outlier_channels: int = 0
     block_size: int = 128
     residual_length: int = 128
     sink_tokens: int = 0
@@ -145,6 +149,13 @@ class DecoQuantConfig:
         _positive_int("quant_group_size", self.quant_group_size)
         _positive_int("residual_length", self.residual_length, 0)
         _positive_int("sink_tokens", self.sink_tokens, 0)
+        _positive_int("outlier_channels", self.outlier_channels, 0)
+        if self.outlier_channels and self.method != "turboquant":
+            raise ValueError(f"outlier_channels={self.outlier_channels} applies to method='turboquant', got "
+                             f"method={self.method!r}")
+        if self.outlier_channels and self.bits not in (2, 3):
+            raise ValueError(f"outlier_channels keeps outliers at bits + 1: bits={self.bits} is not supported with "
+                             "it; allowed values: 2, 3")
         if self.preset is not None:
             if self.method != "decoquant":
                 raise ValueError(f"preset={self.preset!r} applies to method='decoquant', got method={self.method!r}")
@@ -257,6 +268,8 @@ class DecoQuantConfig:
             return f"decoquant-{tag}-{self.bits}b"
         if self.method == "kivi":
             return f"kivi-g{self.quant_group_size}-{self.bits}b"
+        if self.outlier_channels:
+            return f"{self.method}-o{self.outlier_channels}-{self.bits}b"
         return f"{self.method}-{self.bits}b"
 
     def check_head_dim(self, head_dim: int) -> None:
@@ -269,6 +282,9 @@ class DecoQuantConfig:
                     f"head_dim={head_dim}; pass preset=None with a group_size that does: {sizes}")
             raise ValueError(f"group_size={self.group_size} must divide head_dim={head_dim}; allowed group sizes: "
                              f"{sizes}")
+        if self.outlier_channels and not (2 <= self.outlier_channels <= head_dim - 2 and head_dim % 8 == 0):
+            raise ValueError(f"outlier_channels={self.outlier_channels} must lie in [2, head_dim - 2] and head_dim a "
+                             f"multiple of 8, got head_dim={head_dim}")
         if self.method == "rotation" and head_dim & (head_dim - 1):
             raise ValueError(f"method='rotation' needs a power-of-two head_dim, got head_dim={head_dim}")
         if self.method == "kivi" or (self.method == "decoquant" and "group" in (self.granularity("key"),
@@ -286,4 +302,4 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DecoQuantConfig))
 def _kind_spec(config: DecoQuantConfig, kind: str) -> KindSpec:
     return KindSpec(config.method, kind, config.bits, config.granularity(kind), config.quant_group_size,
                     config.is_symmetric, config.group_size, config.ts_sharing, config.num_sites, config.site_factors,
-                    config.layout, config.rotation_seed, config.label())
+                    config.layout, config.rotation_seed, config.label(), config.outlier_channels)

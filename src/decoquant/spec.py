@@ -20,6 +20,7 @@ class KindSpec:
     group_size, ts_sharing, num_sites, site_factors, layout: DecoQuant's MPO (see `DecoQuantConfig`).
     seed: of the rotation (rotation, TurboQuant).
     label: the config's label, for messages.
+    outliers: TurboQuant's outlier channels per head and block, at bits + 1 (0: none).
     """
 
     method: str
@@ -35,6 +36,7 @@ class KindSpec:
     layout: str
     seed: int
     label: str
+    outliers: int = 0
 
     @property
     def scale_group(self) -> int:

@@ -88,7 +88,7 @@ def _run_perplexities(args: argparse.Namespace):
     """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
-    configs = method_configs(methods, bits, _cache_fields(args), _presets(args))
+    configs = method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers)
     source, text = _text(args)
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
@@ -107,6 +107,9 @@ def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None
                    help="DecoQuant's recipes, comma-separated from paper, kv-split, channel64-token (default: the "
                         "paper's and the frontier's choice)")
     p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
+    p.add_argument("--turboquant-outliers", type=int, default=0,
+                   help="with turboquant at 2 or 3 bits: also run it with this many outlier channels per head at "
+                        "one more bit (the paper's split: 32 of 128)")
     _add_window_args(p, max_windows)
 
 

@@ -19,15 +19,22 @@ RETRIEVAL_TASKS = {  # task: (report heading, what the prompts are)
 Sections = tuple[list[str], dict]
 
 
-def method_configs(methods: list[str], bits: list[int], fields: dict, presets: list[str] = ("paper",)) -> list:
+def method_configs(methods: list[str], bits: list[int], fields: dict, presets: list[str] = ("paper",),
+                   turboquant_outliers: int = 0) -> list:
     """fp16 (None = transformers' DynamicCache) and one config per method and bit width (DecoQuant: one per
-    preset)."""
+    preset; TurboQuant also with `turboquant_outliers` outlier channels where the width takes them, 2 and 3
+    bits)."""
     out = [None] if "fp16" in methods else []
     for b in bits:
         for m in methods:
             if m == "fp16":
                 continue
-            for extra in ([{"preset": p} for p in presets] if m == "decoquant" else [{}]):
+            extras = [{}]
+            if m == "decoquant":
+                extras = [{"preset": p} for p in presets]
+            elif m == "turboquant" and turboquant_outliers and b in (2, 3):
+                extras.append({"outlier_channels": turboquant_outliers})
+            for extra in extras:
                 out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
     return out
 
