@@ -29,7 +29,7 @@ TS_SHARING = ("layer", "head")
 #   channel     one scale per channel over groups of `quant_group_size` tokens (KIVI keys)
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
-PRESETS = (None, "paper", "kv-split", "channel64-token")
+PRESETS = (None, "paper", "kv-split", "channel64-token", "channel64-clip")
 # the scale granularity of each method's keys and values (DecoQuant's: its fields)
 METHOD_GRANULARITY = {"rtn": ("token", "token"), "kivi": ("channel", "group"), "rotation": ("token_head",) * 2,
                       "turboquant": ("token_head",) * 2, "none": ("token", "token")}
@@ -46,7 +46,7 @@ class _Unset:
 UNSET: Any = _Unset()
 # the fields a preset may pin, with their values when no preset pins them
 PINNABLE = dict(group_size=16, layout="group", ts_sharing="layer", scale_granularity="token",
-                value_scale_granularity=None, symmetric=None, num_sites=2, quant_group_size=32)
+                value_scale_granularity=None, symmetric=None, num_sites=2, quant_group_size=32, clip_keys=False)
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -69,14 +69,15 @@ class DecoQuantConfig:
     ------------
     method: "decoquant" | "rtn" | "kivi" | "rotation" | "turboquant" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
-    preset: None, "paper", "kv-split" or "channel64-token". "paper" forces DecoQuant's published
+    preset: None, "paper", "kv-split", "channel64-token" or "channel64-clip". "paper" forces DecoQuant's published
         recipe: group layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized
         symmetrically with one absmax scale per token over all heads. The other two keep that T_S
         and quantize T_L asymmetrically with KIVI's split: keys per T_L channel, values per token.
         "kv-split": key scales over the whole block, value scales per token and head.
         "channel64-token" (the frontier's choice, docs/results/frontier.md): key scales over
         64-token groups, value scales per token over all heads; block_size must be a multiple of
-        64. The fused kernel reads both (key scale groups of 32, 64 or 128 tokens). A field a preset
+        64. "channel64-clip": channel64-token with clip_keys. The fused kernel reads them all (key scale groups
+        of 32, 64 or 128 tokens). A field a preset
         pins (PINNABLE) is left out or given the preset's value; any other value, the field's default
         included, is a ValueError, never silently replaced.
     group_size: g, the number of consecutive channels of one head that one row of the MPO matrix
@@ -94,6 +95,9 @@ class DecoQuantConfig:
         quantized; the others factorize the g x g small tensor and stay fp16.
     quant_group_size: group size of KIVI's groups (tokens for keys, channels for values) and of
         DecoQuant's "channel"/"group" scale granularities.
+    clip_keys: DecoQuant and KIVI with asymmetric keys: each key scale group's range is searched among
+        shrunk min/max ranges for the smallest squared error (`quant.CLIP_RATIOS`; the group's own data, same
+        stored format, so the fused kernels read it as they read unclipped keys).
     rotation_seed: seed of the random sign flips of the randomized Hadamard rotation (rotation) or of the
         random orthogonal rotation (turboquant).
     outlier_channels: turboquant only: the channels of each head and block with the largest RMS, kept at
@@ -118,6 +122,7 @@ class DecoQuantConfig:
     symmetric: bool | None = UNSET
     num_sites: int = UNSET
     quant_group_size: int = UNSET
+    clip_keys: bool = UNSET
     rotation_seed: int = 0
     outlier_channels: int = 0
     block_size: int = 128
@@ -150,6 +155,12 @@ class DecoQuantConfig:
         _positive_int("residual_length", self.residual_length, 0)
         _positive_int("sink_tokens", self.sink_tokens, 0)
         _positive_int("outlier_channels", self.outlier_channels, 0)
+        _choice("clip_keys", self.clip_keys, (False, True))
+        if self.clip_keys and self.method not in ("decoquant", "kivi"):
+            raise ValueError(f"clip_keys applies to method='decoquant' or 'kivi', got method={self.method!r}")
+        if self.clip_keys and self.is_symmetric:
+            raise ValueError("clip_keys searches the range of asymmetric (min/max) key codes, but symmetric=True; "
+                             "pass symmetric=False or a preset with asymmetric keys (channel64-token, kv-split)")
         if self.outlier_channels and self.method != "turboquant":
             raise ValueError(f"outlier_channels={self.outlier_channels} applies to method='turboquant', got "
                              f"method={self.method!r}")
@@ -159,8 +170,8 @@ class DecoQuantConfig:
         if self.preset is not None:
             if self.method != "decoquant":
                 raise ValueError(f"preset={self.preset!r} applies to method='decoquant', got method={self.method!r}")
-            if self.preset == "channel64-token" and self.block_size % 64:
-                raise ValueError(f"preset='channel64-token' groups keys by 64 tokens: block_size={self.block_size} "
+            if self.preset in ("channel64-token", "channel64-clip") and self.block_size % 64:
+                raise ValueError(f"preset={self.preset!r} groups keys by 64 tokens: block_size={self.block_size} "
                                  "must be a multiple of 64")
         if self.num_sites > 2 and self.layout == "channel":
             raise ValueError("num_sites > 2 is only defined for layout='group'")
@@ -263,11 +274,13 @@ class DecoQuantConfig:
             tag = self.preset or f"g{self.group_size}-{self.scale_granularity}"
             if self.preset is None and self.value_scale_granularity not in (None, self.scale_granularity):
                 tag += f"-v{self.value_scale_granularity}"
+            if self.clip_keys and self.preset != "channel64-clip":
+                tag += "-clip"
             if self.layout == "channel":
                 tag += "-channel"
             return f"decoquant-{tag}-{self.bits}b"
         if self.method == "kivi":
-            return f"kivi-g{self.quant_group_size}-{self.bits}b"
+            return f"kivi-g{self.quant_group_size}{'-clip' if self.clip_keys else ''}-{self.bits}b"
         if self.outlier_channels:
             return f"{self.method}-o{self.outlier_channels}-{self.bits}b"
         return f"{self.method}-{self.bits}b"
@@ -302,4 +315,5 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DecoQuantConfig))
 def _kind_spec(config: DecoQuantConfig, kind: str) -> KindSpec:
     return KindSpec(config.method, kind, config.bits, config.granularity(kind), config.quant_group_size,
                     config.is_symmetric, config.group_size, config.ts_sharing, config.num_sites, config.site_factors,
-                    config.layout, config.rotation_seed, config.label(), config.outlier_channels)
+                    config.layout, config.rotation_seed, config.label(), config.outlier_channels,
+                    config.clip_keys and kind == "key")

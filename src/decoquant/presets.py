@@ -14,6 +14,8 @@ def preset_fields(preset: str, block_size: int) -> dict[str, Any]:
         return dict(group_size=16, ts_sharing="layer", scale_granularity="channel",
                     value_scale_granularity="token_head", symmetric=False, num_sites=2, layout="group",
                     quant_group_size=block_size)
-    # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md)
-    return dict(group_size=16, ts_sharing="layer", scale_granularity="channel", value_scale_granularity="token",
-                symmetric=False, num_sites=2, layout="group", quant_group_size=64)
+    fields = dict(group_size=16, ts_sharing="layer", scale_granularity="channel", value_scale_granularity="token",
+                  symmetric=False, num_sites=2, layout="group", quant_group_size=64)
+    # "channel64-token": chosen from the quality-per-bit frontier (docs/results/frontier.md); "channel64-clip":
+    # the same with the key range search (`clip_keys`)
+    return {**fields, "clip_keys": preset == "channel64-clip"}

@@ -7,6 +7,11 @@ Two quantizers:
 - asymmetric min/max: scale = (max - min) / (2**B - 1) (clamped), zero = min,
   code = round((x - zero) / scale) in [0, 2**B - 1], x_hat = code * scale + zero.
 
+With `clip=True` the asymmetric quantizer searches each slice's range: [lo + f (hi - lo), hi - f (hi - lo)]
+for f = (1 - a) / 2 over the shrink ratios a of CLIP_RATIOS (1 first: the plain min/max range), keeping the
+one whose fp16-stored reconstruction has the smallest squared error over the slice (ties: the earlier ratio).
+Values outside the shrunk range clamp to its end codes. Same stored form, the slice's own data only.
+
 Rounding is round-half-to-even (`torch.round`). Scales and zeros are stored in fp16, and codes are
 computed against the fp16 scale, so the stored form decodes to exactly what fake quantization
 returns.
@@ -23,6 +28,9 @@ import torch
 
 SCALE_MIN = 1e-5
 PARAM_DTYPE = torch.float16
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 def qmax_symmetric(bits: int) -> int:
@@ -43,10 +51,12 @@ class QTensor:
         return self.zero is None
 
 
-def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric: bool = True) -> QTensor:
+def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric: bool = True,
+             clip: bool = False) -> QTensor:
     """Quantize `x` with one scale (and zero) per slice over `reduce_dims`.
 
-    x: any float tensor; reduce_dims: the dims that share a scale (e.g. (-1,) = per row).
+    x: any float tensor; reduce_dims: the dims that share a scale (e.g. (-1,) = per row); clip: search each
+    slice's range (asymmetric only, see the module docstring).
     Returns codes (uint8, shape of x) and fp16 parameters with size 1 on `reduce_dims`.
     """
     xf = x.float()
@@ -56,13 +66,31 @@ def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric
         scale = (absmax / qmax).clamp_min(SCALE_MIN).to(PARAM_DTYPE)
         codes = torch.round(xf / scale.float()).clamp_(-qmax, qmax) + qmax
         return QTensor(codes.to(torch.uint8), scale, None, bits)
-    top = 2**bits - 1
     lo = xf.amin(dim=reduce_dims, keepdim=True)
     hi = xf.amax(dim=reduce_dims, keepdim=True)
+    if not clip:
+        return QTensor(*_asymmetric(xf, lo, hi, bits), bits)
+    best = best_err = None
+    for ratio in CLIP_RATIOS:
+        f = (1.0 - ratio) / 2
+        cand = _asymmetric(xf, lo + f * (hi - lo), hi - f * (hi - lo), bits)
+        err = (cand[0].float() * cand[1].float() + cand[2].float() - xf).pow(2).sum(dim=reduce_dims, keepdim=True)
+        if best is None:
+            best, best_err = cand, err
+            continue
+        take = err < best_err
+        best_err = torch.where(take, err, best_err)
+        best = tuple(torch.where(take, n, o) for n, o in zip(cand, best))
+    return QTensor(*best, bits)
+
+
+def _asymmetric(xf: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """(codes uint8, scale, zero) of xf over the range [lo, hi] (broadcast), parameters stored in fp16."""
+    top = 2**bits - 1
     zero = lo.to(PARAM_DTYPE)
     scale = ((hi - zero.float()) / top).clamp_min(SCALE_MIN).to(PARAM_DTYPE)
     codes = torch.round((xf - zero.float()) / scale.float()).clamp_(0, top)
-    return QTensor(codes.to(torch.uint8), scale, zero, bits)
+    return codes.to(torch.uint8), scale, zero
 
 
 def dequantize(q: QTensor) -> torch.Tensor:
@@ -109,22 +137,23 @@ def ungroup(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 GRANULARITIES = ("token", "token_head", "channel", "group")
 
 
-def quantize_kv(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, group: int = 32) -> QTensor:
+def quantize_kv(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, group: int = 32,
+                clip: bool = False) -> QTensor:
     """Quantize x [B, H, T, C] at a KV granularity. Codes keep x's shape; scale/zero have the
-    grouped shape ([B,1,T,1], [B,H,T,1], [B,H,ceil(T/G),1,C] or [B,H,T,C/G,1])."""
+    grouped shape ([B,1,T,1], [B,H,T,1], [B,H,ceil(T/G),1,C] or [B,H,T,C/G,1]). clip: see `quantize`."""
     if granularity == "token":
-        return quantize(x, bits, (1, 3), symmetric)
+        return quantize(x, bits, (1, 3), symmetric, clip)
     if granularity == "token_head":
-        return quantize(x, bits, (3,), symmetric)
+        return quantize(x, bits, (3,), symmetric, clip)
     if granularity == "channel":
         view, n = group_view(x, 2, group)
-        q = quantize(view, bits, (3,), symmetric)
+        q = quantize(view, bits, (3,), symmetric, clip)
         q.codes = ungroup(q.codes, 2, n)
         return q
     if granularity == "group":
         group = min(group, x.shape[-1])
         view, n = group_view(x, 3, group)
-        q = quantize(view, bits, (4,), symmetric)
+        q = quantize(view, bits, (4,), symmetric, clip)
         q.codes = ungroup(q.codes, 3, n)
         return q
     raise ValueError(f"granularity={granularity!r} is not supported; allowed values: {GRANULARITIES}")

@@ -21,6 +21,7 @@ class KindSpec:
     seed: of the rotation (rotation, TurboQuant).
     label: the config's label, for messages.
     outliers: TurboQuant's outlier channels per head and block, at bits + 1 (0: none).
+    clip: search each scale group's range for the smallest squared error (`quant.quantize`).
     """
 
     method: str
@@ -37,6 +38,7 @@ class KindSpec:
     seed: int
     label: str
     outliers: int = 0
+    clip: bool = False
 
     @property
     def scale_group(self) -> int:

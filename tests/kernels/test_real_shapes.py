@@ -1,6 +1,6 @@
 """The decode kernels at the shapes models serve (head_dim 128, thousands of tokens, the launcher's own choice
 of kernel, tile, splits and word view) against the torch reference: Llama-3-8B (32 query / 8 kv heads),
-Qwen2.5-7B (28 / 4), MQA (32 / 1) and MHA (32 / 32), both presets and every code width the kernels read, with
+Qwen2.5-7B (28 / 4), MQA (32 / 1) and MHA (32 / 32), every preset and code width the kernels read, with
 left padding, ragged lengths, a window and blocks stored exact. These shapes take minutes in Triton's
 interpreter, so they run on the GPU only; the interpreter runs the same paths at head_dim 64 in
 test_group_ratios.py and test_exact_blocks.py."""
@@ -19,7 +19,7 @@ LAYOUTS = [(32, 8), (28, 4), (32, 1), (32, 32)]  # (query heads, kv heads)
 TOKENS = 2048
 
 
-@pytest.mark.parametrize("preset", ["paper", "channel64-token"])
+@pytest.mark.parametrize("preset", ["paper", "channel64-token", "channel64-clip"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[f"q{q}kv{k}" for q, k in LAYOUTS])
 @pytest.mark.usefixtures("poisoned_outputs")

@@ -65,7 +65,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
 
 
-PRESET_CHOICES = ("paper", "kv-split", "channel64-token")
+PRESET_CHOICES = ("paper", "kv-split", "channel64-token", "channel64-clip")
 
 
 def _presets(args: argparse.Namespace) -> list[str]:
@@ -88,7 +88,8 @@ def _run_perplexities(args: argparse.Namespace):
     """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
-    configs = method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers)
+    configs = method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers,
+                             args.kivi_clip)
     source, text = _text(args)
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
@@ -104,12 +105,14 @@ def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated from {','.join(('fp16',) + CACHE_METHODS)} (decoquant = --preset)")
     p.add_argument("--preset", default="paper,channel64-token",
-                   help="DecoQuant's recipes, comma-separated from paper, kv-split, channel64-token (default: the "
+                   help=f"DecoQuant's recipes, comma-separated from {', '.join(PRESET_CHOICES)} (default: the "
                         "paper's and the frontier's choice)")
     p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
     p.add_argument("--turboquant-outliers", type=int, default=0,
                    help="with turboquant at 2 or 3 bits: also run it with this many outlier channels per head at "
                         "one more bit (the paper's split: 32 of 128)")
+    p.add_argument("--kivi-clip", action="store_true",
+                   help="also run KIVI with the key range search (clip_keys), as the channel64-clip preset does")
     _add_window_args(p, max_windows)
 
 

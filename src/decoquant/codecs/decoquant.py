@@ -184,7 +184,8 @@ def encode(x: torch.Tensor, spec) -> Encoded:
         t_l = torch.where(deficient[..., None, None], m.to(t_l.dtype), t_l)
         sites[1] = torch.where(deficient[..., None, None, None, None], eye, sites[1])
         unsafe, fallback = torch.zeros_like(unsafe), _per_row(deficient)
-    q = quantize_kv(t_l.reshape(x.shape), spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size)
+    q = quantize_kv(t_l.reshape(x.shape), spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size,
+                    spec.clip)
     params = {"scale": q.scale}
     if q.zero is not None:
         params["zero"] = q.zero

@@ -11,7 +11,8 @@ from .base import Codec, Encoded, from_qtensor
 
 
 def encode(x: torch.Tensor, spec) -> Encoded:  # spec.granularity: keys "channel", values "group"
-    return from_qtensor(quantize_kv(x, spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size))
+    return from_qtensor(quantize_kv(x, spec.bits, spec.granularity, spec.symmetric, spec.quant_group_size,
+                                    spec.clip))
 
 
 def decode(enc: Encoded, spec, shape: tuple[int, ...]) -> torch.Tensor:
