@@ -66,6 +66,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
 
 
 PRESET_CHOICES = ("paper", "kv-split", "channel64-token", "channel64-clip")
+KIVI_GROUPS = (16, 32, 64, 128)
 
 
 def _presets(args: argparse.Namespace) -> list[str]:
@@ -89,7 +90,7 @@ def _run_perplexities(args: argparse.Namespace):
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
     configs = method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers,
-                             args.kivi_clip)
+                             args.kivi_clip, _parse_list(args.kivi_groups, KIVI_GROUPS, int))
     source, text = _text(args)
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids
@@ -111,6 +112,8 @@ def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None
     p.add_argument("--turboquant-outliers", type=int, default=0,
                    help="with turboquant at 2 or 3 bits: also run it with this many outlier channels per head at "
                         "one more bit (the paper's split: 32 of 128)")
+    p.add_argument("--kivi-groups", default="32", help=f"KIVI's group sizes, comma-separated from "
+                                                       f"{','.join(map(str, KIVI_GROUPS))}")
     p.add_argument("--kivi-clip", action="store_true",
                    help="also run KIVI with the key range search (clip_keys), as the channel64-clip preset does")
     _add_window_args(p, max_windows)
