@@ -235,22 +235,25 @@ def test_int_dot_reads_what_packing_writes(bits):
     assert torch.equal(acc.cpu().long(), m * (wts[0] * codes[0] + wts[1] * codes[1]).long())
 
 
-@pytest.mark.parametrize("window", [0, 5, 37, 133])
+@pytest.mark.parametrize("window,s", [(0, 3), (5, 3), (37, 3), (133, 3), (37, 70)])
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_merge_with_window_matches_reference(window):
+def test_merge_with_window_matches_reference(window, s):
     """The merge kernel: split partials (one split empty, as past a short sequence's end) with an exact
     window read through a non-contiguous view, GQA (2 query heads per kv head), a validity mask with one
-    sequence's window fully masked, 3 splits (not a power of two)."""
+    sequence's window fully masked, 3 splits (not a power of two) or 70 (merged in chunks, a whole chunk of
+    them empty for one sequence)."""
     from decoquant.kernels.reference import merge_window_reference
     from decoquant.kernels.triton.merge import merge_with_window
 
-    gen = torch.Generator().manual_seed(window)
-    b, hq, kvh, s, d = 3, 4, 2, 3, 64
+    gen = torch.Generator().manual_seed(window + s)
+    b, hq, kvh, d = 3, 4, 2, 64
     q = torch.randn(b, hq, d, generator=gen)
     o = torch.randn(b, hq, s, d, generator=gen) * 5
     m = torch.randn(b, hq, s, generator=gen) * 3
     l_ = torch.rand(b, hq, s, generator=gen) + 0.5
     m[1, :, 2], l_[1, :, 2], o[1, :, 2] = float("-inf"), 0.0, 0.0  # an empty split
+    if s > 64:
+        m[0, :, :40], l_[0, :, :40], o[0, :, :40] = float("-inf"), 0.0, 0.0  # empty chunks first
     wk = torch.randn(b, kvh, window + 3, d, generator=gen)[:, :, 3:]  # a view into a larger buffer
     wv = torch.randn(b, kvh, window + 3, d, generator=gen)[:, :, 3:]
     wk[..., 7] *= 20  # an outlier channel
