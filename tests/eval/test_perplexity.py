@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import decoquant as dq  # noqa: E402
 from decoquant.cache import CompressedKVStore, exact_capacity  # noqa: E402
-from decoquant.eval.perplexity import perplexities, perplexity, shared_chunks  # noqa: E402
+from decoquant.eval.perplexity import paired_se_pct, perplexities, perplexity, shared_chunks  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
@@ -44,6 +44,7 @@ def test_forked_caches_equal_full_runs(name):
         assert a.nll == pytest.approx(b.nll, rel=1e-5, abs=1e-6)
         assert a.kl_mean == pytest.approx(b.kl_mean, rel=1e-4, abs=1e-7)
         assert a.kl_p99 == pytest.approx(b.kl_p99, rel=1e-4, abs=1e-7)
+        assert a.delta_se_pct == pytest.approx(b.delta_se_pct, rel=1e-4, abs=1e-6)
         assert a.bytes_per_token == b.bytes_per_token
         assert a.perplexity == pytest.approx(math.exp(a.nll))
     fp16, dq2, kivi, rtn, never = fast
@@ -52,6 +53,7 @@ def test_forked_caches_equal_full_runs(name):
         assert dq2.kl_mean == 0.0 and dq2.bytes_per_token == fp16.bytes_per_token
         return
     assert dq2.kl_mean > 1e-6 and kivi.kl_mean > 1e-6 and dq2.kl_p99 > dq2.kl_mean
+    assert fp16.delta_se_pct == 0.0 and dq2.delta_se_pct > 0.0
     assert dq2.bytes_per_token < fp16.bytes_per_token
 
 
@@ -98,3 +100,9 @@ def test_kept_decoded_history_equals_decoding_every_step():
     assert mem["total"] == plain.memory()["total"]
     with pytest.raises(ValueError, match="keep_decoded"):
         CompressedKVStore(cfg, keep_decoded="yes")
+
+
+def test_paired_standard_error_of_the_delta():
+    # windows whose mean NLL is 0.1 and 0.3 above the reference's: delta exp(0.2) - 1, s.e. exp(0.2) * 0.1
+    assert paired_se_pct([1.1, 2.3], [1.0, 2.0]) == pytest.approx(100 * math.exp(0.2) * 0.1)
+    assert math.isnan(paired_se_pct([1.1], [1.0]))

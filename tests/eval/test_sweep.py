@@ -54,3 +54,13 @@ def test_sweep_refuses_windows_that_compress_nothing():
 
     with pytest.raises(ValueError, match="no token would read a compressed block"):
         run_sweep(None, None, [DecoQuantConfig(method="rtn", bits=4)], window=256, chunk=128, max_windows=1)
+
+
+def test_sweep_table_rows_fill_every_column():
+    from decoquant.eval.sweep import SweepPoint, sweep_table
+
+    pts = [SweepPoint("kivi-g32-2b", "kivi", 2, 3.0, 21.5, 2.1, kl_mean=0.0274, kl_p99=0.361, delta_se_pct=0.12),
+           SweepPoint("rtn-2b", "rtn", 2, 2.1, 80.0, 278.4)]
+    header, rule, *rows = sweep_table(pts).splitlines()
+    assert all(r.count("|") == header.count("|") == rule.count("|") for r in rows)
+    assert "| 0.0274 | 0.361 |" in rows[1] and "| 0.12% |" in rows[1] and "| - |" in rows[0]

@@ -38,6 +38,8 @@ class PerplexityResult:
     history_bits: float  # the same over everything older than the window: blocks and fp16 sinks
     kl_mean: float = 0.0  # KL(reference || this cache) of the next-token distribution, mean over predicted tokens
     kl_p99: float = 0.0  # its 99th percentile
+    delta_se_pct: float = float("nan")  # standard error of the perplexity delta to fp16 over windows, in % (paired:
+    # the same windows through both; nan with one window)
 
 
 def make_cache(model, config: DecoQuantConfig | None):
@@ -102,7 +104,7 @@ class _Tally:
     """One cache's sums over windows."""
 
     def __init__(self):
-        self.nll, self.count, self.kl = 0.0, 0, []
+        self.nll, self.count, self.kl, self.window_nll = 0.0, 0, [], []
         self.bpt = self.fp16_bpt = 0.0
         self.block_bytes = self.block_elems = self.sink_elems = 0
 
@@ -114,14 +116,23 @@ class _Tally:
         self.block_elems += elems
         self.sink_elems += sinks if elems else 0
 
-    def result(self, label: str, windows: int) -> PerplexityResult:
+    def result(self, label: str, windows: int, reference: list[float]) -> PerplexityResult:
         nll = self.nll / self.count
         kl = kl_summary(torch.cat(self.kl))
         bb, be, se = self.block_bytes, self.block_elems, self.sink_elems
         return PerplexityResult(label, math.exp(nll), nll, self.count, windows, self.bpt / windows,
                                 self.fp16_bpt / windows, 8.0 * bb / be if be else float("nan"),
                                 (8.0 * bb + 16.0 * se) / (be + se) if be else float("nan"),
-                                kl["kl_mean"], kl["kl_p99"])
+                                kl["kl_mean"], kl["kl_p99"], paired_se_pct(self.window_nll, reference))
+
+
+def paired_se_pct(window_nll: list[float], reference: list[float]) -> float:
+    """Standard error, in %, of the perplexity delta exp(mean d) - 1 where d = per-window mean NLL minus the
+    reference's on the same window (delta method: d(exp x) = exp x dx at the mean)."""
+    if len(window_nll) < 2:
+        return float("nan")
+    d = torch.tensor(window_nll, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    return float(100.0 * math.exp(float(d.mean())) * d.std() / math.sqrt(d.numel()))
 
 
 def _chunk_logprobs(model, piece: torch.Tensor, cache) -> torch.Tensor:
@@ -149,6 +160,7 @@ def perplexities(model, input_ids: torch.Tensor, configs: list, window: int = 10
     shared = [shared_chunks(c, chunk, len(starts)) if share_prefix else 0 for c in configs]
     keep = max([min(s * chunk, window) for s, c in zip(shared, configs) if c is not None], default=0)
     tallies = [_Tally() for _ in configs]
+    reference: list[float] = []  # the uncompressed cache's mean NLL per window
     steps = [(w, i) for w in range(n_windows) for i in range(len(configs))]
     ref_logp = ref_nll = ref = recorded = targets = rec = None
     for w, i in (steps if progress is None else progress(steps)):
@@ -176,8 +188,11 @@ def perplexities(model, input_ids: torch.Tensor, configs: list, window: int = 10
             tally.add_bytes(cache, window)
         tally.nll += float(nll.double().sum())
         tally.count += nll.numel()
+        tally.window_nll.append(float(nll.double().mean()))
+        if i == 0:
+            reference.append(float(ref_nll.double().mean()))
         tally.kl.append(kl.float().cpu())
-    return [t.result("fp16" if c is None else c.label(), n_windows) for t, c in zip(tallies, configs)]
+    return [t.result("fp16" if c is None else c.label(), n_windows, reference) for t, c in zip(tallies, configs)]
 
 
 def perplexity(model, input_ids: torch.Tensor, config: DecoQuantConfig | None, window: int = 1024,

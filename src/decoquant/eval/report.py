@@ -11,15 +11,17 @@ from .perplexity import PerplexityResult
 
 
 def perplexity_table(results: Sequence[PerplexityResult]) -> str:
-    """One row per cache; deltas against the first row when it is the fp16 baseline."""
+    """One row per cache; deltas against the first row when it is the fp16 baseline, with their standard error over
+    the windows (paired: every cache reads the same windows)."""
     base = results[0].perplexity if results and results[0].label == "fp16" else None
-    lines = ["| cache | perplexity | delta vs fp16 | KL mean | KL p99 | bytes/token | vs fp16 cache "
+    lines = ["| cache | perplexity | delta vs fp16 | ± s.e. | KL mean | KL p99 | bytes/token | vs fp16 cache "
              "| block bits/elem |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         delta = f"{100 * (r.perplexity / base - 1):+.2f}%" if base else "-"
         bits = "-" if math.isnan(r.block_bits) else f"{r.block_bits:.3f}"
-        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {r.kl_mean:.4f} | {r.kl_p99:.3f} | "
+        se = f"{r.delta_se_pct:.2f}%" if base and r.label != "fp16" and not math.isnan(r.delta_se_pct) else "-"
+        lines.append(f"| {r.label} | {r.perplexity:.3f} | {delta} | {se} | {r.kl_mean:.4f} | {r.kl_p99:.3f} | "
                      f"{r.bytes_per_token:.0f} | "
                      f"{r.bytes_per_token / r.fp16_bytes_per_token:.3f}x | {bits} |")
     return "\n".join(lines)

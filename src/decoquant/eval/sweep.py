@@ -8,6 +8,7 @@ lower delta. `matched_budgets` answers "at about B bits, which setting of each m
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -79,6 +80,7 @@ class SweepPoint:
     lambada_delta: float | None = None  # LAMBADA accuracy minus fp16's, points (paper protocol), if run
     kl_mean: float = 0.0  # KL divergence to fp16's next-token distribution, mean over predicted tokens
     kl_p99: float = 0.0  # its 99th percentile
+    delta_se_pct: float = float("nan")  # standard error of delta_pct over the windows (paired with fp16's)
 
 
 def mark_frontier(points: Sequence[SweepPoint]) -> None:
@@ -102,13 +104,14 @@ def matched_budgets(points: Sequence[SweepPoint], budgets: Sequence[float], slac
 
 def sweep_table(points: Sequence[SweepPoint]) -> str:
     acc = any(p.lambada_delta is not None for p in points)
-    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | KL mean | KL p99 | frontier |"
+    lines = ["| setting | bits | effective bits | perplexity | delta vs fp16 | ± s.e. | KL mean | KL p99 | frontier |"
              + (" LAMBADA delta |" if acc else ""),
-             "|---|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
+             "|---|---:|---:|---:|---:|---:|---:|---:|:---:|" + ("---:|" if acc else "")]
     for p in sorted(points, key=lambda p: (p.effective_bits, p.delta_pct)):
         extra = "" if not acc else (" - |" if p.lambada_delta is None else f" {p.lambada_delta:+.1f} |")
+        se = "-" if math.isnan(p.delta_se_pct) else f"{p.delta_se_pct:.2f}%"
         lines.append(f"| {p.label} | {p.bits} | {p.effective_bits:.3f} | {p.quality:.3f} | {p.delta_pct:+.2f}% | "
-                     f"{'*' if p.frontier else ''} |" + extra)
+                     f"{se} | {p.kl_mean:.4f} | {p.kl_p99:.3f} | {'*' if p.frontier else ''} |" + extra)
     return "\n".join(lines)
 
 
@@ -147,7 +150,7 @@ def run_sweep(model, ids, configs: Sequence[DecoQuantConfig], window: int, chunk
     results = perplexities(model, ids, [None, *configs], window, chunk, max_windows, progress)
     base = results[0].perplexity
     points = [SweepPoint(describe(c), c.method, c.bits, r.history_bits, r.perplexity, 100 * (r.perplexity / base - 1),
-                         config=c.to_dict(), kl_mean=r.kl_mean, kl_p99=r.kl_p99)
+                         config=c.to_dict(), kl_mean=r.kl_mean, kl_p99=r.kl_p99, delta_se_pct=r.delta_se_pct)
               for c, r in zip(configs, results[1:])]
     mark_frontier(points)
     return base, points
