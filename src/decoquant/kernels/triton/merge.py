@@ -13,10 +13,6 @@ import triton
 import triton.language as tl
 
 
-SPLIT_CHUNK = 32  # split partials merged per step
-WINDOW_CHUNK = 32  # window tokens attended per step
-
-
 # the window length, the split count and the strides that follow the window's length change from step to
 # step: not specialized on (a recompile in the middle of a generation costs ~1 s)
 @triton.jit(do_not_specialize=["splits", "window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh",
@@ -30,32 +26,19 @@ def _merge_window_kernel(
     stride_wvb, stride_wvh, stride_wvt,
     stride_vb, stride_vt,
     sm_scale, splits, window,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SC: tl.constexpr, WC: tl.constexpr,
+    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, WC: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
     h = (pid % HQ).to(tl.int64)
     dims = tl.arange(0, D)
-    # the split partials in chunks of SC, merged online (a batch-1 step has up to 256 of them per head: one
-    # [256, D] load spilled registers)
-    m_p = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
-    l_p = tl.sum(tl.zeros([1], tl.float32), 0)
-    o_p = tl.zeros([D], tl.float32)
-    for s0 in range(0, splits, SC):
-        s = s0 + tl.arange(0, SC)
-        s_ok = s < splits
-        m = tl.load(M + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=float("-inf"))
-        l_ = tl.load(L + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=0.0)
-        o = tl.load(O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + dims[None, :],
-                    mask=s_ok[:, None], other=0.0)
-        m_new = tl.maximum(m_p, tl.max(m, 0))
-        m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_p - m_s)
-        w = tl.exp(m - m_s)
-        l_p = l_p * alpha + tl.sum(w * l_, 0)
-        o_p = o_p * alpha + tl.sum(w[:, None] * o, 0)
-        m_p = m_new
+    s = tl.arange(0, S_PAD)
+    s_ok = s < splits
+    m = tl.load(M + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=float("-inf"))
+    l_ = tl.load(L + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + dims[None, :], mask=s_ok[:, None],
+                other=0.0)
     # the window in chunks of WC tokens, online softmax (no recompiles as it grows, bounded registers)
     m_w = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
     l_w = tl.sum(tl.zeros([1], tl.float32), 0)
@@ -80,12 +63,12 @@ def _merge_window_kernel(
             l_w = l_w * alpha + tl.sum(p, 0)
             o_w = o_w * alpha + tl.sum(p[:, None] * v, 0)
             m_w = m_new
-    m_all = tl.maximum(m_p, m_w)
+    m_all = tl.maximum(tl.max(m, 0), m_w)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # nothing attended at all: 0 / 0, as the reference
-    w = tl.exp(m_p - m_safe)
+    w = tl.exp(m - m_safe)
     w_w = tl.exp(m_w - m_safe)
-    num = w * o_p + w_w * o_w
-    den = w * l_p + w_w * l_w
+    num = tl.sum(w[:, None] * o, 0) + w_w * o_w
+    den = tl.sum(w * l_, 0) + w_w * l_w
     tl.store(OUT + pid.to(tl.int64) * D + dims, num / den)
 
 
@@ -117,7 +100,7 @@ def merge_with_window(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torc
         window_v.stride(0), window_v.stride(1), window_v.stride(2),
         vb, vt,
         sm_scale, splits, w,
-        HQ=hq, GROUP=hq // kvh, D=d, SC=min(SPLIT_CHUNK, triton.next_power_of_2(splits)), WC=WINDOW_CHUNK,
+        HQ=hq, GROUP=hq // kvh, D=d, S_PAD=triton.next_power_of_2(splits), WC=32,
         HAS_WINDOW=w > 0, HAS_VALID=valid is not None, num_warps=4,
     )
     return out
