@@ -78,3 +78,18 @@ def fit_head_dim(config: DecoQuantConfig, head_dim: int) -> DecoQuantConfig:
                   f"{config.label()} runs with group_size={g} ({fitted.label()}); the fused GPU kernels need 16 "
                   "or 32", stacklevel=3)
     return fitted
+
+
+def resolve_config(config: DecoQuantConfig | None, options: dict, head_dim: int) -> DecoQuantConfig:
+    """The config a cache runs: `config` with `options` (config fields) applied; config None picks the default,
+    the frontier's preset `DecoQuantConfig(preset="channel64-token", sink_tokens=4)` (docs/results/frontier.md),
+    or with `method=` another codec, that codec's own defaults with 4 sink tokens; a default whose group size
+    does not divide head_dim is fitted to it (`fit_head_dim`)."""
+    if config is not None:
+        return config.replace(**options) if options else config
+    if options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
+        config = DecoQuantConfig(sink_tokens=4, **options)
+    else:
+        config = DecoQuantConfig(preset="channel64-token", sink_tokens=4)
+        config = config.replace(**options) if options else config
+    return fit_head_dim(config, head_dim)

@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..cache import CompressedKVStore
 from ..config import DecoQuantConfig
-from .model_config import (CACHE_ARG, attention_implementation, cache_kwargs, fit_head_dim,  # noqa: F401
+from .model_config import (CACHE_ARG, attention_implementation, cache_kwargs, fit_head_dim, resolve_config,  # noqa: F401
                            head_dim_of, reference_layers, text_config)
 from .padding import track_padding
 
@@ -217,14 +217,7 @@ class DecoQuantCache(DynamicCache):
         them with no communication; the config must then be head-local (`config.head_local`, e.g.
         ts_sharing="head", scale_granularity="token_head") so every rank computes what one GPU would."""
         cache_options = {k: options.pop(k) for k in CACHE_OPTIONS if k in options}
-        default = config is None
-        if default and options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
-            config = DecoQuantConfig(sink_tokens=4, **options)
-        else:
-            config = config or DecoQuantConfig(preset="channel64-token", sink_tokens=4)
-            config = config.replace(**options) if options else config
-        if default:
-            config = fit_head_dim(config, head_dim_of(text_config(model.config)))
+        config = resolve_config(config, options, head_dim_of(text_config(model.config)))
         tp_size = getattr(model, "tp_size", None) or 1
         if tp_size > 1 and not config.head_local:
             raise ValueError(f"the model is tensor-parallel over {tp_size} ranks, but {config.label()} shares "

@@ -1,0 +1,158 @@
+"""`PagedLayer`: one attention layer's KV in a paged engine's pages, and the torch reference attention over it.
+
+The engine hands each layer one tensor of pages (`[num_pages, page_bytes]` as uint8 here) and, per step, where each
+new token goes (a slot: page * block_size + offset). A compressing `PagedLayer` keeps every page that is still
+filling in full precision beside the pages (`filling`: page -> its tokens so far), and packs it into its page the
+step its last token arrives (`pages.PageFormat`), so only full pages are compressed, as in `DecoQuantCache`. The
+first write at offset 0 starts a page afresh: that is how a page the engine freed and handed out again (preemption,
+a finished request) is told apart. Full pages are never written again, so pages shared between requests (prefix
+caching) stay valid. Beside the pages it also keeps, in full precision: the blocks the codec could not compress
+safely (`exact`), and each sequence's first `sink_tokens` tokens (`sinks`), as `DecoQuantCache` does.
+
+Attention (`attend`) follows the cache's semantics: the tokens of this step attend to each other exactly and to the
+earlier tokens through the cache (read before this step's writes). Pure torch, no engine import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .pages import PageFormat
+
+
+@dataclass
+class _Filling:
+    keys: torch.Tensor  # [kv_heads, block_size, head_dim], the model's dtype
+    values: torch.Tensor
+    written: torch.Tensor  # bool [block_size]
+
+
+class PagedLayer:
+    """The state of one layer's pages beside the page bytes (see the module docstring)."""
+
+    def __init__(self, fmt: PageFormat, sink_tokens: int = 0):
+        if not 0 <= sink_tokens <= fmt.block_size:
+            raise ValueError(f"sink_tokens must be in [0, {fmt.block_size}] (one page), got {sink_tokens}")
+        self.fmt, self.block_size, self.sink_tokens = fmt, fmt.block_size, sink_tokens
+        self.filling: dict[int, _Filling] = {}
+        self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # page -> keys, values [kv_heads, s, d]
+        self.packed_pages = 0  # pages compressed so far (a count for reports)
+
+    @property
+    def side_bytes(self) -> int:
+        """Bytes held beside the pages: the filling pages, the exact blocks and the sinks."""
+        total = 0
+        for f in self.filling.values():
+            total += 2 * f.keys.numel() * f.keys.element_size()
+        for k, v in list(self.exact.values()) + list(self.sinks.values()):
+            total += k.numel() * k.element_size() + v.numel() * v.element_size()
+        return total
+
+    # ---------------------------------------------------------------- writes
+    def write(self, pages: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        """Store new tokens: keys, values [tokens, kv_heads, head_dim] at `slots` [tokens] of `pages`
+        (uint8 [num_pages, page_bytes]); `positions` [tokens] are their positions in their sequences."""
+        if not self.fmt.compresses:
+            self._write_raw(pages, keys, values, slots)
+            return
+        size = self.block_size
+        page_of, offset = (slots // size).tolist(), (slots % size).tolist()
+        full = []
+        for i, (p, o) in enumerate(zip(page_of, offset)):
+            if o == 0 or p not in self.filling:
+                if o != 0:
+                    raise RuntimeError(f"a token was written at offset {o} of page {p}, which is not filling: a page "
+                                       "is written from its first token to its last, once")
+                self._start(p, keys)
+            f = self.filling[p]
+            f.keys[:, o], f.values[:, o] = keys[i], values[i]
+            f.written[o] = True
+            if int(positions[i]) < self.sink_tokens:
+                self._sink(p, o, keys[i], values[i])
+            if o == size - 1:
+                full.append(p)
+        if full:
+            self._pack(pages, full)
+
+    def _start(self, page: int, like: torch.Tensor) -> None:
+        h, d = like.shape[1:]
+        z = like.new_zeros(h, self.block_size, d)
+        self.filling[page] = _Filling(z, z.clone(), torch.zeros(self.block_size, dtype=torch.bool))
+        self.exact.pop(page, None)
+        self.sinks.pop(page, None)
+
+    def _sink(self, page: int, offset: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        k, v = self.sinks.get(page, (key.new_zeros(key.shape[0], 0, key.shape[1]),) * 2)
+        if offset != k.shape[1]:
+            raise RuntimeError(f"sink token at offset {offset} of page {page} arrived out of order")
+        self.sinks[page] = (torch.cat([k, key[:, None]], 1), torch.cat([v, value[:, None]], 1))
+
+    def _pack(self, pages: torch.Tensor, full: list[int]) -> None:
+        for p in full:
+            if not bool(self.filling[p].written.all()):
+                raise RuntimeError(f"page {p} reached its last offset with tokens missing")
+        fills = [self.filling.pop(p) for p in full]
+        keys, values = torch.stack([f.keys for f in fills]), torch.stack([f.values for f in fills])
+        packed, exact = self.fmt.pack(keys, values)
+        pages[torch.tensor(full, device=pages.device)] = packed.to(pages.device)
+        for i in exact.nonzero().flatten().tolist():
+            self.exact[full[i]] = (keys[i], values[i])
+        self.packed_pages += len(full)
+
+    def _write_raw(self, pages, keys, values, slots) -> None:
+        h, size, d = self.fmt.shape
+        view = pages.view(self.fmt.dtype)[:, :2 * h * size * d].view(-1, 2, h, size, d)
+        p, o = slots // size, slots % size
+        view[p, 0, :, o] = keys.to(self.fmt.dtype)
+        view[p, 1, :, o] = values.to(self.fmt.dtype)
+
+    # ---------------------------------------------------------------- reads
+    def read(self, pages: torch.Tensor, page_ids: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` tokens of a sequence whose pages are `page_ids` (in order): keys, values
+        [kv_heads, length, head_dim] in the model's dtype."""
+        h, size, d = self.fmt.shape
+        n_full, rest = divmod(length, size)
+        need = page_ids[:n_full + (rest > 0)]
+        if len(need) * size < length:
+            raise ValueError(f"{len(page_ids)} pages cannot hold {length} tokens")
+        blocks_k, blocks_v = [None] * len(need), [None] * len(need)
+        packed = [j for j, p in enumerate(need) if p not in self.filling and p not in self.exact]
+        if packed:
+            idx = torch.tensor([need[j] for j in packed], device=pages.device)
+            k, v = self.fmt.unpack(pages[idx])
+            for i, j in enumerate(packed):
+                blocks_k[j], blocks_v[j] = k[i], v[i]
+        for j, p in enumerate(need):
+            if p in self.filling:
+                f = self.filling[p]
+                if j < n_full or not bool(f.written[:rest].all()):
+                    raise RuntimeError(f"page {p} is read past the tokens written to it")
+                blocks_k[j], blocks_v[j] = f.keys, f.values
+            elif p in self.exact:
+                blocks_k[j], blocks_v[j] = self.exact[p]
+            if p in self.sinks:
+                sk, sv = self.sinks[p]
+                blocks_k[j], blocks_v[j] = blocks_k[j].clone(), blocks_v[j].clone()
+                blocks_k[j][:, :sk.shape[1]], blocks_v[j][:, :sv.shape[1]] = sk, sv
+        if not need:
+            z = pages.new_zeros((h, 0, d), dtype=self.fmt.dtype)
+            return z, z
+        return torch.cat(blocks_k, 1)[:, :length], torch.cat(blocks_v, 1)[:, :length]
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+           past: int) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens: query [q, heads, d]; keys, values [kv_heads, past + q, d]
+    (the `past` cached tokens, then the q new ones); query token j sits at position past + j. -> [q, heads, d]."""
+    q = query.shape[0]
+    total = keys.shape[1]
+    mask = torch.ones(q, total, dtype=torch.bool, device=query.device).tril(diagonal=past)
+    out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys[None].to(query.dtype),
+                                         values[None].to(query.dtype), attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != keys.shape[0])
+    return out[0].transpose(0, 1)
