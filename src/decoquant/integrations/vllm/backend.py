@@ -148,17 +148,16 @@ class DecoQuantImpl(AttentionImpl):
             return output
         m: DecoQuantMetadata = attn_metadata
         paged, pages = self._paged(kv_cache, key.dtype)
-        starts = m.query_start_loc
-        positions = []
-        for i, seq_len in enumerate(m.seq_lens):
+        starts, n = m.query_start_loc, m.num_actual_tokens
+        pasts = [seq_len - (starts[i + 1] - starts[i]) for i, seq_len in enumerate(m.seq_lens)]
+        # writes first: a request of this step may read a page another one fills in this step (prefix caching
+        # hands out a page as cached the step it is scheduled to be computed)
+        positions = torch.cat([torch.arange(past, seq_len) for past, seq_len in zip(pasts, m.seq_lens)])
+        paged.write(pages, key[:n], value[:n], m.slot_mapping[:n].to(torch.long).cpu(), positions)
+        for i, past in enumerate(pasts):
             a, b = starts[i], starts[i + 1]
-            past = seq_len - (b - a)
-            ids = m.block_table[i].tolist()
-            k_past, v_past = paged.read(pages, ids, past)
+            k_past, v_past = paged.read(pages, m.block_table[i].tolist(), past)
             k = torch.cat([k_past, key[a:b].transpose(0, 1).to(k_past.dtype)], 1)
             v = torch.cat([v_past, value[a:b].transpose(0, 1).to(v_past.dtype)], 1)
             output[a:b] = attend(query[a:b], k, v, self.scale, past).to(output.dtype)
-            positions.append(torch.arange(past, seq_len))
-        n = m.num_actual_tokens
-        paged.write(pages, key[:n], value[:n], m.slot_mapping[:n].to(torch.long).cpu(), torch.cat(positions))
         return output

@@ -9,8 +9,9 @@ a finished request) is told apart. Full pages are never written again, so pages 
 caching) stay valid. Beside the pages it also keeps, in full precision: the blocks the codec could not compress
 safely (`exact`), and each sequence's first `sink_tokens` tokens (`sinks`), as `DecoQuantCache` does.
 
-Attention (`attend`) follows the cache's semantics: the tokens of this step attend to each other exactly and to the
-earlier tokens through the cache (read before this step's writes). Pure torch, no engine import.
+Attention (`attend`) follows the cache's semantics: the tokens of a step attend to each other exactly and to the
+earlier tokens through the cache, as the pages hold them after the step's writes (a page that this step fills is read
+compressed). Pure torch, no engine import.
 """
 
 from __future__ import annotations
