@@ -1,10 +1,12 @@
 """Run one vLLM engine (CPU, offline) in this process and print what the tests compare, as one JSON line.
 
     python tests_vllm/engine.py '{"model": DIR, "decoquant": {...} | null, "dtype": "float32", "prompts": [...],
-                                  "max_tokens": 40, "blocks": null, "prefix_caching": true}'
+                                  "max_tokens": 40, "blocks": null, "max_model_len": 1024, "prefix_caching": true,
+                                  "max_batched_tokens": null, "max_num_seqs": 4}'
 
 "decoquant": null runs stock vLLM (the plugin installed but off); a dict runs the plugin with those options.
-Prints `RESULT {"tokens": [[...]], "logprobs": [[...]], "capacity_tokens": N, "preemptions": N}`.
+"blocks" overrides the number of pages vLLM allocates. Prints `RESULT {"tokens": [[...]], "logprobs": [[...]],
+"texts": [...], "capacity_tokens": N, "preemptions": N}`.
 """
 
 import json
@@ -34,7 +36,7 @@ def main(args: dict) -> dict:
     llm = LLM(args["model"], enforce_eager=True, dtype=args.get("dtype", "float32"),
               max_model_len=args.get("max_model_len", 1024), max_num_seqs=args.get("max_num_seqs", 4),
               block_size=128, additional_config=extra, seed=0, enable_prefix_caching=args.get("prefix_caching", True),
-              num_gpu_blocks_override=args.get("blocks"))
+              num_gpu_blocks_override=args.get("blocks"), max_num_batched_tokens=args.get("max_batched_tokens"))
     config = llm.llm_engine.vllm_config.cache_config
     params = SamplingParams(temperature=0, max_tokens=args.get("max_tokens", 40), logprobs=1, ignore_eos=True)
     outs = llm.generate(args["prompts"], params, use_tqdm=False)

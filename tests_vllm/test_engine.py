@@ -31,6 +31,14 @@ def test_method_none_equals_stock_vllm(tiny_llama):
     assert none["capacity_tokens"] == stock["capacity_tokens"]  # the stock page size
 
 
+def test_chunked_prefill_equals_stock_vllm(tiny_llama):
+    # at most 96 tokens per step: the long prompts arrive in chunks that end inside pages
+    args = dict(model=tiny_llama, prompts=PROMPTS, max_tokens=20, max_batched_tokens=96, prefix_caching=False)
+    _same(run_engine(decoquant=None, **args), run_engine(decoquant={"method": "none"}, **args), atol=1e-4)
+    packed = run_engine(decoquant={}, **args)
+    assert [len(t) for t in packed["tokens"]] == [20] * len(PROMPTS)
+
+
 def test_preemption_recomputes_into_fresh_pages(tiny_llama):
     # 3 usable pages for 3 requests that each grow to 2-3 pages: vLLM must preempt and recompute
     args = dict(model=tiny_llama, prompts=[_prompt(60), _prompt(70), _prompt(5)], max_tokens=150, blocks=4,
