@@ -51,6 +51,16 @@ def test_preemption_recomputes_into_fresh_pages(tiny_llama):
     assert [len(t) for t in packed["tokens"]] == [150, 150, 150]
 
 
+def test_many_requests_through_few_slots(tiny_llama):
+    # 10 requests, 2 at a time: finished requests leave partly filled pages behind, which the backend spills
+    # (paged.PagedLayer's max_filling) while their pages wait to be handed out again
+    prompts = [_prompt(100 + 13 * i) for i in range(10)]
+    args = dict(model=tiny_llama, prompts=prompts, max_tokens=30, max_num_seqs=2)
+    _same(run_engine(decoquant=None, **args), run_engine(decoquant={"method": "none"}, **args), atol=1e-4)
+    packed = run_engine(decoquant={}, **args)
+    assert [len(t) for t in packed["tokens"]] == [30] * len(prompts)
+
+
 @pytest.mark.parametrize("dtype,elem", [("float32", 4), ("bfloat16", 2)])
 def test_compressed_pages_raise_kv_capacity(tiny_llama, dtype, elem):
     stock = run_engine(model=tiny_llama, decoquant=None, dtype=dtype, prompts=PROMPTS[:1], max_tokens=4)

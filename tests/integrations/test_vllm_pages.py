@@ -152,3 +152,28 @@ def test_attend_is_causal_attention_over_past_and_new_tokens(heads, kv_heads, pa
     scores = scores.masked_fill(pos_k > pos_q, float("-inf"))
     want = torch.einsum("hqk,hkd->qhd", F.softmax(scores, -1), v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_idle_filling_pages_spill_and_come_back():
+    config = CONFIGS["default"]
+    fmt = PageFormat(config, 2, 64, torch.float32)
+    layer = PagedLayer(fmt, config.sink_tokens, max_filling=2)
+    pages = torch.zeros(6, fmt.page_bytes, dtype=torch.uint8)
+    seqs = [outlier_kv(batch=2, heads=2, tokens=128, head_dim=64, seed=10 + i) for i in range(3)]
+    for page, x in enumerate(seqs):  # three requests, 50 tokens each, one after the other
+        _write_sequence(layer, pages, [page], x[0], x[1], chunks=[50])
+    assert set(layer.filling) == {1, 2} and layer.spilled == {0: 50} and layer.spills == 1
+    k, _ = layer.read(pages, [0], 50)  # the spilled page reads back compressed, its sinks exact
+    want = decompress(compress(torch.cat([seqs[0][0][:, :50], seqs[0][0].new_zeros(2, 78, 64)], 1)[None],
+                               config, "key"))[0, :, :50]
+    want[:, :4] = seqs[0][0][:, :4]
+    assert torch.equal(k, want)
+    # its request comes back: the page is decoded into a filling page and written on, nothing is lost
+    x = seqs[0]
+    pos = torch.arange(50, 60)
+    layer.write(pages, x[0][:, 50:60].transpose(0, 1), x[1][:, 50:60].transpose(0, 1), pos, pos)
+    assert 0 in layer.filling and 0 not in layer.spilled
+    k, _ = layer.read(pages, [0], 60)
+    assert torch.equal(k[:, :50], want) and torch.equal(k[:, 50:], x[0][:, 50:60])
+    with pytest.raises(RuntimeError, match="read past"):
+        layer.read(pages, [1], 51)

@@ -122,6 +122,8 @@ class DecoQuantImpl(AttentionImpl):
                                       "scale_granularity='token_head')")
         if vllm_config.speculative_config is not None:
             raise NotImplementedError("speculative decoding rewrites cache slots; the DecoQuant backend refuses it")
+        # filling pages beyond two per schedulable request are pages of finished requests (`paged.PagedLayer`)
+        self.max_filling = 2 * vllm_config.scheduler_config.max_num_seqs
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
@@ -137,7 +139,7 @@ class DecoQuantImpl(AttentionImpl):
             if pages.shape[1] != fmt.page_bytes:
                 raise RuntimeError(f"vLLM allocated pages of {pages.shape[1]} bytes, the format needs "
                                    f"{fmt.page_bytes}; was the decoquant plugin loaded in every process?")
-            self.layer = PagedLayer(fmt, config.sink_tokens)
+            self.layer = PagedLayer(fmt, config.sink_tokens, self.max_filling)
         return self.layer, pages
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,

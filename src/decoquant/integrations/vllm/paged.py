@@ -9,6 +9,12 @@ a finished request) is told apart. Full pages are never written again, so pages 
 caching) stay valid. Beside the pages it also keeps, in full precision: the blocks the codec could not compress
 safely (`exact`), and each sequence's first `sink_tokens` tokens (`sinks`), as `DecoQuantCache` does.
 
+The engine does not say when it frees a page, so a request that ends leaves its last, partly filled page in
+`filling` until the page is handed out again. `max_filling` bounds them: beyond it, the pages written longest ago
+are spilled, i.e. packed as they are (the missing tokens as zeros) with their length recorded (`spilled`); a spilled
+page that gets written again (its request was only waiting) is decoded back into `filling` first, so nothing is lost,
+only its tokens so far are read compressed.
+
 Attention (`attend`) follows the cache's semantics: the tokens of a step attend to each other exactly and to the
 earlier tokens through the cache, as the pages hold them after the step's writes (a page that this step fills is read
 compressed). Pure torch, no engine import.
@@ -29,16 +35,23 @@ class _Filling:
     keys: torch.Tensor  # [kv_heads, block_size, head_dim], the model's dtype
     values: torch.Tensor
     written: torch.Tensor  # bool [block_size]
+    last: int = 0  # the write call that last wrote it
 
 
 class PagedLayer:
     """The state of one layer's pages beside the page bytes (see the module docstring)."""
 
-    def __init__(self, fmt: PageFormat, sink_tokens: int = 0):
+    def __init__(self, fmt: PageFormat, sink_tokens: int = 0, max_filling: int | None = None):
         if not 0 <= sink_tokens <= fmt.block_size:
             raise ValueError(f"sink_tokens must be in [0, {fmt.block_size}] (one page), got {sink_tokens}")
+        if max_filling is not None and max_filling < 1:
+            raise ValueError(f"max_filling must be None or >= 1, got {max_filling}")
         self.fmt, self.block_size, self.sink_tokens = fmt, fmt.block_size, sink_tokens
+        self.max_filling = max_filling
         self.filling: dict[int, _Filling] = {}
+        self.spilled: dict[int, int] = {}  # page -> tokens it holds (packed before it was full)
+        self.spills = 0  # pages spilled so far (a count for reports)
+        self._calls = 0
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # page -> keys, values [kv_heads, s, d]
         self.packed_pages = 0  # pages compressed so far (a count for reports)
@@ -63,22 +76,30 @@ class PagedLayer:
             return
         size = self.block_size
         page_of, offset = (slots // size).tolist(), (slots % size).tolist()
+        self._calls += 1
         full = []
         for i, (p, o) in enumerate(zip(page_of, offset)):
             if o == 0 or p not in self.filling:
-                if o != 0:
+                if o == 0:
+                    self._start(p, keys)
+                elif self.spilled.get(p) == o:
+                    self._unspill(pages, p)
+                else:
                     raise RuntimeError(f"a token was written at offset {o} of page {p}, which is not filling: a page "
                                        "is written from its first token to its last, once")
-                self._start(p, keys)
             f = self.filling[p]
             f.keys[:, o], f.values[:, o] = keys[i], values[i]
             f.written[o] = True
+            f.last = self._calls
             if int(positions[i]) < self.sink_tokens:
                 self._sink(p, o, keys[i], values[i])
             if o == size - 1:
                 full.append(p)
         if full:
             self._pack(pages, full)
+        if self.max_filling is not None and len(self.filling) > self.max_filling:
+            idle = sorted((f.last, p) for p, f in self.filling.items() if f.last < self._calls)
+            self._spill(pages, [p for _, p in idle[:len(self.filling) - self.max_filling]])
 
     def _start(self, page: int, like: torch.Tensor) -> None:
         h, d = like.shape[1:]
@@ -86,6 +107,26 @@ class PagedLayer:
         self.filling[page] = _Filling(z, z.clone(), torch.zeros(self.block_size, dtype=torch.bool))
         self.exact.pop(page, None)
         self.sinks.pop(page, None)
+        self.spilled.pop(page, None)
+
+    def _spill(self, pages: torch.Tensor, idle: list[int]) -> None:
+        lengths = {p: int(self.filling[p].written.sum()) for p in idle}
+        for p in idle:
+            if not bool(self.filling[p].written[:lengths[p]].all()):
+                raise RuntimeError(f"page {p} has gaps among its written tokens")
+        self._pack(pages, idle, count=False)
+        self.spilled.update(lengths)
+        self.spills += len(idle)
+
+    def _unspill(self, pages: torch.Tensor, page: int) -> None:
+        n = self.spilled.pop(page)
+        if page in self.exact:
+            k, v = self.exact.pop(page)
+        else:
+            k, v = (t[0] for t in self.fmt.unpack(pages[page:page + 1]))
+        written = torch.zeros(self.block_size, dtype=torch.bool)
+        written[:n] = True
+        self.filling[page] = _Filling(k.clone(), v.clone(), written)
 
     def _sink(self, page: int, offset: int, key: torch.Tensor, value: torch.Tensor) -> None:
         k, v = self.sinks.get(page, (key.new_zeros(key.shape[0], 0, key.shape[1]),) * 2)
@@ -93,8 +134,8 @@ class PagedLayer:
             raise RuntimeError(f"sink token at offset {offset} of page {page} arrived out of order")
         self.sinks[page] = (torch.cat([k, key[:, None]], 1), torch.cat([v, value[:, None]], 1))
 
-    def _pack(self, pages: torch.Tensor, full: list[int]) -> None:
-        for p in full:
+    def _pack(self, pages: torch.Tensor, full: list[int], count: bool = True) -> None:
+        for p in full if count else ():
             if not bool(self.filling[p].written.all()):
                 raise RuntimeError(f"page {p} reached its last offset with tokens missing")
         fills = [self.filling.pop(p) for p in full]
@@ -103,7 +144,7 @@ class PagedLayer:
         pages[torch.tensor(full, device=pages.device)] = packed.to(pages.device)
         for i in exact.nonzero().flatten().tolist():
             self.exact[full[i]] = (keys[i], values[i])
-        self.packed_pages += len(full)
+        self.packed_pages += len(full) if count else 0
 
     def _write_raw(self, pages, keys, values, slots) -> None:
         h, size, d = self.fmt.shape
@@ -136,6 +177,8 @@ class PagedLayer:
                 blocks_k[j], blocks_v[j] = f.keys, f.values
             elif p in self.exact:
                 blocks_k[j], blocks_v[j] = self.exact[p]
+            if p in self.spilled and (j < n_full or rest > self.spilled[p]):
+                raise RuntimeError(f"page {p} is read past the {self.spilled[p]} tokens it held when it was spilled")
             if p in self.sinks:
                 sk, sv = self.sinks[p]
                 blocks_k[j], blocks_v[j] = blocks_k[j].clone(), blocks_v[j].clone()
