@@ -6,7 +6,8 @@
 
 "decoquant": null runs stock vLLM (the plugin installed but off); a dict runs the plugin with those options.
 "blocks" overrides the number of pages vLLM allocates. Prints `RESULT {"tokens": [[...]], "logprobs": [[...]],
-"texts": [...], "capacity_tokens": N, "preemptions": N}`.
+"texts": [...], "capacity_tokens": N, "preemptions": N, "filling_pages": N, "spills": N}` (the last two: the
+plugin's filling pages at the end, most over layers, and its spills, summed over layers).
 """
 
 import json
@@ -42,8 +43,13 @@ def main(args: dict) -> dict:
     outs = llm.generate(args["prompts"], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    layers = [getattr(a.impl, "layer", None) for a in llm.llm_engine.vllm_config.compilation_config
+              .static_forward_context.values()]
+    layers = [p for p in layers if p is not None]  # the plugin's per-layer state (paged.PagedLayer)
     return {"tokens": tokens, "logprobs": logprobs, "texts": [o.outputs[0].text for o in outs],
-            "capacity_tokens": config.num_gpu_blocks * config.block_size, "preemptions": len(preemptions)}
+            "capacity_tokens": config.num_gpu_blocks * config.block_size, "preemptions": len(preemptions),
+            "filling_pages": max((len(p.filling) for p in layers), default=0),
+            "spills": sum(p.spills for p in layers)}
 
 
 if __name__ == "__main__":

@@ -52,13 +52,14 @@ def test_preemption_recomputes_into_fresh_pages(tiny_llama):
 
 
 def test_many_requests_through_few_slots(tiny_llama):
-    # 10 requests, 2 at a time: finished requests leave partly filled pages behind, which the backend spills
-    # (paged.PagedLayer's max_filling) while their pages wait to be handed out again
+    # 10 requests, 2 at a time: finished requests leave partly filled pages behind until vLLM hands them out again;
+    # the backend keeps at most 2 per schedulable request (paged.PagedLayer's max_filling)
     prompts = [_prompt(100 + 13 * i) for i in range(10)]
     args = dict(model=tiny_llama, prompts=prompts, max_tokens=30, max_num_seqs=2)
     _same(run_engine(decoquant=None, **args), run_engine(decoquant={"method": "none"}, **args), atol=1e-4)
     packed = run_engine(decoquant={}, **args)
     assert [len(t) for t in packed["tokens"]] == [30] * len(prompts)
+    assert 1 <= packed["filling_pages"] <= 4
 
 
 @pytest.mark.parametrize("dtype,elem", [("float32", 4), ("bfloat16", 2)])
