@@ -69,8 +69,10 @@ def test_clip_keys_config_rules_name_the_field():
     assert dq.DecoQuantConfig(method="kivi", clip_keys=True, bits=2).label() == "kivi-g32-clip-2b"
     fmt = KVFormat.of(c)
     assert fmt.fused  # the decode kernels read it
-    assert "clip_keys" in fmt.compress_problem("key", (1, 2, 128, 64), torch.float16)
+    assert fmt.compress_problem("key", (1, 2, 128, 64), torch.float16) is None  # the kernels search too
     assert fmt.compress_problem("value", (1, 2, 128, 64), torch.float16) is None
+    per_token = KVFormat.of(dq.DecoQuantConfig(symmetric=False, scale_granularity="token", clip_keys=True))
+    assert "clip_keys" in per_token.compress_problem("key", (1, 2, 128, 64), torch.float16)
 
 
 @pytest.mark.usefixtures("poisoned_outputs")

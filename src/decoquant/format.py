@@ -78,8 +78,9 @@ def compress_problem(spec: KindSpec, shape: tuple, dtype) -> str | None:
     problem = kernel_problem(spec)
     if problem is not None:
         return problem
-    if spec.clip:
-        return f"{spec.kind}s with clip_keys (the key range search runs on the torch route)"
+    if spec.clip and (spec.symmetric or spec.granularity != "channel"):
+        return (f"{spec.kind}s with clip_keys and {spec.granularity!r} scales (the compression kernels search the "
+                "ranges of asymmetric per-channel key scales only)")
     _, h, t, d = shape
     if not _per_token(spec) and not (spec.granularity == "channel" and spec.scale_group in COMPRESS_CHANNEL_GROUPS
                                      and t % spec.scale_group == 0):

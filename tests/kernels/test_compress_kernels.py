@@ -125,6 +125,38 @@ def test_quantize_pack_kernel_matches_reference(shape, fmt):
     assert bits == 2 or sqnr[0] > {4: 10.0, 8: 30.0}[bits]
 
 
+@pytest.mark.parametrize("bits,cg", [(2, 64), (4, 32), (2, 16)])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_quantize_pack_kernel_range_search_matches_reference(shape, bits, cg):
+    """clip: each per-channel key group's range searched as quant.quantize does. The kernel sums the candidates'
+    errors in another order, so a near tie may pick the neighbouring ratio: rare, and never a worse block."""
+    b, h, t, d, g, per_head = shape
+    t = max(cg, t - t % cg)
+    x = kv(b, h, t, d, torch.bfloat16, seed=bits + 10)
+    w, t_s, _, _ = codec._factor_gram(gram(x, g, per_head, backend="torch"))
+    ref = quantize_pack(x, w, bits, "channel", False, cg, backend="torch", clip=True)
+    plain = quantize_pack(x, w, bits, "channel", False, cg, backend="triton")
+    out = quantize_pack(x, w, bits, "channel", False, cg, backend="triton", clip=True)
+    same_range = (out[2] == ref[2]) & (out[1] == ref[1])
+    assert same_range.float().mean() > 0.98
+    codes, ref_codes = (unpack_codes(c, bits, d).int() for c in (out[0], ref[0]))
+    assert (codes != ref_codes).float().mean() < 0.02
+    t_s = t_s.reshape(*t_s.shape[:-4], g, g).double()
+    t_s = t_s if per_head else t_s[:, None]
+    x64 = x.double()
+
+    def sqnr(q):
+        x_hat = (dequantize_kv(q, "channel", cg).double().reshape(b, h, -1, g) @ t_s).reshape(x.shape)
+        return float(10 * torch.log10(x64.pow(2).sum() / (x_hat - x64).pow(2).sum()))
+
+    unpack = lambda r: QTensor(unpack_codes(r[0], bits, d), r[1], r[2], bits)  # noqa: E731
+    s_out, s_ref, s_plain = sqnr(unpack(out)), sqnr(unpack(ref)), sqnr(unpack(plain))
+    assert s_out > s_ref - 0.05 and s_out > s_plain + {2: 0.5, 4: 0.05}[bits], (s_out, s_ref, s_plain)
+    with pytest.raises(ValueError, match="clip"):
+        quantize_pack(x, w, bits, "token", False, backend="triton", clip=True)
+
+
 def test_quantize_pack_kernel_flags_overflowing_scales():
     x = kv(3, 2, 32, 64, torch.float32)
     x[1, 0, 5] *= 1e9  # T_L past fp16: an infinite scale
@@ -140,6 +172,7 @@ def _config(**fields):
 
 
 CODEC_CONFIGS = [dict(preset="paper"), dict(preset="paper", bits=2), dict(preset="channel64-token"),
+                 dict(preset="channel64-clip", bits=2),
                  dict(group_size=32, ts_sharing="head", scale_granularity="token_head", symmetric=False)]
 
 

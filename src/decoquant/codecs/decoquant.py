@@ -147,7 +147,7 @@ def encode_kernels(xs: list[torch.Tensor], specs: list) -> list[Encoded]:
     out = []
     for i, (x, spec) in enumerate(zip(xs, specs)):
         codes, scale, zero = quantize_pack(x, w[i * b:(i + 1) * b], spec.bits, spec.granularity, spec.symmetric,
-                                           spec.channel_group, flags[i], "triton")
+                                           spec.channel_group, flags[i], "triton", spec.clip)
         params = {"scale": scale} if zero is None else {"scale": scale, "zero": zero}
         t_s_i = t_s[i * b:(i + 1) * b]
         params["site2"] = t_s_i.reshape(*t_s_i.shape[:-2], g, 1, g, 1)

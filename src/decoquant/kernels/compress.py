@@ -37,16 +37,18 @@ def factor(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor | None 
 
 
 def quantize_pack(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                  channel_group: int = 0, flags: torch.Tensor | None = None, backend: str = "auto"):
+                  channel_group: int = 0, flags: torch.Tensor | None = None, backend: str = "auto",
+                  clip: bool = False):
     """Packed codes of T_L = M W, M the chunk matrix of x [B, H, T, D], w [B, G, G] or [B, H, G, G] (fp32):
     (codes uint8 [B, H, T, D * bits / 8], scale fp16, zero fp16 or None) in quant.quantize_kv's parameter
-    shapes; flags[b] = 1 where a scale or zero is not finite. backend: "triton", "torch" (quantize_kv +
-    pack_codes) or "auto" (triton on CUDA)."""
+    shapes; flags[b] = 1 where a scale or zero is not finite; clip: the range search (quant.quantize; the kernel
+    takes it for asymmetric per-channel scales). backend: "triton", "torch" (quantize_kv + pack_codes) or "auto"
+    (triton on CUDA)."""
     if _backend(backend, x) is Backend.TORCH:
-        return quantize_pack_reference(x, w, bits, granularity, symmetric, channel_group, flags)
+        return quantize_pack_reference(x, w, bits, granularity, symmetric, channel_group, flags, clip)
     from .triton.compress import quantize_pack_triton
 
-    return quantize_pack_triton(x, w, bits, granularity, symmetric, channel_group, _flags(flags, x))
+    return quantize_pack_triton(x, w, bits, granularity, symmetric, channel_group, _flags(flags, x), clip)
 
 
 def _flags(flags: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

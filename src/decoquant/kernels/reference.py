@@ -137,15 +137,15 @@ def factor_reference(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tens
 
 
 def quantize_pack_reference(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                            channel_group: int = 0, flags: torch.Tensor | None = None):
+                            channel_group: int = 0, flags: torch.Tensor | None = None, clip: bool = False):
     """What triton/compress.py's quantize kernel computes: T_L = M W (fp32) for x [B, H, T, D] and w [B, G, G]
-    or [B, H, G, G], quantized by quant.quantize_kv and packed -> (codes, scale, zero or None); flags[b] set
-    where a scale or zero is not finite."""
+    or [B, H, G, G], quantized by quant.quantize_kv (clip: with its range search) and packed -> (codes, scale,
+    zero or None); flags[b] set where a scale or zero is not finite."""
     b, h, t, d = x.shape
     g = w.shape[-1]
     wf = w.float() if w.dim() == 4 else w.float()[:, None]
     t_l = (x.float().reshape(b, h, t * d // g, g) @ wf).reshape(b, h, t, d)
-    q = quantize_kv(t_l, bits, granularity, symmetric, channel_group or 32)
+    q = quantize_kv(t_l, bits, granularity, symmetric, channel_group or 32, clip)
     for p in (q.scale, q.zero):
         if p is not None:
             _flag(flags, ~torch.isfinite(p))

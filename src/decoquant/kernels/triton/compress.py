@@ -10,7 +10,9 @@ g x g eigenproblems in between run in torch.linalg.eigh):
 - `_quantize_pack_kernel`: T_L = M W (W = V S^{-1/2}, fp32 [G, G]) tile by tile, its scales (and zeros),
   round-half-to-even codes against the fp16 scales (as quant.py), packed in packing.py's bit order.
   Scales per token over all heads (two passes over the heads: first the ranges, then the codes), per
-  token and head, or per T_L channel over CG-token groups (one tile of CG tokens).
+  token and head, or per T_L channel over CG-token groups (one tile of CG tokens); for the latter, with CLIP,
+  each group's range is searched among quant.CLIP_RATIOS for the smallest squared error, as quant.quantize does
+  (the errors are sums in another order than torch's, so a near tie may pick the neighbouring ratio).
 The Gram and quantize kernels set flags[b] = 1 (int32, atomic max) for a batch row they find unsafe (kept
 exact): a non-finite entry of x, a non-finite scale or zero. The factor kernel replaces W and T_S of a
 rank-deficient matrix or one whose T_S passes fp16 by the identity (plain RTN of that matrix) and sets its
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ...mpo import RANK_RTOL
-from ...quant import SCALE_MIN
+from ...quant import CLIP_RATIOS, SCALE_MIN
 
 _SCALE_MIN = tl.constexpr(SCALE_MIN)
 _RANK_RTOL = tl.constexpr(RANK_RTOL)
@@ -167,11 +169,21 @@ def _range(t, axis: tl.constexpr, SYM: tl.constexpr):
 
 
 @triton.jit
+def _channel_sq_err(t, scale, zero, BITS: tl.constexpr):
+    """Per channel: the squared error of t [BT, D] quantized asymmetrically against fp16 scale/zero [D]."""
+    s, z = scale.to(tl.float32)[None, :], zero.to(tl.float32)[None, :]
+    y = _round_half_even(tl.math.div_rn(t - z, s))
+    codes = tl.minimum(tl.maximum(y, 0.0), (2 ** BITS - 1) * 1.0)
+    e = codes * s + z - t
+    return tl.sum(e * e, axis=0)
+
+
+@triton.jit
 def _quantize_pack_kernel(
-    x_ptr, w_ptr, codes_ptr, scale_ptr, zero_ptr, flag_ptr, T,
+    x_ptr, w_ptr, codes_ptr, scale_ptr, zero_ptr, flag_ptr, clip_ptr, T,
     s_xb, s_xh, s_xt, s_xd, s_wb, s_wh, s_cb, s_ch, s_ct, s_sb, s_sh, s_st, s_sd,
     H: tl.constexpr, HL: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-    BITS: tl.constexpr, SYM: tl.constexpr, GRAN: tl.constexpr, W_PER_HEAD: tl.constexpr,
+    BITS: tl.constexpr, SYM: tl.constexpr, GRAN: tl.constexpr, W_PER_HEAD: tl.constexpr, NCLIP: tl.constexpr,
 ):
     HP: tl.constexpr = H // HL
     pid = tl.program_id(0)  # batch row x head slice
@@ -212,6 +224,16 @@ def _quantize_pack_kernel(
         elif GRAN == 2:  # per T_L channel over this tile of BT = CG tokens
             lo, hi = _range(t, 0, SYM)
             scale, zero = _params(lo, hi, SYM, BITS)
+            if NCLIP > 1:  # the range search (asymmetric only): ratio 0 is the plain range above
+                best = _channel_sq_err(t, scale, zero, BITS)
+                span = hi - lo
+                for c in range(1, NCLIP):
+                    f = tl.load(clip_ptr + c)
+                    s_c, z_c = _params(lo + f * span, hi - f * span, SYM, BITS)
+                    err = _channel_sq_err(t, s_c, z_c, BITS)
+                    take = err < best
+                    best = tl.where(take, err, best)
+                    scale, zero = tl.where(take, s_c, scale), tl.where(take, z_c, zero)
             _flag_params(flag_ptr + b, scale, zero, tl.full([D], 1, tl.int1))
             off = b * s_sb + h * s_sh + tile * s_st + tl.arange(0, D) * s_sd
             tl.store(scale_ptr + off, scale)
@@ -260,9 +282,15 @@ def factor_triton(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor)
     return w, t_s
 
 
+def _clip_shrinks(device: torch.device) -> torch.Tensor:
+    """fp32 f = (1 - a) / 2 for the ratios a of quant.CLIP_RATIOS (f as torch's scalar arithmetic rounds it)."""
+    return torch.tensor([(1.0 - a) / 2 for a in CLIP_RATIOS], dtype=torch.float32, device=device)
+
+
 def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
-                         channel_group: int, flags: torch.Tensor):
-    """Codes of T_L = M W for x [B, H, T, D] and w fp32 [B, G, G] or [B, H, G, G], packed along D.
+                         channel_group: int, flags: torch.Tensor, clip: bool = False):
+    """Codes of T_L = M W for x [B, H, T, D] and w fp32 [B, G, G] or [B, H, G, G], packed along D; clip: the
+    range search of asymmetric per-channel scales (granularity "channel").
 
     Returns (codes uint8 [B, H, T, D * bits / 8], scale fp16, zero fp16 or None) with the codec's parameter
     shapes: [B, 1, T, 1] (token), [B, H, T, 1] (token_head), [B, H, T / CG, 1, D] (channel, CG =
@@ -271,6 +299,10 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
     b, h, t, d = x.shape
     gsize = w.shape[-1]
     gran = GRANULARITY_IDS[granularity]
+    if clip and (symmetric or gran != 2):
+        raise ValueError("clip: the kernel searches the ranges of asymmetric per-channel scales only "
+                         f"(got granularity={granularity!r}, symmetric={symmetric})")
+    shrinks = _clip_shrinks(x.device) if clip else flags
     w = w.float().contiguous()
     w_per_head = w.dim() == 4
     if gran == 2:
@@ -284,11 +316,12 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
     zero = None if symmetric else torch.empty_like(scale)
     s_sd = scale.stride(4) if gran == 2 else 0
     _quantize_pack_kernel[(b * (h // hl), triton.cdiv(t, bt))](
-        x, w, codes, scale, scale if zero is None else zero, flags, t,
+        x, w, codes, scale, scale if zero is None else zero, flags, shrinks, t,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         w.stride(0), w.stride(1) if w_per_head else 0,
         codes.stride(0), codes.stride(1), codes.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2), s_sd,
         H=h, HL=hl, BT=bt, D=d, G=gsize, BITS=bits, SYM=symmetric, GRAN=gran, W_PER_HEAD=w_per_head,
+        NCLIP=len(CLIP_RATIOS) if clip else 1,
     )
     return codes, scale, zero
