@@ -16,6 +16,10 @@ TS_SHARING = ("layer", "head")
 #   group       one scale per token over groups of `quant_group_size` channels (KIVI values)
 SCALE_GRANULARITIES = ("token", "token_head", "channel", "group")
 PRESETS = (None, "paper", "kv-split", "channel64-token", "channel64-clip")
+# what every integration (DecoQuantCache.from_model, lm-eval, vLLM, the CLI) runs unless told otherwise: the
+# quality-per-bit frontier's preset (docs/results/frontier.md) with 4 sink tokens
+DEFAULT_PRESET = "channel64-token"
+DEFAULT_SINK_TOKENS = 4
 # the scale granularity of each method's keys and values (DecoQuant's: its fields)
 METHOD_GRANULARITY = {"rtn": ("token", "token"), "kivi": ("channel", "group"), "rotation": ("token_head",) * 2,
                       "turboquant": ("token_head",) * 2, "none": ("token", "token")}

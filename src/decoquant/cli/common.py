@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..config import BITS, METHODS
+from ..options import PRESETS
 from ..eval.job import method_configs, perplexities
 
 CACHE_METHODS = tuple(m for m in METHODS if m != "none")  # what --methods takes besides fp16
@@ -65,7 +66,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line at the end")
 
 
-PRESET_CHOICES = ("paper", "kv-split", "channel64-token", "channel64-clip")
+PRESET_CHOICES = tuple(p for p in PRESETS if p is not None)
 KIVI_GROUPS = (16, 32, 64, 128)
 
 

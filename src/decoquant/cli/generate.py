@@ -8,7 +8,8 @@ import sys
 import time
 
 from ..config import BITS, METHODS
-from .common import _add_dtype_arg, _load_model
+from ..options import DEFAULT_PRESET
+from .common import PRESET_CHOICES, _add_dtype_arg, _load_model
 
 
 def add_generate_parser(sub) -> None:
@@ -23,7 +24,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--method", default="decoquant", choices=METHODS + ("fp16",),
                    help="codec (fp16 = transformers' DynamicCache, for comparison)")
     p.add_argument("--bits", type=int, default=4, choices=BITS)
-    p.add_argument("--preset", default="channel64-token", choices=("paper", "kv-split", "channel64-token", "none"),
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESET_CHOICES + ("none",),
                    help="DecoQuant's recipe (method decoquant only; none = the plain config fields)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=None, help="tokens per compressed block (default 128)")

@@ -16,6 +16,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..config import DecoQuantConfig
+from ..options import DEFAULT_PRESET, DEFAULT_SINK_TOKENS
 from .model_config import cache_kwargs
 
 # the cache's options a model_args string may set, with their types (everything else goes to HFLM)
@@ -33,9 +34,9 @@ def cache_config(**options) -> DecoQuantConfig:
     fields = {k: CACHE_OPTIONS[k](v) for k, v in options.items() if v is not None}
     fields["method"] = "none" if "method" in options and options["method"] is None else str(
         options.get("method", "decoquant"))
-    fields.setdefault("sink_tokens", 4)
+    fields.setdefault("sink_tokens", DEFAULT_SINK_TOKENS)
     if fields["method"] == "decoquant" and "preset" not in options:
-        fields["preset"] = "channel64-token"
+        fields["preset"] = DEFAULT_PRESET
     return DecoQuantConfig(**fields)
 
 

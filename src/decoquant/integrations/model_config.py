@@ -9,6 +9,7 @@ import warnings
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..config import DecoQuantConfig
+from ..options import DEFAULT_PRESET, DEFAULT_SINK_TOKENS
 
 
 def _cache_argument() -> str:
@@ -88,8 +89,8 @@ def resolve_config(config: DecoQuantConfig | None, options: dict, head_dim: int)
     if config is not None:
         return config.replace(**options) if options else config
     if options.get("method", "decoquant") != "decoquant":  # another codec: its own defaults
-        config = DecoQuantConfig(sink_tokens=4, **options)
+        config = DecoQuantConfig(sink_tokens=DEFAULT_SINK_TOKENS, **options)
     else:
-        config = DecoQuantConfig(preset="channel64-token", sink_tokens=4)
+        config = DecoQuantConfig(preset=DEFAULT_PRESET, sink_tokens=DEFAULT_SINK_TOKENS)
         config = config.replace(**options) if options else config
     return fit_head_dim(config, head_dim)

@@ -94,7 +94,7 @@ class PageFormat:
             raw = torch.cat([keys.to(self.dtype).reshape(n, -1), values.to(self.dtype).reshape(n, -1)], 1)
             out[:, :self.content_bytes] = raw.view(torch.uint8)
             return out, torch.zeros(n, dtype=torch.bool, device=keys.device)
-        compressed = {kind: compress(x, self.config, kind, backend="torch")
+        compressed = {kind: compress(x, self.config, kind)  # the compression kernels on CUDA
                       for kind, x in zip(KINDS, (keys, values))}
         at = 0
         for f in self.fields:
