@@ -34,6 +34,18 @@ def test_eval_writes_a_report(tmp_path, capsys):
     assert all(r["kl_mean"] > 0 for r in data["perplexity"][1:]) and data["perplexity"][0]["kl_mean"] == 0
 
 
+def test_eval_and_perplexity_read_the_cache_options_alike():
+    from decoquant.cli import build_parser
+    from decoquant.cli.common import _configs
+
+    argv = ["--methods", "fp16,kivi,turboquant", "--bits", "2", "--kivi-groups", "32,64", "--kivi-clip",
+            "--turboquant-outliers", "16"]
+    labels = {cmd: [c.label() if c is not None else "fp16" for c in _configs(build_parser().parse_args([cmd, *argv]))]
+              for cmd in ("eval", "perplexity")}
+    assert labels["eval"] == labels["perplexity"]
+    assert {"kivi-g64-clip-2b", "kivi-g32-2b"} <= set(labels["eval"]) and len(labels["eval"]) == 7
+
+
 @pytest.mark.slow
 def test_eval_retrieval_tasks_write_tables_and_heatmaps(tmp_path, capsys):
     pytest.importorskip("transformers")

@@ -86,12 +86,18 @@ def _cache_fields(args) -> dict:
     return {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
 
 
-def _run_perplexities(args: argparse.Namespace):
-    """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
+def _configs(args: argparse.Namespace) -> list:
+    """The caches that `--methods`, `--bits`, `--preset`, `--turboquant-outliers`, `--kivi-groups` and `--kivi-clip`
+    ask for (the one reading of them, for `perplexity` and every task of `eval`)."""
     bits = _parse_list(args.bits, BITS, int)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
-    configs = method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers,
-                             args.kivi_clip, _parse_list(args.kivi_groups, KIVI_GROUPS, int))
+    return method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers,
+                          args.kivi_clip, _parse_list(args.kivi_groups, KIVI_GROUPS, int))
+
+
+def _run_perplexities(args: argparse.Namespace):
+    """Shared by `perplexity` and `eval`: (configs, source, model, token ids, perplexity results)."""
+    configs = _configs(args)
     source, text = _text(args)
     model, tok = _load_model(args)
     ids = tok(text, return_tensors="pt").input_ids

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import BITS
 from ..eval.job import RETRIEVAL_TASKS, TASKS
-from .common import CACHE_METHODS, _args_dict, _cache_fields, _load_model, _parse_list, _presets, _text
+from .common import _args_dict, _cache_fields, _configs, _load_model, _parse_list, _presets, _text
 
 ACCURACY_METHODS = ("fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant")
 
@@ -22,13 +22,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     tasks = _parse_list(args.tasks, TASKS)
     bits = _parse_list(args.bits, BITS, int)
-    methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
     acc_methods = _parse_list(args.accuracy_methods, ACCURACY_METHODS)
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     presets = _presets(args)
     shots = [int(s) for s in args.shots.split(",") if s]
     fields = _cache_fields(args)
-    configs = job.method_configs(methods, bits, fields, presets)
+    configs = _configs(args)  # with --kivi-groups, --kivi-clip and --turboquant-outliers, as `perplexity` reads them
     if any(t in tasks for t in ("lambada", "lambada-openai", "icl")) and args.data_dir is None:
         raise ValueError("the lambada and icl tasks need --data-dir (a folder with lambada/ and the ICL sets)")
     source, text = _text(args)  # checked before the model loads
