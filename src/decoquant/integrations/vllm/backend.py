@@ -106,7 +106,7 @@ class DecoQuantImpl(AttentionImpl):
         for name, value in unsupported.items():
             if value is not None:
                 raise NotImplementedError(f"the DecoQuant vLLM backend does not support {name} (got {value!r}); "
-                                          "serve this model without the decoquant plugin")
+                                          "set DECOQUANT_VLLM_DISABLE=1 to serve this model with vLLM's own backend")
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"the DecoQuant vLLM backend serves decoder attention, not {attn_type!r}")
         if kv_cache_dtype != "auto":
