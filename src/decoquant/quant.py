@@ -31,6 +31,7 @@ PARAM_DTYPE = torch.float16
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+CLIP_SHRINKS = tuple((1.0 - a) / 2 for a in CLIP_RATIOS)  # f of each ratio: the range [lo + f span, hi - f span]
 
 
 def qmax_symmetric(bits: int) -> int:
@@ -71,8 +72,7 @@ def quantize(x: torch.Tensor, bits: int, reduce_dims: tuple[int, ...], symmetric
     if not clip:
         return QTensor(*_asymmetric(xf, lo, hi, bits), bits)
     best = best_err = None
-    for ratio in CLIP_RATIOS:
-        f = (1.0 - ratio) / 2
+    for f in CLIP_SHRINKS:
         cand = _asymmetric(xf, lo + f * (hi - lo), hi - f * (hi - lo), bits)
         err = (cand[0].float() * cand[1].float() + cand[2].float() - xf).pow(2).sum(dim=reduce_dims, keepdim=True)
         if best is None:

@@ -95,8 +95,12 @@ class PagedLayer:
                 self._sink(p, o, keys[i], values[i])
             if o == size - 1:
                 full.append(p)
+        for p in full:
+            if not bool(self.filling[p].written.all()):
+                raise RuntimeError(f"page {p} reached its last offset with tokens missing")
         if full:
             self._pack(pages, full)
+            self.packed_pages += len(full)
         if self.max_filling is not None and len(self.filling) > self.max_filling:
             idle = sorted((f.last, p) for p, f in self.filling.items() if f.last < self._calls)
             self._spill(pages, [p for _, p in idle[:len(self.filling) - self.max_filling]])
@@ -114,7 +118,7 @@ class PagedLayer:
         for p in idle:
             if not bool(self.filling[p].written[:lengths[p]].all()):
                 raise RuntimeError(f"page {p} has gaps among its written tokens")
-        self._pack(pages, idle, count=False)
+        self._pack(pages, idle)
         self.spilled.update(lengths)
         self.spills += len(idle)
 
@@ -134,17 +138,14 @@ class PagedLayer:
             raise RuntimeError(f"sink token at offset {offset} of page {page} arrived out of order")
         self.sinks[page] = (torch.cat([k, key[:, None]], 1), torch.cat([v, value[:, None]], 1))
 
-    def _pack(self, pages: torch.Tensor, full: list[int], count: bool = True) -> None:
-        for p in full if count else ():
-            if not bool(self.filling[p].written.all()):
-                raise RuntimeError(f"page {p} reached its last offset with tokens missing")
-        fills = [self.filling.pop(p) for p in full]
+    def _pack(self, pages: torch.Tensor, ids: list[int]) -> None:
+        """Pack the filling pages `ids` into their pages, as they are (their unwritten tokens are zeros)."""
+        fills = [self.filling.pop(p) for p in ids]
         keys, values = torch.stack([f.keys for f in fills]), torch.stack([f.values for f in fills])
         packed, exact = self.fmt.pack(keys, values)
-        pages[torch.tensor(full, device=pages.device)] = packed.to(pages.device)
+        pages[torch.tensor(ids, device=pages.device)] = packed.to(pages.device)
         for i in exact.nonzero().flatten().tolist():
-            self.exact[full[i]] = (keys[i], values[i])
-        self.packed_pages += len(full) if count else 0
+            self.exact[ids[i]] = (keys[i], values[i])
 
     def _write_raw(self, pages, keys, values, slots) -> None:
         h, size, d = self.fmt.shape

@@ -21,12 +21,14 @@ own flags[b] = 1 (the fallback rows). No host sync anywhere.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
 from ...mpo import RANK_RTOL
-from ...quant import CLIP_RATIOS, SCALE_MIN
+from ...quant import CLIP_SHRINKS, SCALE_MIN
 
 _SCALE_MIN = tl.constexpr(SCALE_MIN)
 _RANK_RTOL = tl.constexpr(RANK_RTOL)
@@ -282,9 +284,11 @@ def factor_triton(evals: torch.Tensor, evecs: torch.Tensor, flags: torch.Tensor)
     return w, t_s
 
 
+@lru_cache(maxsize=None)
 def _clip_shrinks(device: torch.device) -> torch.Tensor:
-    """fp32 f = (1 - a) / 2 for the ratios a of quant.CLIP_RATIOS (f as torch's scalar arithmetic rounds it)."""
-    return torch.tensor([(1.0 - a) / 2 for a in CLIP_RATIOS], dtype=torch.float32, device=device)
+    """quant.CLIP_SHRINKS in fp32 (as torch's scalar arithmetic rounds them) on `device`, made once per device:
+    a prefill compresses every layer. Read only."""
+    return torch.tensor(CLIP_SHRINKS, dtype=torch.float32, device=device)
 
 
 def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularity: str, symmetric: bool,
@@ -322,6 +326,6 @@ def quantize_pack_triton(x: torch.Tensor, w: torch.Tensor, bits: int, granularit
         codes.stride(0), codes.stride(1), codes.stride(2),
         scale.stride(0), scale.stride(1), scale.stride(2), s_sd,
         H=h, HL=hl, BT=bt, D=d, G=gsize, BITS=bits, SYM=symmetric, GRAN=gran, W_PER_HEAD=w_per_head,
-        NCLIP=len(CLIP_RATIOS) if clip else 1,
+        NCLIP=len(CLIP_SHRINKS) if clip else 1,
     )
     return codes, scale, zero
