@@ -9,7 +9,7 @@ import torch
 
 from ..format import Backend, dequantize_problem
 from .layout import ExactBlocks, PackedKV
-from .reference import decode_attention_reference, dequantize_packed
+from .reference import decode_attention_reference, dequantize_packed, gather_pages
 
 
 @lru_cache(maxsize=64)
@@ -24,20 +24,26 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                      kv_start: torch.Tensor | None = None, kv_len: torch.Tensor | None = None,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                      window_valid: torch.Tensor | None = None, exact: ExactBlocks | None = None,
+                     skip: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                      backend: str = "auto", **kernel_options) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
     (default: all); window_k/v [B, KVH, W, D], window_valid bool [B, W] (default: all); exact: rows of blocks
-    stored exact (`ExactBlocks`): the kernel skips those blocks and their tokens join the window. backend:
+    stored exact (`ExactBlocks`): the kernel skips those blocks and their tokens join the window; skip int8 [B, NB']:
+    blocks not attended, whose tokens the caller puts in the window itself (not with `exact`). block_table int32
+    [B, NB]: k/v are paged blocks, one per page (`layout`), and block n of row b is page block_table[b, n]. backend:
     "triton" (the fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
     """
-    skip = None
+    if exact is not None and skip is not None:
+        raise ValueError("pass exact (ExactBlocks, which carry their own skip) or skip, not both")
     if exact is not None:
         window_k, window_v, window_valid = _join_exact(exact, k.block_size, kv_start, kv_len, window_k, window_v,
                                                        window_valid)
         skip = exact.skip
     if Backend.parse(backend).on(q.is_cuda) is Backend.TORCH:
+        if block_table is not None:
+            k, v = gather_pages(k, block_table), gather_pages(v, block_table)
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid,
                                           skip)
     from .triton.decode_attention import decode_blocks_partials
@@ -45,11 +51,13 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
 
     b = q.shape[0]
     if kv_start is None or kv_len is None:
-        start, length = _whole_cache(b, k.tokens, q.device)
+        tokens = k.tokens if block_table is None else block_table.shape[1] * k.block_size
+        start, length = _whole_cache(b, tokens, q.device)
         kv_start = start if kv_start is None else kv_start
         kv_len = length if kv_len is None else kv_len
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
-                                      skip=skip, **kernel_options)
+                                      skip=skip, block_table=None if block_table is None
+                                      else block_table.to(torch.int32), **kernel_options)
     return merge_with_window(q, o, m, l_, sm_scale, window_k, window_v, window_valid)
 
 

@@ -12,6 +12,10 @@ read directly by the decode-attention kernels: tensors and integers only (which 
     ts      fp16   [B, TS_H, NB, G, G]         T_S of each block (TS_H = 1: shared, or KVH)
 T = NB * block_size. Token t of head h decodes as x[t, c*G:(c+1)*G] = T_L[t, c*G:(c+1)*G] @ T_S[t // block_size].
 
+Paged blocks (a paged engine's cache): the same tensors with B = pages and T = block_size, so each page holds one
+block (NB = 1); they may be strided views into the page bytes. A block table int32 [B', NB'] says which page holds
+block n of sequence b (`reference.gather_pages` builds the per-sequence layout from them).
+
 `ExactBlocks`: the rows of some blocks that are stored exact instead (their input was not finite). The kernels
 skip block n of batch row b where skip[b, n] is set; attention reads those rows' tokens exactly instead:
 

@@ -30,6 +30,26 @@ def dequantize_packed(p: PackedKV) -> torch.Tensor:
     return (t_l @ ts).reshape(b, h, t, d)
 
 
+def gather_pages(p: PackedKV, block_table: torch.Tensor) -> PackedKV:
+    """Paged blocks (`layout`: one block per page) -> the per-sequence PackedKV [B, ..., NB * block_size, ...] of
+    block_table int [B, NB] (block n of row b is page block_table[b, n]; entries past a row's tokens may name any
+    page, and attention masks them)."""
+    if p.tokens != p.block_size:
+        raise ValueError(f"paged blocks hold one block per page, got {p.tokens} tokens of {p.block_size}-token blocks")
+    idx = block_table.long().clamp(0, p.codes.shape[0] - 1)
+    b, nb = idx.shape
+
+    def tokens_last(t: torch.Tensor, token_dim: int) -> torch.Tensor:  # [B, NB, *page] -> blocks along token_dim
+        t = t[idx].movedim(1, token_dim)  # [B, ..., NB, rows, ...]
+        return t.flatten(token_dim, token_dim + 1)
+
+    scales = tokens_last(p.scales, 2)
+    zeros = None if p.zeros is None else tokens_last(p.zeros, 2)
+    ts = p.ts[idx][:, :, :, 0].movedim(1, 2)  # [B, TS_H, NB, G, G]
+    return PackedKV(tokens_last(p.codes, 2), scales, ts, p.bits, p.block_size, p.group_size, zeros,
+                    p.channel_group)
+
+
 def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sm_scale: float,
                         valid: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, Hq, D]; keys/values [B, KVH, T, D]; valid bool [B, T] -> fp32 [B, Hq, D]."""
@@ -40,6 +60,7 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        v = v.masked_fill(~valid[:, None, :, None], 0.0)  # what is not attended may hold anything, NaN included
     return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v)
 
 

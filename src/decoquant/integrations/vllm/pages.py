@@ -20,6 +20,8 @@ import torch
 from ...api import compress, decompress
 from ...compressed import CompressedKV
 from ...config import DecoQuantConfig
+from ...format import KVFormat
+from ...kernels.layout import PackedKV
 from ...options import KINDS
 
 
@@ -105,6 +107,37 @@ class PageFormat:
         exact = compressed["key"].exact_mask | compressed["value"].exact_mask
         out[exact] = 0
         return out, exact
+
+    def packed(self, pages: torch.Tensor) -> tuple[PackedKV, PackedKV]:
+        """The keys' and values' `PackedKV` of every page, as paged blocks (`kernels.layout`: one block per page),
+        strided views into uint8 pages [num_pages, page_bytes] (no copy): what the decode kernels read through a
+        block table. Needs a format the kernels read (`fused_problem` says why not)."""
+        problem = self.fused_problem()
+        if problem is not None:
+            raise ValueError(f"the decode kernels cannot read these pages: {problem}")
+        if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != self.page_bytes:
+            raise ValueError(f"pages must be uint8 [n, {self.page_bytes}], got {pages.dtype} {tuple(pages.shape)}")
+        n, size, fmt = pages.shape[0], self.block_size, KVFormat.of(self.config)
+        views, at = {kind: {} for kind in KINDS}, 0
+        for f in self.fields:
+            views[f.kind][f.name] = pages[:, at:at + f.nbytes].view(f.dtype)
+            at += f.nbytes
+        out = []
+        for kind in KINDS:
+            t, spec = views[kind], fmt.scales(kind)
+            cg = spec.channel_group
+            scale_shape = (n, self.kv_heads, size // cg, self.head_dim) if cg else (n, -1, size)
+            zeros = t["zero"].view(scale_shape) if "zero" in t else None
+            out.append(PackedKV(t["codes"].view(n, self.kv_heads, size, -1), t["scale"].view(scale_shape),
+                                t["site2"].view(n, -1, 1, spec.group_size, spec.group_size), spec.bits, size,
+                                spec.group_size, zeros, cg))
+        return out[0], out[1]
+
+    def fused_problem(self) -> str | None:
+        """Why the decode kernels cannot read these pages through a block table (None: they can)."""
+        if not self.compresses:
+            return "method 'none' stores the model's dtype"
+        return KVFormat.of(self.config).fused_problem()
 
     def unpack(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) [n, kv_heads, block_size, head_dim] in the model's dtype, decoded from uint8 pages

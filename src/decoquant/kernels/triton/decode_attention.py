@@ -32,8 +32,8 @@ from .codes import _code_planes, _pair_planes, _unplanes, _planes, convert_asm, 
 
 @triton.jit
 def _decode_blocks_kernel(
-    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, SKIP, O, M, L,
-    stride_skb,
+    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, SKIP, BT, O, M, L,
+    stride_skb, stride_btb,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kch, stride_kct,
     stride_ksb, stride_ksh, stride_ksg,
@@ -49,7 +49,7 @@ def _decode_blocks_kernel(
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
     USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
-    VPAIR: tl.constexpr, STACK: tl.constexpr,
+    VPAIR: tl.constexpr, STACK: tl.constexpr, PAGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,13 +85,23 @@ def _decode_blocks_kernel(
     first = split * per_split
     for blk in tl.range(first, tl.minimum(first + per_split, blocks), num_stages=NUM_STAGES):
         t0 = blk * BLOCK
+        # where the block lies: (row, its first token there, its block index there); paged: the block table's
+        # page, which holds this one block
+        if PAGED:
+            row = tl.load(BT + b * stride_btb + blk).to(tl.int64)
+            tb = t0
+            bl = 0
+        else:
+            row = b
+            tb = 0
+            bl = blk
         if HAS_SKIP:  # a block whose row is stored exact (attended with the window instead)
             end = tl.where(tl.load(SKIP + b * stride_skb + blk) != 0, 0, length)
         else:
             end = length
         ts_off = gi[:, None] * G + gi[None, :]
-        ts_k = tl.load(KT + b * stride_ktb + h * stride_kth + blk * stride_ktn + ts_off).to(tl.float32)
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
+        ts_k = tl.load(KT + row * stride_ktb + h * stride_kth + bl * stride_ktn + ts_off).to(tl.float32)
+        ts_v = tl.load(VT + row * stride_vtb + h * stride_vth + bl * stride_vtn + ts_off).to(tl.float32)
         # q~_c = q_c @ T_S_k^T for every chunk c: [GP * D/G, G] @ [G, G]
         qt = tl.reshape(tl.dot(tl.reshape(q, [GROUP_PAD * (D // G), G]), tl.trans(ts_k)), [GROUP_PAD, D])
         q0, q1, q2, q3 = _planes(qt.to(DOT), P, GROUP_PAD, D)
@@ -106,20 +116,20 @@ def _decode_blocks_kernel(
         for j in tl.static_range(BLOCK // TILE):
             toks = t0 + j * TILE + tl.arange(0, TILE)
             ok = (toks >= start) & (toks < end)
-            kp = tl.load(KC + b * stride_kcb + h * stride_kch + toks[:, None] * stride_kct + cols[None, :],
+            kp = tl.load(KC + row * stride_kcb + h * stride_kch + (toks - tb)[:, None] * stride_kct + cols[None, :],
                          mask=ok[:, None], other=0)  # [TILE, D / P] uint8
             k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
             if KEY_CHANNEL:  # fold each row's scale group's channel scales into its query, once per tile
-                grp = (blk * (BLOCK // TILE) + j) * STACK
+                grp = (bl * (BLOCK // TILE) + j) * STACK
                 if STACK > 1:  # [GP, D]: row i's group
-                    ch_off = b * stride_ksb + h * stride_ksh + (grp + row_group)[:, None] * stride_ksg + dims[None, :]
+                    ch_off = row * stride_ksb + h * stride_ksh + (grp + row_group)[:, None] * stride_ksg + dims[None, :]
                     ks_c = tl.load(KS + ch_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
                 else:  # [D]: one group for every row (a 2-D load here costs MQA a third of its time)
-                    ch_off = b * stride_ksb + h * stride_ksh + grp * stride_ksg + dims
+                    ch_off = row * stride_ksb + h * stride_ksh + grp * stride_ksg + dims
                     ks_c = tl.load(KS + ch_off).to(tl.float32)[None, :]
                 q0, q1, q2, q3 = _planes((qt * ks_c).to(DOT), P, GROUP_PAD, D)
             else:
-                ks = tl.load(KS + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
+                ks = tl.load(KS + row * stride_ksb + h * stride_ksh + toks - tb, mask=ok, other=0.0).to(tl.float32)
             # scores = sum over planes of q~_plane . (codes_plane - qmax): no shuffles per token
             scores = tl.dot(q0, tl.trans(k0))
             if P > 1:
@@ -137,7 +147,7 @@ def _decode_blocks_kernel(
             else:
                 scores = scores * ks[None, :]
                 if K_ASYM:
-                    kz = tl.load(KZ + b * stride_ksb + h * stride_ksh + toks, mask=ok, other=0.0).to(tl.float32)
+                    kz = tl.load(KZ + row * stride_ksb + h * stride_ksh + toks - tb, mask=ok, other=0.0).to(tl.float32)
                     scores += qsum[:, None] * kz[None, :]
             if STACK > 1:  # a row attends its own scale group's tokens only
                 mine = ok[None, :] & (tl.arange(0, TILE)[None, :] // (TILE // STACK) == row_group[:, None])
@@ -148,17 +158,17 @@ def _decode_blocks_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            vp = tl.load(VC + b * stride_vcb + h * stride_vch + toks[:, None] * stride_vct + vcols[None, :],
+            vp = tl.load(VC + row * stride_vcb + h * stride_vch + (toks - tb)[:, None] * stride_vct + vcols[None, :],
                          mask=ok[:, None], other=0)
             if VPAIR:
                 v0, v1, v2, v3 = _pair_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
             else:
                 v0, v1, v2, v3 = _code_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
-            vs = tl.load(VS + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
+            vs = tl.load(VS + row * stride_vsb + h * stride_vsh + toks - tb, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
             if V_ASYM:
-                vz = tl.load(VZ + b * stride_vsb + h * stride_vsh + toks, mask=ok, other=0.0).to(tl.float32)
+                vz = tl.load(VZ + row * stride_vsb + h * stride_vsh + toks - tb, mask=ok, other=0.0).to(tl.float32)
                 zacc = zacc * alpha + tl.sum(p * vz[None, :], 1)
             a0 = a0 * alpha[:, None] + tl.dot(pw, v0)
             if PV > 1:
@@ -257,8 +267,12 @@ def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
                            tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                           low_precision: bool = True, kernel: str = "auto", skip: torch.Tensor | None = None):
+                           low_precision: bool = True, kernel: str = "auto", skip: torch.Tensor | None = None,
+                           block_table: torch.Tensor | None = None):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
+
+    block_table: int32 [B, NB] or None; paged blocks (`layout`: k/v hold one block per page): block n of row b is
+    page block_table[b, n] (the mma kernel reads it; entries past a row's kv_len are never read).
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     skip: int8 [B, NB'] or None; block n of row b is not attended where skip[b, n] != 0 (`layout.ExactBlocks`).
@@ -277,6 +291,14 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     kvh = k.codes.shape[1]
     if hq % kvh:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {kvh}")
+    if block_table is not None:
+        if kernel == "rows":
+            raise ValueError("kernel='rows' does not read paged blocks (a block_table); use kernel='mma' or 'auto'")
+        if k.tokens != k.block_size or block_table.dim() != 2 or block_table.shape[0] != b:
+            raise ValueError(f"paged blocks are one block per page ([pages, heads, {k.block_size}, ...]) and "
+                             f"block_table is [{b}, blocks]; got {tuple(k.codes.shape)} and "
+                             f"{tuple(block_table.shape)}")
+        kernel = "mma"
     if choose_kernel(hq, k, v, low_precision, kernel) == "rows":
         # one-warp programs; 16 per SM's worth of splits (H100, batch 8 x 32 heads x 32k: 8 to 32 splits
         # within 3% of each other, 4 splits 30% slower)
@@ -289,7 +311,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
     group = hq // kvh
-    n_blocks = k.tokens // k.block_size
+    n_blocks = k.tokens // k.block_size if block_table is None else block_table.shape[1]
     tile, stack, rows = _tile(k, tile, group, starved=_starved(b * kvh, n_blocks, q.device))
     group_pad = max(16, triton.next_power_of_2(rows * stack))
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
@@ -317,7 +339,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * hq // rows, splits)](
         q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
-        kv_len if skip is None else skip, o, m, l_, 0 if skip is None else skip.stride(0),
+        kv_len if skip is None else skip, kv_len if block_table is None else block_table, o, m, l_,
+        0 if skip is None else skip.stride(0), 0 if block_table is None else block_table.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
         k.scales.stride(0), head_stride(k.scales), k.scales.stride(2) if k.channel_group else 0,
@@ -333,6 +356,6 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=vconv,
-        HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, num_warps=num_warps,
+        HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, PAGED=block_table is not None, num_warps=num_warps,
     )
     return o, m, l_
