@@ -177,3 +177,35 @@ def test_idle_filling_pages_spill_and_come_back():
     assert torch.equal(k[:, :50], want) and torch.equal(k[:, 50:], x[0][:, 50:60])
     with pytest.raises(RuntimeError, match="read past"):
         layer.read(pages, [1], 51)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_decode_through_the_block_table_equals_read_then_attend(name, backend):
+    """`PagedLayer.decode` (the decode kernels reading the pages in place, the filling page, sinks and exact blocks
+    as their window) gives what reading each sequence back and attending does, for a batch of sequences: one with
+    two packed pages and a filling one, one ending on a full page with a block kept exact, one inside its first
+    page, one just past a page boundary; GQA with 4 query heads per kv head."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    config = CONFIGS[name]
+    fmt = PageFormat(config, 2, 64, torch.float32)
+    layer = PagedLayer(fmt, config.sink_tokens)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU the fused kernel itself, else interpreted
+    pages = torch.zeros(10, fmt.page_bytes, dtype=torch.uint8, device=device)
+    seqs = {(5, 2, 7): 300, (0, 1): 256, (3,): 50, (4, 6): 129}
+    for i, (ids, n) in enumerate(seqs.items()):
+        x = outlier_kv(batch=2, heads=2, tokens=n, head_dim=64, seed=20 + i).to(device)
+        _write_sequence(layer, pages, list(ids), x[0], x[1], chunks=[n - 1, 1])
+        if ids == (0, 1):  # as `pack` leaves a block it could not compress: no bytes, the block kept exact
+            layer.exact[1] = (x[0][:, 128:].clone(), x[1][:, 128:].clone())
+            pages[1] = 0
+    table = torch.tensor([list(ids) + [9] * (3 - len(ids)) for ids in seqs])  # padded with a page never written
+    query = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(1)).to(device)
+    got = layer.decode(pages, query, table, list(seqs.values()), 0.125, backend=backend)
+    assert got.shape == query.shape and torch.isfinite(got).all()
+    for i, (ids, n) in enumerate(seqs.items()):
+        k, v = layer.read(pages, list(ids), n)
+        want = attend(query[i:i + 1], k, v, 0.125, n - 1)[0]
+        err = (got[i] - want).norm() / want.norm()
+        assert err < (1e-5 if backend == "torch" else 5e-3 if device == "cpu" else 1e-2), (ids, err)

@@ -62,6 +62,34 @@ def dequantize_fp16(p, chunk: int = 1) -> torch.Tensor:
     return torch.cat(outs)
 
 
+def to_pages(k, v, preset: str, device, seed: int):
+    """The same blocks in a paged engine's layout (`integrations.vllm.pages`): one uint8 page per (sequence, block)
+    holding that block of every kv head, keys' and values' fields in the page bytes, the pages in shuffled order ->
+    (keys, values as paged PackedKV views into the pages, block table int32 [B, NB])."""
+    import decoquant as dq
+    from decoquant.integrations.vllm.pages import PageFormat
+
+    b, h, t, _ = k.codes.shape
+    size, nb = k.block_size, t // k.block_size
+    d = k.codes.shape[-1] * 8 // k.bits
+    cfg = dq.DecoQuantConfig(preset=preset, bits=k.bits, block_size=size, residual_length=size)
+    fmt = PageFormat(cfg, h, d, torch.float16)
+    pages = torch.zeros(b * nb, fmt.page_bytes, dtype=torch.uint8, device=device)
+    order = torch.randperm(b * nb, generator=torch.Generator().manual_seed(seed)).to(device)
+    views = fmt.packed(pages)
+    for dense, paged in zip((k, v), views):
+        def blocks(x, rows):  # [B, H, NB * rows, ...] -> [B * NB, H, rows, ...]
+            x = x.reshape(b, x.shape[1], nb, rows, *x.shape[3:])
+            return x.transpose(1, 2).reshape(b * nb, x.shape[1], rows, *x.shape[4:])
+        paged.codes[order] = blocks(dense.codes, size)
+        rows = size // dense.channel_group if dense.channel_group else size
+        paged.scales[order] = blocks(dense.scales, rows)
+        if dense.zeros is not None:
+            paged.zeros[order] = blocks(dense.zeros, rows)
+        paged.ts[order] = dense.ts.transpose(1, 2).reshape(b * nb, -1, 1, *dense.ts.shape[-2:])
+    return views[0], views[1], order.view(b, nb).to(torch.int32)
+
+
 def graph_replay(fn):
     """`fn` captured in a CUDA graph: replaying it times the GPU work without the host's launch cost
     (what a server that captures its decode step sees)."""
@@ -78,7 +106,7 @@ def graph_replay(fn):
 
 
 def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, preset="paper",
-             cuda_graph=False, **kernel_options):
+             cuda_graph=False, paged=False, **kernel_options):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -95,10 +123,25 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     out = fused()
     err = float((out - ref).norm() / ref.norm())
     ok = err < 1e-2
-    if cuda_graph:  # both replayed from graphs: GPU time only
+    extra = {}
+    if paged:  # the same blocks as pages, read through a block table (always the mma kernel)
+        kp, vp, table = to_pages(k, v, preset, device, seed=tokens)
+        paged_opts = {**kernel_options, "kernel": "mma"}
+        paged_fn = lambda: decode_attention(q, kp, vp, scale, block_table=table, backend="triton",  # noqa: E731
+                                            **paged_opts)
+        paged_err = float((paged_fn() - ref).norm() / ref.norm())
+        ok = ok and paged_err < 1e-2
+        extra = dict(paged_rel_error=paged_err)
+    if cuda_graph:  # all replayed from graphs: GPU time only
         sdpa, fused = graph_replay(sdpa), graph_replay(fused)
+        if paged:
+            paged_fn = graph_replay(paged_fn)
     t_sdpa = do_bench(sdpa, warmup=25, rep=100, return_mode="median")
     t_fused = do_bench(fused, warmup=25, rep=100, return_mode="median")
+    if paged:
+        t_paged = do_bench(paged_fn, warmup=25, rep=100, return_mode="median")
+        extra.update(paged_ms=t_paged, paged_speedup=(t_sdpa / t_paged) if ok else None,
+                     paged_pct_copy=100 * (k.nbytes + v.nbytes) / (t_paged * 1e-3) / peak_bw)
     io = q.numel() * 2 + batch * q_heads * head_dim * 2
     bytes_fp16 = k16.numel() * 2 * 2 + io
     bytes_fused = k.nbytes + v.nbytes + io
@@ -113,7 +156,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                sdpa_gbps=bytes_fp16 / t_sdpa / 1e6, fused_gbps=bytes_fused / t_fused / 1e6,
                sdpa_pct_copy=100 * bytes_fp16 / (t_sdpa * 1e-3) / peak_bw,
                fused_pct_copy=100 * bytes_fused / (t_fused * 1e-3) / peak_bw,
-               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused)
+               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused, **extra)
     return row
 
 
@@ -167,6 +210,9 @@ def main(argv=None) -> int:
     p.add_argument("--fp32-dots", action="store_true", help="tf32 dots instead of fp16/bf16")
     p.add_argument("--cuda-graph", action="store_true",
                    help="time both from captured CUDA graphs (GPU time; eager timing includes the host's launches)")
+    p.add_argument("--paged", action="store_true",
+                   help="also time the same blocks laid out as a paged engine's pages (shuffled), read through a "
+                        "block table")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
     p.add_argument("--dequantize", action="store_true",
                    help="benchmark the dequantize kernel (packed keys -> fp16) against the torch reference instead")
@@ -190,20 +236,25 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "dequantize": rows}))
         return 0 if all(r["correct"] for r in rows) else 1
+    paged_head = (" paged ms | paged speedup | paged % copy |", "---:|---:|---:|") if args.paged else ("", "")
     print("| batch | kv heads | context | bits | kernel | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy "
-          "| SDPA % copy | rel err |")
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| SDPA % copy | rel err |" + paged_head[0])
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|" + paged_head[1])
     rows = []
     for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K and V within the limit
         r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
                      preset=args.preset, cuda_graph=args.cuda_graph, tile=args.tile, num_warps=args.num_warps,
                      num_stages=args.num_stages,
-                     low_precision=not args.fp32_dots, kernel=args.kernel)
+                     low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
+        tail = ""
+        if args.paged:
+            psp = f"{r['paged_speedup']:.2f}x" if r["correct"] else "FAILED"
+            tail = f" {r['paged_ms']:.3f} | {psp} | {r['paged_pct_copy']:.0f}% |"
         print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['kernel']} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "
               f"{r['fused_gbps']:.0f} | {r['fused_pct_copy']:.0f}% | {r['sdpa_pct_copy']:.0f}% | "
-              f"{r['rel_error']:.1e} |", flush=True)
+              f"{r['rel_error']:.1e} |{tail}", flush=True)
         torch.cuda.empty_cache()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "rows": rows}))
     return 0 if all(r["correct"] for r in rows) else 1

@@ -4,8 +4,10 @@
 vLLM asks the backend for its page cell (`customize_spec`: `state_content_bytes`, so the engine fits more tokens in
 the same memory), hands every layer its pages as one tensor `[num_pages, kv_heads, block_size, cell]`, and calls
 `forward` with the step's queries, keys and values and the batch's block tables (`forward_includes_kv_cache_update`:
-the writes happen in `forward`, which knows each token's position). Attention runs the torch reference
-(`paged.attend`) on every device; the fused GPU kernels do not read vLLM's block tables yet.
+the writes happen in `forward`, which knows each token's position). Requests with one new token (decode) attend
+through `PagedLayer.decode`: the decode kernels read the packed pages in place through the block table (the fused
+Triton kernel on CUDA, its torch reference elsewhere). Prefill chunks, and formats the kernels do not read, read
+each sequence back and attend with `paged.attend`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class DecoQuantMetadata:
     num_actual_tokens: int
     query_start_loc: list[int]  # [num_reqs + 1], on the host
     seq_lens: list[int]  # [num_reqs]
-    block_table: torch.Tensor  # [num_reqs, max_pages]
+    block_table: torch.Tensor  # [num_reqs, max_pages], on the host
+    block_table_device: torch.Tensor  # the same, where the decode kernels read it
     slot_mapping: torch.Tensor  # [num_actual_tokens]
 
 
@@ -49,6 +52,7 @@ class DecoQuantMetadataBuilder(AttentionMetadataBuilder[DecoQuantMetadata]):
                                  query_start_loc=m.query_start_loc_cpu[:m.num_reqs + 1].tolist(),
                                  seq_lens=m.seq_lens[:m.num_reqs].tolist(),
                                  block_table=m.block_table_tensor[:m.num_reqs].cpu(),
+                                 block_table_device=m.block_table_tensor[:m.num_reqs],
                                  slot_mapping=m.slot_mapping[:m.num_actual_tokens])
 
 
@@ -130,6 +134,7 @@ class DecoQuantImpl(AttentionImpl):
         self.attn_type = attn_type
         self.sinks = None
         self.layer: PagedLayer | None = None  # built on the first forward, when the page shape is known
+        self.reads_pages = False
 
     def _paged(self, kv_cache: torch.Tensor, dtype: torch.dtype) -> tuple[PagedLayer, torch.Tensor]:
         pages = kv_cache.view(torch.uint8).view(kv_cache.shape[0], -1)
@@ -140,6 +145,9 @@ class DecoQuantImpl(AttentionImpl):
                 raise RuntimeError(f"vLLM allocated pages of {pages.shape[1]} bytes, the format needs "
                                    f"{fmt.page_bytes}; was the decoquant plugin loaded in every process?")
             self.layer = PagedLayer(fmt, config.sink_tokens, self.max_filling)
+            # decode steps read the pages in place where the decode kernels read the format (else, and for prefill,
+            # each sequence is read back and attended: `paged.attend`)
+            self.reads_pages = fmt.fused_problem() is None
         return self.layer, pages
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
@@ -156,7 +164,18 @@ class DecoQuantImpl(AttentionImpl):
         # hands out a page as cached the step it is scheduled to be computed)
         positions = torch.cat([torch.arange(past, seq_len) for past, seq_len in zip(pasts, m.seq_lens)])
         paged.write(pages, key[:n], value[:n], m.slot_mapping[:n].to(torch.long).cpu(), positions)
-        for i, past in enumerate(pasts):
+        rest = range(len(pasts))
+        if self.reads_pages:  # one decode token: all of them at once, the pages read in place by the decode kernels
+            one = [i for i in rest if starts[i + 1] - starts[i] == 1]
+            if one:
+                rows = torch.tensor([starts[i] for i in one], device=query.device)
+                out = paged.decode(pages, query.index_select(0, rows), m.block_table[one],
+                                   [m.seq_lens[i] for i in one], self.scale,
+                                   device_table=m.block_table_device[rows.new_tensor(one)])
+                output.index_copy_(0, rows, out.to(output.dtype))
+                rest = [i for i in rest if starts[i + 1] - starts[i] != 1]
+        for i in rest:
+            past = pasts[i]
             a, b = starts[i], starts[i + 1]
             k_past, v_past = paged.read(pages, m.block_table[i].tolist(), past)
             k = torch.cat([k_past, key[a:b].transpose(0, 1).to(k_past.dtype)], 1)

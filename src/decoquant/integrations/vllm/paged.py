@@ -189,6 +189,72 @@ class PagedLayer:
             return z, z
         return torch.cat(blocks_k, 1)[:, :length], torch.cat(blocks_v, 1)[:, :length]
 
+    def decode(self, pages: torch.Tensor, query: torch.Tensor, block_table: torch.Tensor, seq_lens: list[int],
+               scale: float, backend: str = "auto", device_table: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode token per sequence, after the step's writes: query [R, heads, d] (the last of each sequence's
+        `seq_lens` tokens) attends all of them -> [R, heads, d] in query's dtype. The packed pages are read in
+        place through `block_table` int [R, max_pages] (on the host; `device_table`: the same on the query's
+        device, where the caller has it) by the decode kernels (`backend` "auto": the fused
+        kernel on CUDA, the torch reference elsewhere); the filling page, the sinks and the exact blocks are
+        attended exactly as the kernels' window. Needs pages the kernels read (`PageFormat.fused_problem`)."""
+        from ...kernels.attention import decode_attention
+
+        k, v = self.fmt.packed(pages)
+        size, r = self.block_size, len(seq_lens)
+        table = block_table.tolist()
+        kv_start, kv_len = [0] * r, [0] * r
+        skip = torch.zeros(r, max(block_table.shape[1], 1), dtype=torch.int8)
+        window: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(r)]
+        for i, length in enumerate(seq_lens):
+            need = table[i][:-(-length // size)]
+            if len(need) * size < length:
+                raise ValueError(f"{len(table[i])} pages cannot hold {length} tokens")
+            for j, p in enumerate(need):
+                rest = min(size, length - j * size)
+                if p in self.filling:
+                    f = self.filling[p]
+                    if j < len(need) - 1 or not bool(f.written[:rest].all()):
+                        raise RuntimeError(f"page {p} is read past the tokens written to it")
+                    window[i].append((f.keys[:, :rest], f.values[:, :rest]))
+                    continue
+                if p in self.spilled and rest > self.spilled[p]:
+                    raise RuntimeError(f"page {p} is read past the {self.spilled[p]} tokens it held when it was "
+                                       "spilled")
+                kv_len[i] = j * size + rest
+                if p in self.exact:
+                    skip[i, j] = 1
+                    k_ex, v_ex = self.exact[p]
+                    window[i].append((k_ex[:, :rest], v_ex[:, :rest]))
+                elif p in self.sinks and j == 0:  # the sinks are the first tokens: attend them exactly instead
+                    sk, sv = self.sinks[p]
+                    kv_start[i] = sk.shape[1]
+                    window[i].append((sk, sv))
+        dev = query.device
+        wk, wv, valid = _pad_windows(window, query.dtype, dev)
+        out = decode_attention(query, k, v, scale, torch.tensor(kv_start, device=dev),
+                               torch.tensor(kv_len, device=dev), wk, wv, valid, skip=skip.to(dev),
+                               block_table=(block_table if device_table is None else device_table).to(
+                                   device=dev, dtype=torch.int32), backend=backend)
+        return out.to(query.dtype)
+
+
+def _pad_windows(window: list[list[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype, device):
+    """Each sequence's exact (keys, values) pieces [kv_heads, n, d] joined and padded to one window: (keys,
+    values [R, kv_heads, W, d], valid bool [R, W]), or Nones where no sequence has any."""
+    joined = [(torch.cat([k for k, _ in w], 1), torch.cat([v for _, v in w], 1)) if w else None for w in window]
+    width = max((j[0].shape[1] for j in joined if j is not None), default=0)
+    if not width:
+        return None, None, None
+    h, d = next(j for j in joined if j is not None)[0].shape[::2]
+    keys = torch.zeros(len(window), h, width, d, dtype=dtype, device=device)
+    values = torch.zeros_like(keys)
+    valid = torch.zeros(len(window), width, dtype=torch.bool, device=device)
+    for i, j in enumerate(joined):
+        if j is not None:
+            n = j[0].shape[1]
+            keys[i, :, :n], values[i, :, :n], valid[i, :n] = j[0], j[1], True
+    return keys, values, valid
+
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
            past: int) -> torch.Tensor:
