@@ -6,8 +6,9 @@
 
 "decoquant": null runs stock vLLM (the plugin installed but off); a dict runs the plugin with those options.
 "blocks" overrides the number of pages vLLM allocates. Prints `RESULT {"tokens": [[...]], "logprobs": [[...]],
-"texts": [...], "capacity_tokens": N, "preemptions": N, "filling_pages": N, "spills": N}` (the last two: the
-plugin's filling pages at the end, most over layers, and its spills, summed over layers).
+"texts": [...], "capacity_tokens": N, "preemptions": N, "filling_pages": N, "spills": N, "decoded": N}` (the last
+three: the plugin's filling pages at the end, most over layers, its spills, and the decode tokens it attended through
+the pages in place, each summed over layers).
 """
 
 import json
@@ -49,7 +50,7 @@ def main(args: dict) -> dict:
     return {"tokens": tokens, "logprobs": logprobs, "texts": [o.outputs[0].text for o in outs],
             "capacity_tokens": config.num_gpu_blocks * config.block_size, "preemptions": len(preemptions),
             "filling_pages": max((len(p.filling) for p in layers), default=0),
-            "spills": sum(p.spills for p in layers)}
+            "spills": sum(p.spills for p in layers), "decoded": sum(p.decoded for p in layers)}
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_many_requests_through_few_slots(tiny_llama):
     packed = run_engine(decoquant={}, **args)
     assert [len(t) for t in packed["tokens"]] == [30] * len(prompts)
     assert 1 <= packed["filling_pages"] <= 4
+    assert packed["decoded"] > 0  # decode steps read the pages in place (PagedLayer.decode)
 
 
 @pytest.mark.parametrize("dtype,elem", [("float32", 4), ("bfloat16", 2)])
@@ -90,3 +91,4 @@ def test_smollm2_keeps_its_greedy_continuations(smollm2_dir):
     print("greedy tokens equal to stock vLLM before the first difference:", agree)
     assert sum(a >= 8 for a in agree) >= 2  # 4-bit pages: the first 8 greedy tokens match on most prompts
     assert packed["capacity_tokens"] >= 3 * stock["capacity_tokens"]  # fp32 pages here: ~7x
+    assert packed["decoded"] >= 30 * 23 * 3  # every layer's decode steps read the pages in place

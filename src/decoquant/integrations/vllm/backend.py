@@ -100,6 +100,15 @@ class DecoQuantBackend(AttentionBackend):
         return DecoQuantMetadataBuilder
 
 
+class DecoQuantCudaBackend(DecoQuantBackend):
+    """The same backend under the enum member vLLM's CUDA platform honours for an out-of-tree backend: select it
+    with `attention_backend="CUSTOM"` (server: `--attention-backend CUSTOM`)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+
 class DecoQuantImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, alibi_slopes,
                  sliding_window, kv_cache_dtype: str, logits_soft_cap=None, attn_type: str = AttentionType.DECODER,

@@ -55,6 +55,7 @@ class PagedLayer:
         self.exact: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # page -> keys, values [kv_heads, s, d]
         self.packed_pages = 0  # pages compressed so far (a count for reports)
+        self.decoded = 0  # decode tokens attended through `decode` so far (a count for reports)
 
     @property
     def side_bytes(self) -> int:
@@ -235,6 +236,7 @@ class PagedLayer:
                                torch.tensor(kv_len, device=dev), wk, wv, valid, skip=skip.to(dev),
                                block_table=(block_table if device_table is None else device_table).to(
                                    device=dev, dtype=torch.int32), backend=backend)
+        self.decoded += r
         return out.to(query.dtype)
 
 
