@@ -210,26 +210,34 @@ class PagedLayer:
             need = table[i][:-(-length // size)]
             if len(need) * size < length:
                 raise ValueError(f"{len(table[i])} pages cannot hold {length} tokens")
-            for j, p in enumerate(need):
-                rest = min(size, length - j * size)
-                if p in self.filling:
-                    f = self.filling[p]
-                    if j < len(need) - 1 or not bool(f.written[:rest].all()):
-                        raise RuntimeError(f"page {p} is read past the tokens written to it")
-                    window[i].append((f.keys[:, :rest], f.values[:, :rest]))
-                    continue
-                if p in self.spilled and rest > self.spilled[p]:
+            # set operations, not a loop over pages: long sequences hold hundreds of pages, the side dicts few
+            held = set(need)
+            last, rest = need[-1] if need else None, length - (len(need) - 1) * size
+            early = set(need[:-1]) & self.filling.keys()  # only the last page may still be filling
+            if early:
+                raise RuntimeError(f"page {min(early)} is read past the tokens written to it")
+            packed = len(need)
+            if last in self.filling:
+                f = self.filling[last]
+                if not bool(f.written[:rest].all()):
+                    raise RuntimeError(f"page {last} is read past the tokens written to it")
+                window[i].append((f.keys[:, :rest], f.values[:, :rest]))
+                packed -= 1
+            for p in held & self.spilled.keys():
+                if p != last or rest > self.spilled[p]:
                     raise RuntimeError(f"page {p} is read past the {self.spilled[p]} tokens it held when it was "
                                        "spilled")
-                kv_len[i] = j * size + rest
-                if p in self.exact:
+            kv_len[i] = min(length, packed * size)
+            for j in sorted(need.index(p) for p in held & self.exact.keys()):
+                if j < packed:
                     skip[i, j] = 1
-                    k_ex, v_ex = self.exact[p]
-                    window[i].append((k_ex[:, :rest], v_ex[:, :rest]))
-                elif p in self.sinks and j == 0:  # the sinks are the first tokens: attend them exactly instead
-                    sk, sv = self.sinks[p]
-                    kv_start[i] = sk.shape[1]
-                    window[i].append((sk, sv))
+                    k_ex, v_ex = self.exact[need[j]]
+                    n = min(size, length - j * size)
+                    window[i].append((k_ex[:, :n], v_ex[:, :n]))
+            if packed and need[0] in self.sinks and need[0] not in self.exact:  # the sinks: attended exactly
+                sk, sv = self.sinks[need[0]]
+                kv_start[i] = sk.shape[1]
+                window[i].append((sk, sv))
         dev = query.device
         wk, wv, valid = _pad_windows(window, query.dtype, dev)
         out = decode_attention(query, k, v, scale, torch.tensor(kv_start, device=dev),
