@@ -209,3 +209,7 @@ def test_decode_through_the_block_table_equals_read_then_attend(name, backend):
         want = attend(query[i:i + 1], k, v, 0.125, n - 1)[0]
         err = (got[i] - want).norm() / want.norm()
         assert err < (1e-5 if backend == "torch" else 5e-3 if device == "cpu" else 1e-2), (ids, err)
+    with pytest.raises(RuntimeError, match="read past"):  # the third sequence holds 50 tokens, not 51
+        layer.decode(pages, query[:1], table[2:3], [51], 0.125, backend=backend)
+    with pytest.raises(ValueError, match="cannot hold"):
+        layer.decode(pages, query[:1], table[2:3, :1], [129], 0.125, backend=backend)
