@@ -14,9 +14,10 @@ from decoquant.kernels.reference import dequantize_packed, gather_pages
 from kernel_cases import CUDA, DEVICE, rel, tolerance
 
 pytest.importorskip("triton")
+from decoquant.kernels.triton.decode_rows import rows_kernel_supports
 
 CASES = [  # kv heads, q heads, head_dim, block, lengths (compressed tokens per sequence)
-    (2, 2, 64, 64, [64, 150, 1]),  # MHA through the mma kernel
+    (2, 2, 64, 64, [64, 150, 1]),  # MHA: the rows kernel and the mma kernel
     (2, 8, 64, 64, [191, 64]),  # GQA-4
     (1, 32, 64, 128, [256, 129]),  # MQA: query rows split over programs
 ]
@@ -80,14 +81,17 @@ def test_paged_kernel_matches_reference(case, bits, preset):
     valid[:, 0] = True
     args = (q, k, v, 0.125, kv_start, kv_len, wk, wv, valid)
     ref = decode_attention(*args, skip=skip, block_table=table, backend="torch")
-    out = decode_attention(*args, skip=skip, block_table=table, backend="triton", num_splits=3)
-    assert out.shape == (b, hq, d) and torch.isfinite(out).all()
-    assert rel(out, ref) < tolerance(True) * 2.5  # fp16 dots round the (channel-scaled) query and p * s_v
-    # the same blocks laid out per sequence (the layout the transformers cache keeps) give the same attention
+    # the same blocks laid out per sequence (the layout the transformers cache keeps)
     dense_k, dense_v = gather_pages(k, table), gather_pages(v, table)
-    dense = decode_attention(q, dense_k, dense_v, 0.125, kv_start, kv_len, wk, wv, valid, skip=skip,
-                             backend="triton", num_splits=3, kernel="mma")
-    assert rel(out, dense) < 1e-5
+    kernels = ["mma"] + (["rows"] if rows_kernel_supports(hq, kvh, k, v, True) else [])
+    assert (kvh == hq) == ("rows" in kernels)  # MHA takes the rows kernel too
+    for kernel in kernels:
+        out = decode_attention(*args, skip=skip, block_table=table, backend="triton", num_splits=3, kernel=kernel)
+        assert out.shape == (b, hq, d) and torch.isfinite(out).all()
+        assert rel(out, ref) < tolerance(True) * 2.5, kernel  # fp16 dots round the (channel-scaled) query, p * s_v
+        dense = decode_attention(q, dense_k, dense_v, 0.125, kv_start, kv_len, wk, wv, valid, skip=skip,
+                                 backend="triton", num_splits=3, kernel=kernel)
+        assert rel(out, dense) < 1e-5, kernel  # the same kernel, the same numbers
 
 
 def test_page_views_decode_what_the_codec_decodes():
@@ -120,9 +124,6 @@ def test_paged_arguments_are_checked():
     with pytest.raises(ValueError, match="block_table is"):
         decode_attention(q, k, v, 0.125, block_table=torch.zeros(3, 2, dtype=torch.int32, device=DEVICE),
                          backend="triton")
-    with pytest.raises(ValueError, match="kernel='rows' does not read paged"):
-        decode_attention(q, k, v, 0.125, block_table=torch.zeros(2, 2, dtype=torch.int32, device=DEVICE),
-                         backend="triton", kernel="rows")
     kivi = PageFormat(dq.DecoQuantConfig(method="kivi", bits=2, block_size=64, residual_length=64), 1, 64,
                       torch.float16)
     with pytest.raises(ValueError, match="decode kernels cannot read these pages"):

@@ -124,11 +124,10 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     err = float((out - ref).norm() / ref.norm())
     ok = err < 1e-2
     extra = {}
-    if paged:  # the same blocks as pages, read through a block table (always the mma kernel)
+    if paged:  # the same blocks as pages, read through a block table by the same kernel
         kp, vp, table = to_pages(k, v, preset, device, seed=tokens)
-        paged_opts = {**kernel_options, "kernel": "mma"}
         paged_fn = lambda: decode_attention(q, kp, vp, scale, block_table=table, backend="triton",  # noqa: E731
-                                            **paged_opts)
+                                            **kernel_options)
         paged_err = float((paged_fn() - ref).norm() / ref.norm())
         ok = ok and paged_err < 1e-2
         extra = dict(paged_rel_error=paged_err)

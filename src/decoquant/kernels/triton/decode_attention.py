@@ -272,7 +272,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     block_table: int32 [B, NB] or None; paged blocks (`layout`: k/v hold one block per page): block n of row b is
-    page block_table[b, n] (the mma kernel reads it; entries past a row's kv_len are never read).
+    page block_table[b, n] (both kernels read it; entries past a row's kv_len are never read).
 
     kv_start/kv_len: int32 [B]; tokens kv_start <= t < kv_len are attended.
     skip: int8 [B, NB'] or None; block n of row b is not attended where skip[b, n] != 0 (`layout.ExactBlocks`).
@@ -291,27 +291,22 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     kvh = k.codes.shape[1]
     if hq % kvh:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {kvh}")
-    if block_table is not None:
-        if kernel == "rows":
-            raise ValueError("kernel='rows' does not read paged blocks (a block_table); use kernel='mma' or 'auto'")
-        if k.tokens != k.block_size or block_table.dim() != 2 or block_table.shape[0] != b:
-            raise ValueError(f"paged blocks are one block per page ([pages, heads, {k.block_size}, ...]) and "
-                             f"block_table is [{b}, blocks]; got {tuple(k.codes.shape)} and "
-                             f"{tuple(block_table.shape)}")
-        kernel = "mma"
+    if block_table is not None and (k.tokens != k.block_size or block_table.dim() != 2 or block_table.shape[0] != b):
+        raise ValueError(f"paged blocks are one block per page ([pages, heads, {k.block_size}, ...]) and "
+                         f"block_table is [{b}, blocks]; got {tuple(k.codes.shape)} and {tuple(block_table.shape)}")
+    n_blocks = k.tokens // k.block_size if block_table is None else block_table.shape[1]
     if choose_kernel(hq, k, v, low_precision, kernel) == "rows":
         # one-warp programs; 16 per SM's worth of splits (H100, batch 8 x 32 heads x 32k: 8 to 32 splits
         # within 3% of each other, 4 splits 30% slower)
-        splits = num_splits or _num_splits(b * kvh, k.tokens // k.block_size, q.device, per_sm=16)
+        splits = num_splits or _num_splits(b * kvh, n_blocks, q.device, per_sm=16)
         return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, num_warps=num_warps or 1,
-                                    num_stages=num_stages or 1, skip=skip)
+                                    num_stages=num_stages or 1, skip=skip, block_table=block_table)
     num_warps, num_stages = num_warps or 4, num_stages or 3
     if k.bits not in (2, 4, 8) or v.bits != k.bits:
         raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
     group = hq // kvh
-    n_blocks = k.tokens // k.block_size if block_table is None else block_table.shape[1]
     tile, stack, rows = _tile(k, tile, group, starved=_starved(b * kvh, n_blocks, q.device))
     group_pad = max(16, triton.next_power_of_2(rows * stack))
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:

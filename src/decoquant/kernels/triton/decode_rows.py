@@ -184,10 +184,18 @@ def _value_step(vc, wbuf, t, t_rel, length, a0, a1, a2, a3, a4, a5, a6, a7, a8, 
                      BITS, ASM, USE_ASM)
 
 
+@triton.jit
+def _page_words(C, BT, b, stride_btb, blk, end, stride_cb, h, stride_ch, WORDS: tl.constexpr):
+    # codes of paged block `blk` of row b (page BT[b, blk]; none past `end`), shifted so that sequence position t
+    # addresses its word row t % BLOCK
+    page = tl.load(BT + b * stride_btb + blk, mask=blk < end, other=0).to(tl.int64)
+    return C + page * stride_cb + h * stride_ch - blk * WORDS
+
+
 @triton.jit(do_not_specialize=["VC"])  # VC: 4-byte value loads, one word per lane
 def _decode_rows_kernel(
-    Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, SKIP, O, M, L, SCRATCH,
-    stride_skb,
+    Q, KT, KC, KS, KZ, VC, VS, VZ, VT, START, LEN, SKIP, BT, O, M, L, SCRATCH,
+    stride_skb, stride_btb,
     stride_qb, stride_qh, stride_qd,
     stride_ktb, stride_kth, stride_ktn,
     stride_kcb, stride_kch,
@@ -201,7 +209,7 @@ def _decode_rows_kernel(
     KV_HEADS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr,
     VQMAX: tl.constexpr, BLOCK: tl.constexpr, QG: tl.constexpr, KEY_CHANNEL: tl.constexpr,
     K_ASYM: tl.constexpr, V_ASYM: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr, USE_ASM: tl.constexpr,
-    NUM_STAGES: tl.constexpr, HAS_SKIP: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HAS_SKIP: tl.constexpr, PAGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -244,16 +252,31 @@ def _decode_rows_kernel(
     end = tl.minimum(first + per_split, blocks)
     rel = lane[:, None] + sub[None, :] * 32  # [32, SUB]: token within a block, one per lane per key step
     toks = first * BLOCK + rel
+    if PAGED:  # paged blocks (one per page): each block's pointers are shifted so that its tokens' sequence
+        # positions address its page, and everything below indexes by position as in the per-sequence layout
+        kc = _page_words(KC, BT, b, stride_btb, first, end, stride_kcb, h, stride_kch, BLOCK * NW)
     k0, k1, k2, k3 = _load_key_words(kc, toks, (toks >= start) & (toks < length), NW)
     for blk in tl.range(first, end, num_stages=NUM_STAGES):
-        ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
+        if PAGED:
+            page = tl.load(BT + b * stride_btb + blk).to(tl.int64)
+            vc = VC + page * stride_vcb + h * stride_vch - blk * (BLOCK * NW)
+            ks_shift = blk * (BLOCK // QG) * stride_ksg if KEY_CHANNEL else blk * BLOCK
+            ks_ptr = KS + page * stride_ksb + h * stride_ksh - ks_shift
+            kz_ptr = KZ + page * stride_ksb + h * stride_ksh - ks_shift
+            vs_ptr = VS + page * stride_vsb + h * stride_vsh - blk * BLOCK
+            vz_ptr = VZ + page * stride_vsb + h * stride_vsh - blk * BLOCK
+            kt_blk = KT + page * stride_ktb + h * stride_kth
+            ts_v = tl.load(VT + page * stride_vtb + h * stride_vth + ts_off).to(tl.float32)
+        else:
+            kt_blk = KT + b * stride_ktb + h * stride_kth + blk * stride_ktn
+            ts_v = tl.load(VT + b * stride_vtb + h * stride_vth + blk * stride_vtn + ts_off).to(tl.float32)
         toks = blk * BLOCK + rel
         if HAS_SKIP:  # a block whose row is stored exact (attended with the window instead)
             ok = (toks >= start) & (toks < tl.where(tl.load(SKIP + b * stride_skb + blk) != 0, 0, length))
         else:
             ok = (toks >= start) & (toks < length)
         tl.debug_barrier()  # the previous block's key steps have read the query rows
-        _store_query_rows(qbuf, q_ptr, stride_qd, KT + b * stride_ktb + h * stride_kth + blk * stride_ktn,
+        _store_query_rows(qbuf, q_ptr, stride_qd, kt_blk,
                           ks_ptr + blk * (BLOCK // QG) * stride_ksg, kz_ptr + blk * (BLOCK // QG) * stride_ksg,
                           stride_ksg, sm_scale, D, G, BITS, QG, BLOCK, KEY_CHANNEL, K_ASYM)
         tl.debug_barrier()
@@ -290,6 +313,8 @@ def _decode_rows_kernel(
         tl.debug_barrier()
         # the next block's key words, in flight while this block's values are summed
         toks_n = toks + BLOCK  # (none past the split's last block)
+        if PAGED:
+            kc = _page_words(KC, BT, b, stride_btb, blk + 1, end, stride_kcb, h, stride_kch, BLOCK * NW)
         k0, k1, k2, k3 = _load_key_words(kc, toks_n, (toks_n >= start) & (toks_n < tl.minimum(length, end * BLOCK)),
                                          NW)
         # the block's value sum per word, row and code: m_k * sum_t w_t code_t, exact
@@ -331,13 +356,15 @@ def rows_kernel_supports(q_heads: int, kv_heads: int, k, v, low_precision: bool)
 
 
 def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int, num_warps: int = 1,
-                         num_stages: int = 1, maxnreg: int | None = None, skip: torch.Tensor | None = None):
+                         num_stages: int = 1, maxnreg: int | None = None, skip: torch.Tensor | None = None,
+                         block_table: torch.Tensor | None = None):
     """Partial attention of q [B, H, D] (one query row per kv head) over the compressed tokens of k/v
     (PackedKV, see rows_kernel_supports), split-K over `splits` programs per sequence.
 
     maxnreg: registers per thread (default: 128 at 2 bits, the compiler's choice at 4; H100, batch 8 x 32
     heads x 32k, kernel alone: 2-bit 278 -> 239 us at 128; 4-bit 404 us unbounded, 409 at 192, 467 at 128).
     skip: int8 [B, NB'] or None, blocks not attended (see decode_blocks_partials).
+    block_table: int32 [B, NB] or None: paged blocks, one per page (see decode_blocks_partials).
     Returns (o [B, H, S, D] fp32 unnormalised, m [B, H, S], l [B, H, S]) like decode_blocks_partials.
     """
     b, hq, d = q.shape
@@ -357,7 +384,8 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (shared by heads)
     _decode_rows_kernel[(b * hq, splits)](
         q, k.ts, codes[0], k.scales, kz, codes[1], v.scales, vz, v.ts, kv_start, kv_len,
-        kv_len if skip is None else skip, o, m, l_, scratch, 0 if skip is None else skip.stride(0),
+        kv_len if skip is None else skip, kv_len if block_table is None else block_table, o, m, l_, scratch,
+        0 if skip is None else skip.stride(0), 0 if block_table is None else block_table.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.ts.stride(0), head_stride(k.ts), k.ts.stride(2),
         codes[0].stride(0), codes[0].stride(1),
@@ -371,7 +399,7 @@ def decode_rows_partials(q, k, v, sm_scale: float, kv_start, kv_len, splits: int
         KV_HEADS=hq, D=d, G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, QG=qg,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         K_ASM=dot_asm(k.bits), V_ASM=axpy_asm(v.bits), USE_ASM=q.is_cuda,
-        NUM_STAGES=num_stages, HAS_SKIP=skip is not None, num_warps=num_warps,
+        NUM_STAGES=num_stages, HAS_SKIP=skip is not None, PAGED=block_table is not None, num_warps=num_warps,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return o, m, l_
