@@ -76,3 +76,46 @@ def test_the_config_splits_into_per_kind_recipes_and_streaming():
         dq.DecoQuantConfig.paper(group_size=32)
     with pytest.raises(ValueError, match="kind='query' is not supported"):
         c.spec("query")
+
+
+def test_value_bits_give_values_their_own_width():
+    import torch
+
+    from decoquant.format import KVFormat
+
+    cfg = dq.DecoQuantConfig(preset="channel64-token", bits=3, value_bits=2)
+    assert cfg.spec("key").bits == 3 and cfg.spec("value").bits == 2
+    assert cfg.label() == "decoquant-channel64-token-3b-v2b"
+    assert dq.DecoQuantConfig(bits=3, value_bits=3).label() == dq.DecoQuantConfig(bits=3).label()
+    assert "one width" in KVFormat.of(cfg.replace(bits=4)).fused_problem()
+    x = torch.randn(1, 2, 128, 64, generator=torch.Generator().manual_seed(0))
+    x[..., 3] *= 20
+    for kind, bits in (("key", 3), ("value", 2)):
+        c = dq.compress(x, cfg, kind)
+        assert torch.equal(dq.decompress(c), dq.fake_quantize(x, cfg, kind))
+        same = dq.compress(x, dq.DecoQuantConfig(preset="channel64-token", bits=bits), kind)
+        assert c.nbytes == same.nbytes and torch.equal(dq.decompress(c), dq.decompress(same))
+    kivi = dq.DecoQuantConfig(method="kivi", bits=4, value_bits=2)
+    assert dq.compress(x, kivi, "value").effective_bits < dq.compress(x, kivi, "key").effective_bits
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"value_bits": 5}, "value_bits"),
+    ({"method": "none", "value_bits": 2}, "method='none' stores no codes"),
+    ({"method": "turboquant", "bits": 2, "value_bits": 4, "outlier_channels": 8}, "value_bits=4"),
+])
+def test_value_bits_rejects_what_it_cannot_mean(fields, match):
+    with pytest.raises(ValueError, match=match):
+        dq.DecoQuantConfig(**fields)
+
+
+def test_quality_commands_read_key_value_width_pairs():
+    from decoquant.cli.common import _parse_widths
+    from decoquant.eval.job import method_configs
+
+    assert _parse_widths("4,3:2,2") == [4, (3, 2), 2]
+    for bad in ("3:5", "3:2:2", "x", "5"):
+        with pytest.raises(SystemExit, match="not allowed"):
+            _parse_widths(bad)
+    labels = [c.label() for c in method_configs(["decoquant", "kivi"], [(3, 2)], {}, ["channel64-token"])]
+    assert labels == ["decoquant-channel64-token-3b-v2b", "kivi-g32-3b-v2b"]

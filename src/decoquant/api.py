@@ -78,7 +78,7 @@ def _stored(x: torch.Tensor, enc: Encoded, mask: torch.Tensor, any_exact: bool, 
     """The CompressedKV of an encoding: packed codes, parameters, and x's rows under `mask` kept exact."""
     exact = x.detach()[mask].clone() if any_exact else None
     n_codes = x.shape[-1] if enc.packed else enc.codes.shape[-1]
-    codes = enc.codes if enc.packed else pack_codes(enc.codes, config.bits)
+    codes = enc.codes if enc.packed else pack_codes(enc.codes, config.kind_bits(kind))
     return CompressedKV(config, kind, tuple(x.shape), x.dtype, codes, n_codes, enc.params, mask, exact,
                         _not_exact(enc.fallback, mask) if any_exact else enc.fallback)
 
@@ -131,7 +131,7 @@ def decompress(c: CompressedKV) -> torch.Tensor:
         raise ValueError(f"c must be a decoquant.CompressedKV, got {type(c).__name__}")
     if c.config.method == "none":
         return c.exact_values.clone()
-    enc = Encoded(unpack_codes(c.codes, c.config.bits, c.n_codes), c.params)
+    enc = Encoded(unpack_codes(c.codes, c.config.kind_bits(c.kind), c.n_codes), c.params)
     decoded = get_codec(c.config.method).decode(enc, c.config.spec(c.kind), c.shape)
     return _restore(decoded, c.exact_mask, c.exact_values, c.dtype)
 
@@ -144,7 +144,7 @@ def fake_quantize(x: torch.Tensor, config: DecoQuantConfig, kind: str = "key", b
         return x.detach().clone()
     enc, mask = _encode(x.detach(), config, kind, backend)
     if enc.packed:
-        enc.codes = unpack_codes(enc.codes, config.bits, x.shape[-1])
+        enc.codes = unpack_codes(enc.codes, config.kind_bits(kind), x.shape[-1])
     decoded = get_codec(config.method).decode(enc, config.spec(kind), tuple(x.shape))
     exact = x.detach()[mask] if bool(mask.any()) else None
     return _restore(decoded, mask, exact, x.dtype)

@@ -45,6 +45,8 @@ class DecoQuantConfig:
     ------------
     method: "decoquant" | "rtn" | "kivi" | "rotation" | "turboquant" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
+    value_bits: None (values at `bits` too) or the values' width (2, 3, 4 or 8), keys staying at `bits`: mixed
+        widths at one budget, e.g. bits=3, value_bits=2. The fused decode kernels read one width for both.
     preset: None, "paper", "kv-split", "channel64-token" or "channel64-clip". "paper" forces DecoQuant's published
         recipe: group layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized
         symmetrically with one absmax scale per token over all heads. The other two keep that T_S
@@ -89,6 +91,7 @@ class DecoQuantConfig:
 
     method: str = "decoquant"
     bits: int = 4
+    value_bits: int | None = None
     preset: str | None = None
     group_size: int = UNSET  # fields a preset may pin: see PINNABLE for their defaults
     layout: str = UNSET
@@ -120,6 +123,9 @@ class DecoQuantConfig:
                     f"{name} to use the preset, or pass preset=None to set every field yourself")
         _choice("method", self.method, METHODS)
         _choice("bits", self.bits, BITS)
+        _choice("value_bits", self.value_bits, (None,) + tuple(BITS))
+        if self.value_bits is not None and self.method == "none":
+            raise ValueError("value_bits sets the values' code width: method='none' stores no codes")
         _choice("layout", self.layout, LAYOUTS)
         _choice("ts_sharing", self.ts_sharing, TS_SHARING)
         _choice("scale_granularity", self.scale_granularity, SCALE_GRANULARITIES)
@@ -140,6 +146,9 @@ class DecoQuantConfig:
         if self.outlier_channels and self.method != "turboquant":
             raise ValueError(f"outlier_channels={self.outlier_channels} applies to method='turboquant', got "
                              f"method={self.method!r}")
+        if self.outlier_channels and self.value_bits not in (None, 2, 3):
+            raise ValueError(f"outlier_channels keeps outliers at bits + 1: value_bits={self.value_bits} is not "
+                             "supported with it; use 2 or 3")
         if self.outlier_channels and self.bits not in (2, 3):
             raise ValueError(f"outlier_channels keeps outliers at bits + 1: bits={self.bits} is not supported with "
                              "it; allowed values: 2, 3")
@@ -184,6 +193,10 @@ class DecoQuantConfig:
         return Streaming(self.block_size, self.residual_length, self.sink_tokens)
 
     # ------------------------------------------------------------------ helpers
+    def kind_bits(self, kind: str) -> int:
+        """Bits per stored code of `kind` ("key" or "value")."""
+        return self.value_bits if kind == "value" and self.value_bits is not None else self.bits
+
     def granularity(self, kind: str) -> str:
         """The scale granularity used for `kind` ("key" or "value"): the method's own, or DecoQuant's fields."""
         if self.method != "decoquant":
@@ -243,9 +256,12 @@ class DecoQuantConfig:
         return cls(**data)
 
     def label(self) -> str:
-        """Short human-readable name, e.g. 'decoquant-paper-4b' or 'kivi-g32-2b'."""
+        """Short human-readable name, e.g. 'decoquant-paper-4b', 'kivi-g32-2b' or 'kivi-g32-3b-v2b' (3-bit keys,
+        2-bit values)."""
         if self.method == "none":
             return "none"
+        if self.value_bits is not None and self.value_bits != self.bits:
+            return f"{self.replace(value_bits=None).label()}-v{self.value_bits}b"
         if self.method == "decoquant":
             tag = self.preset or f"g{self.group_size}-{self.scale_granularity}"
             if self.preset is None and self.value_scale_granularity not in (None, self.scale_granularity):
@@ -289,7 +305,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(DecoQuantConfig))
 
 @lru_cache(maxsize=512)
 def _kind_spec(config: DecoQuantConfig, kind: str) -> KindSpec:
-    return KindSpec(config.method, kind, config.bits, config.granularity(kind), config.quant_group_size,
+    return KindSpec(config.method, kind, config.kind_bits(kind), config.granularity(kind), config.quant_group_size,
                     config.is_symmetric, config.group_size, config.ts_sharing, config.num_sites, config.site_factors,
                     config.layout, config.rotation_seed, config.label(), config.outlier_channels,
                     config.clip_keys and kind == "key")

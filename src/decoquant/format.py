@@ -142,6 +142,9 @@ class KVFormat:
         problem = kernel_problem(self.key)
         if problem is not None:
             return problem
+        if self.value.bits != self.key.bits:
+            return (f"{self.key.bits}-bit keys and {self.value.bits}-bit values (the decode kernels read one width "
+                    "for both)")
         if not _per_token(self.value):
             return f"value scales {self.value.granularity!r} (the decode kernels read value scales per token)"
         k = self.key

@@ -86,10 +86,27 @@ def _cache_fields(args) -> dict:
     return {"block_size": args.block_size, "residual_length": args.residual_length, "sink_tokens": args.sink_tokens}
 
 
+def _parse_widths(text: str) -> list:
+    """`--bits` of the quality commands: widths from BITS, or key:value pairs such as 3:2 (3-bit keys, 2-bit
+    values) -> ints and (key bits, value bits) tuples."""
+    out = []
+    for item in (v for v in text.split(",") if v):
+        parts = item.split(":")
+        try:
+            widths = tuple(int(p) for p in parts)
+        except ValueError:
+            widths = ()
+        if len(widths) not in (1, 2) or any(w not in BITS for w in widths):
+            raise SystemExit(f"error: --bits {item!r} not allowed; choose widths from {list(BITS)} or key:value "
+                             "pairs of them such as 3:2")
+        out.append(widths[0] if len(widths) == 1 else widths)
+    return out
+
+
 def _configs(args: argparse.Namespace) -> list:
     """The caches that `--methods`, `--bits`, `--preset`, `--turboquant-outliers`, `--kivi-groups` and `--kivi-clip`
     ask for (the one reading of them, for `perplexity` and every task of `eval`)."""
-    bits = _parse_list(args.bits, BITS, int)
+    bits = _parse_widths(args.bits)
     methods = _parse_list(args.methods, ["fp16", *CACHE_METHODS])
     return method_configs(methods, bits, _cache_fields(args), _presets(args), args.turboquant_outliers,
                           args.kivi_clip, _parse_list(args.kivi_groups, KIVI_GROUPS, int))
@@ -115,7 +132,8 @@ def _add_cache_args(p: argparse.ArgumentParser, max_windows: int | None) -> None
     p.add_argument("--preset", default="paper,channel64-token",
                    help=f"DecoQuant's recipes, comma-separated from {', '.join(PRESET_CHOICES)} (default: the "
                         "paper's and the frontier's choice)")
-    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8")
+    p.add_argument("--bits", default="4,2", help="comma-separated bit widths from 2,3,4,8, or key:value pairs of "
+                                                 "them (3:2 = 3-bit keys, 2-bit values)")
     p.add_argument("--turboquant-outliers", type=int, default=0,
                    help="with turboquant at 2 or 3 bits: also run it with this many outlier channels per head at "
                         "one more bit (the paper's split: 32 of 128)")

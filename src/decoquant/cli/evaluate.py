@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import BITS
 from ..eval.job import RETRIEVAL_TASKS, TASKS
-from .common import _args_dict, _cache_fields, _configs, _load_model, _parse_list, _presets, _text
+from .common import _args_dict, _cache_fields, _configs, _load_model, _parse_list, _parse_widths, _presets, _text
 
 ACCURACY_METHODS = ("fp16", "rtn", "kivi", "rotation", "decoquant", "smoothquant")
 
@@ -21,7 +21,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.report import write_report
 
     tasks = _parse_list(args.tasks, TASKS)
-    bits = _parse_list(args.bits, BITS, int)
+    widths = _parse_widths(args.bits)
+    bits = [b for b in widths if not isinstance(b, tuple)]
+    if len(bits) < len(widths) and any(t in tasks for t in ("lambada", "lambada-openai", "icl")):
+        raise SystemExit("error: key:value widths in --bits apply to the perplexity and reconstruction tasks; "
+                         "give the lambada and icl tasks plain widths")
     acc_methods = _parse_list(args.accuracy_methods, ACCURACY_METHODS)
     weight_bits = _parse_list(args.weight_bits, BITS, int)
     presets = _presets(args)

@@ -23,22 +23,24 @@ def method_configs(methods: list[str], bits: list[int], fields: dict, presets: l
                    turboquant_outliers: int = 0, kivi_clip: bool = False, kivi_groups: list[int] = (32,)) -> list:
     """fp16 (None = transformers' DynamicCache) and one config per method and bit width (DecoQuant: one per
     preset; TurboQuant also with `turboquant_outliers` outlier channels where the width takes them, 2 and 3
-    bits; KIVI: one per group of `kivi_groups`, each also with `clip_keys` where `kivi_clip`)."""
+    bits; KIVI: one per group of `kivi_groups`, each also with `clip_keys` where `kivi_clip`). A width may be a
+    (key bits, value bits) pair."""
     out = [None] if "fp16" in methods else []
-    for b in bits:
+    for width in bits:
+        b, vb = width if isinstance(width, tuple) else (width, None)
         for m in methods:
             if m == "fp16":
                 continue
             extras = [{}]
             if m == "decoquant":
                 extras = [{"preset": p} for p in presets]
-            elif m == "turboquant" and turboquant_outliers and b in (2, 3):
+            elif m == "turboquant" and turboquant_outliers and b in (2, 3) and vb in (None, 2, 3):
                 extras.append({"outlier_channels": turboquant_outliers})
             elif m == "kivi":
                 extras = [{"quant_group_size": g, "clip_keys": c} for g in kivi_groups
                           for c in ((False, True) if kivi_clip else (False,))]
             for extra in extras:
-                out.append(DecoQuantConfig(method=m, bits=b, **extra, **fields))
+                out.append(DecoQuantConfig(method=m, bits=b, value_bits=vb, **extra, **fields))
     return out
 
 
