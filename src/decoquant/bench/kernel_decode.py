@@ -137,13 +137,13 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
             paged_fn = graph_replay(paged_fn)
     t_sdpa = do_bench(sdpa, warmup=25, rep=100, return_mode="median")
     t_fused = do_bench(fused, warmup=25, rep=100, return_mode="median")
+    io = q.numel() * 2 + batch * q_heads * head_dim * 2
+    bytes_fp16 = k16.numel() * 2 * 2 + io
+    bytes_fused = k.nbytes + v.nbytes + io  # the paged kernel reads the same bytes
     if paged:
         t_paged = do_bench(paged_fn, warmup=25, rep=100, return_mode="median")
         extra.update(paged_ms=t_paged, paged_speedup=(t_sdpa / t_paged) if ok else None,
-                     paged_pct_copy=100 * (k.nbytes + v.nbytes) / (t_paged * 1e-3) / peak_bw)
-    io = q.numel() * 2 + batch * q_heads * head_dim * 2
-    bytes_fp16 = k16.numel() * 2 * 2 + io
-    bytes_fused = k.nbytes + v.nbytes + io
+                     paged_pct_copy=100 * bytes_fused / (t_paged * 1e-3) / peak_bw)
     from decoquant.kernels.triton.decode_attention import choose_kernel
 
     kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),

@@ -56,6 +56,7 @@ class PagedLayer:
         self.sinks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # page -> keys, values [kv_heads, s, d]
         self.packed_pages = 0  # pages compressed so far (a count for reports)
         self.decoded = 0  # decode tokens attended through `decode` so far (a count for reports)
+        self._views = None  # (the pages' address and shape, their PackedKV views): built once, not per step
 
     @property
     def side_bytes(self) -> int:
@@ -200,7 +201,10 @@ class PagedLayer:
         attended exactly as the kernels' window. Needs pages the kernels read (`PageFormat.fused_problem`)."""
         from ...kernels.attention import decode_attention
 
-        k, v = self.fmt.packed(pages)
+        key = (pages.data_ptr(), tuple(pages.shape))  # the engine hands the same page memory every step
+        if self._views is None or self._views[0] != key:
+            self._views = (key, self.fmt.packed(pages))
+        k, v = self._views[1]
         size, r = self.block_size, len(seq_lens)
         table = block_table.tolist()
         kv_start, kv_len = [0] * r, [0] * r

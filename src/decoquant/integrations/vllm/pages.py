@@ -98,12 +98,10 @@ class PageFormat:
             return out, torch.zeros(n, dtype=torch.bool, device=keys.device)
         compressed = {kind: compress(x, self.config, kind)  # the compression kernels on CUDA
                       for kind, x in zip(KINDS, (keys, values))}
-        at = 0
-        for f in self.fields:
+        for f, chunk in self._field_bytes(out):
             c = compressed[f.kind]
             t = c.codes if f.name == "codes" else c.params[f.name]
-            out[:, at:at + f.nbytes] = t.contiguous().view(n, -1).view(torch.uint8)
-            at += f.nbytes
+            chunk.copy_(t.contiguous().view(n, -1).view(torch.uint8))
         exact = compressed["key"].exact_mask | compressed["value"].exact_mask
         out[exact] = 0
         return out, exact
@@ -115,13 +113,11 @@ class PageFormat:
         problem = self.fused_problem()
         if problem is not None:
             raise ValueError(f"the decode kernels cannot read these pages: {problem}")
-        if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != self.page_bytes:
-            raise ValueError(f"pages must be uint8 [n, {self.page_bytes}], got {pages.dtype} {tuple(pages.shape)}")
+        self._check(pages)
         n, size, fmt = pages.shape[0], self.block_size, KVFormat.of(self.config)
-        views, at = {kind: {} for kind in KINDS}, 0
-        for f in self.fields:
-            views[f.kind][f.name] = pages[:, at:at + f.nbytes].view(f.dtype)
-            at += f.nbytes
+        views = {kind: {} for kind in KINDS}
+        for f, chunk in self._field_bytes(pages):
+            views[f.kind][f.name] = chunk.view(f.dtype)
         out = []
         for kind in KINDS:
             t, spec = views[kind], fmt.scales(kind)
@@ -133,6 +129,17 @@ class PageFormat:
                                 spec.group_size, zeros, cg))
         return out[0], out[1]
 
+    def _field_bytes(self, pages: torch.Tensor):
+        """(field, its bytes in every page: a uint8 view [n, field bytes]) in the page's order."""
+        at = 0
+        for f in self.fields:
+            yield f, pages[:, at:at + f.nbytes]
+            at += f.nbytes
+
+    def _check(self, pages: torch.Tensor) -> None:
+        if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != self.page_bytes:
+            raise ValueError(f"pages must be uint8 [n, {self.page_bytes}], got {pages.dtype} {tuple(pages.shape)}")
+
     def fused_problem(self) -> str | None:
         """Why the decode kernels cannot read these pages through a block table (None: they can)."""
         if not self.compresses:
@@ -142,18 +149,14 @@ class PageFormat:
     def unpack(self, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) [n, kv_heads, block_size, head_dim] in the model's dtype, decoded from uint8 pages
         [n, page_bytes] that `pack` wrote (blocks it reported exact decode to zeros: the caller overrides them)."""
-        if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] != self.page_bytes:
-            raise ValueError(f"pages must be uint8 [n, {self.page_bytes}], got {pages.dtype} {tuple(pages.shape)}")
+        self._check(pages)
         n = pages.shape[0]
         if not self.compresses:
             raw = pages[:, :self.content_bytes].contiguous().view(self.dtype).view(n, 2, *self.shape)
             return raw[:, 0], raw[:, 1]
         tensors = {kind: {} for kind in KINDS}
-        at = 0
-        for f in self.fields:
-            chunk = pages[:, at:at + f.nbytes].contiguous().view(f.dtype).view(n, *f.shape)
-            tensors[f.kind][f.name] = chunk
-            at += f.nbytes
+        for f, chunk in self._field_bytes(pages):
+            tensors[f.kind][f.name] = chunk.contiguous().view(f.dtype).view(n, *f.shape)
         out = []
         for kind in KINDS:
             params = dict(tensors[kind])
