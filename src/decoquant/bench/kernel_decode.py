@@ -155,7 +155,10 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                sdpa_gbps=bytes_fp16 / t_sdpa / 1e6, fused_gbps=bytes_fused / t_fused / 1e6,
                sdpa_pct_copy=100 * bytes_fp16 / (t_sdpa * 1e-3) / peak_bw,
                fused_pct_copy=100 * bytes_fused / (t_fused * 1e-3) / peak_bw,
-               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused, **extra)
+               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused,
+               # the bandwidth ceiling of the speedup is 16 / b_eff = the fp16 bytes over the compressed bytes
+               ceiling=bytes_fp16 / bytes_fused,
+               pct_ceiling=100 * t_sdpa / t_fused / (bytes_fp16 / bytes_fused) if ok else None, **extra)
     return row
 
 
@@ -237,8 +240,8 @@ def main(argv=None) -> int:
         return 0 if all(r["correct"] for r in rows) else 1
     paged_head = (" paged ms | paged speedup | paged % copy |", "---:|---:|---:|") if args.paged else ("", "")
     print("| batch | kv heads | context | bits | kernel | SDPA fp16 ms | fused ms | speedup | fused GB/s | % copy "
-          "| SDPA % copy | rel err |" + paged_head[0])
-    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|" + paged_head[1])
+          "| SDPA % copy | ceiling | % of ceiling | rel err |" + paged_head[0])
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + paged_head[1])
     rows = []
     for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K and V within the limit
         r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
@@ -247,13 +250,14 @@ def main(argv=None) -> int:
                      low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
+        pc = f"{r['pct_ceiling']:.0f}%" if r["correct"] else "-"
         tail = ""
         if args.paged:
             psp = f"{r['paged_speedup']:.2f}x" if r["correct"] else "FAILED"
             tail = f" {r['paged_ms']:.3f} | {psp} | {r['paged_pct_copy']:.0f}% |"
         print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['kernel']} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "
-              f"{r['fused_gbps']:.0f} | {r['fused_pct_copy']:.0f}% | {r['sdpa_pct_copy']:.0f}% | "
-              f"{r['rel_error']:.1e} |{tail}", flush=True)
+              f"{r['fused_gbps']:.0f} | {r['fused_pct_copy']:.0f}% | {r['sdpa_pct_copy']:.0f}% | {r['ceiling']:.2f}x | "
+              f"{pc} | {r['rel_error']:.1e} |{tail}", flush=True)
         torch.cuda.empty_cache()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_bandwidth": peak, "rows": rows}))
     return 0 if all(r["correct"] for r in rows) else 1
