@@ -77,6 +77,20 @@ def test_rows_split_only_where_split_k_cannot_fill_the_gpu():
     assert not _starved(8 * 8, 256, torch.device(DEVICE))  # batch 8 x 8 kv heads x 32k
 
 
+def test_split_count_is_a_power_of_two_near_the_programs_per_sm_asked_for(monkeypatch):
+    """The tensor-core kernel's splits: 2 programs per SM rounded down (132 SMs: 4 programs x 64 splits at batch
+    1 x 32k, not 256 splits of one block, whose 512 partials per query head the merge spilled), never more
+    splits than blocks, at least one; the rows kernel's: 16 per SM rounded up."""
+    from decoquant.kernels.triton import decode_attention as da
+
+    monkeypatch.setattr(da, "_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    mma = lambda programs, blocks: da._num_splits(programs, blocks, cpu, per_sm=2, round_up=False)  # noqa: E731
+    assert [mma(p, 256) for p in (2, 4, 8, 32, 64, 256, 1024)] == [128, 64, 32, 8, 4, 1, 1]
+    assert mma(4, 32) == 32 and mma(4, 5) == 5 and mma(4, 1) == 1
+    assert [da._num_splits(p, 256, cpu, per_sm=16) for p in (32, 256, 8192)] == [128, 16, 1]
+
+
 @pytest.mark.parametrize("starved", [False, True], ids=["one-program", "rows-split"])
 @pytest.mark.parametrize("preset", ["paper", "channel64-token"])
 @pytest.mark.usefixtures("poisoned_outputs")

@@ -258,10 +258,18 @@ def _starved(heads: int, n_blocks: int, device: torch.device, per_sm: int = 4) -
     return heads * n_blocks < per_sm * _sms(device)
 
 
-def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int = 4) -> int:
-    """Splits of each sequence's blocks: about `per_sm` programs per SM, rounded up to a power of two (on
-    an H100, batch 8 x 8 kv heads x 32k: 5 splits 0.37 ms, 4 or 8 splits 0.28 ms)."""
-    return max(1, min(n_blocks, triton.next_power_of_2(math.ceil(per_sm * _sms(device) / max(programs, 1)))))
+def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int = 4, round_up: bool = True) -> int:
+    """Splits of each sequence's blocks: about `per_sm` programs per SM, rounded up (or down) to a power of two.
+
+    The rows kernel (one-warp programs) takes 16 per SM rounded up. The tensor-core kernel takes 2 per SM rounded
+    down (H100, graph-timed, default preset at 4 bits; old rule of 4 per SM rounded up -> this one, us):
+    batch 1 x 32k, 1 / 4 / 8 kv heads: 53.1 -> 26.5, 56.1 -> 26.7, 50.6 -> 40.4 (the merge read 512 partials
+    per query head and spilled); batch 8 x 32k: 98.4 -> 84.7, 135.6 -> 128.4, 238.7 -> 234.4; batch 1 x 4k:
+    one block per split either way. Earlier, batch 8 x 8 kv heads x 32k: 5 splits 0.37 ms, 4 or 8 splits 0.28 ms.
+    """
+    want = per_sm * _sms(device) / max(programs, 1)
+    splits = triton.next_power_of_2(math.ceil(want)) if round_up else 1 << (max(1, int(want)).bit_length() - 1)
+    return max(1, min(n_blocks, splits))
 
 
 def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
@@ -313,7 +321,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
-    splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device)
+    splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2,
+                                       round_up=False)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
