@@ -321,8 +321,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     if d // (8 // k.bits) < 16:
         raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
-    splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2,
-                                       round_up=False)
+    splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2, round_up=False)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
