@@ -18,23 +18,9 @@ from .options import (BITS, KINDS, LAYOUTS, METHOD_GRANULARITY, METHODS, PRESETS
                       TS_SHARING)
 from .options import choice as _choice
 from .options import positive_int as _positive_int
-from .presets import preset_fields
+from .presets import PINNABLE, UNSET, pin_fields, preset_fields
 from .spec import KindSpec, Streaming
 from .spec import site_factors as _site_factors
-
-
-class _Unset:
-    """The default of a field a preset may pin: "not given" (the preset's value, else the field's own default),
-    so a preset can tell a field set to its default value from one left out."""
-
-    def __repr__(self) -> str:
-        return "<the preset's value, else the default>"
-
-
-UNSET: Any = _Unset()
-# the fields a preset may pin, with their values when no preset pins them
-PINNABLE = dict(group_size=16, layout="group", ts_sharing="layer", scale_granularity="token",
-                value_scale_granularity=None, symmetric=None, num_sites=2, quant_group_size=32, clip_keys=False)
 
 
 @dataclass(frozen=True)
@@ -111,16 +97,9 @@ class DecoQuantConfig:
     def __post_init__(self) -> None:
         _choice("preset", self.preset, PRESETS)
         _positive_int("block_size", self.block_size)
-        pinned = {} if self.preset is None or self.method != "decoquant" else preset_fields(self.preset,
-                                                                                          self.block_size)
-        for name, default in PINNABLE.items():
-            given = getattr(self, name)
-            if given is UNSET:
-                object.__setattr__(self, name, pinned.get(name, default))
-            elif name in pinned and given != pinned[name]:
-                raise ValueError(
-                    f"preset={self.preset!r} pins {name}={pinned[name]!r}, but {name}={given!r} was given; drop "
-                    f"{name} to use the preset, or pass preset=None to set every field yourself")
+        preset = self.preset if self.method == "decoquant" else None
+        for name, value in pin_fields(preset, self.block_size, {n: getattr(self, n) for n in PINNABLE}).items():
+            object.__setattr__(self, name, value)
         _choice("method", self.method, METHODS)
         _choice("bits", self.bits, BITS)
         _choice("value_bits", self.value_bits, (None,) + tuple(BITS))

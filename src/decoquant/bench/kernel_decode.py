@@ -148,6 +148,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
 
     kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
                            kernel_options.get("kernel", "auto"))
+    ceiling = bytes_fp16 / bytes_fused  # the bandwidth ceiling of the speedup: 16 / b_eff
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
                block_size=block_size, kernel=kernel, cuda_graph=cuda_graph, rel_error=err, correct=ok,
                sdpa_ms=t_sdpa, fused_ms=t_fused,
@@ -155,10 +156,8 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                sdpa_gbps=bytes_fp16 / t_sdpa / 1e6, fused_gbps=bytes_fused / t_fused / 1e6,
                sdpa_pct_copy=100 * bytes_fp16 / (t_sdpa * 1e-3) / peak_bw,
                fused_pct_copy=100 * bytes_fused / (t_fused * 1e-3) / peak_bw,
-               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused,
-               # the bandwidth ceiling of the speedup is 16 / b_eff = the fp16 bytes over the compressed bytes
-               ceiling=bytes_fp16 / bytes_fused,
-               pct_ceiling=100 * t_sdpa / t_fused / (bytes_fp16 / bytes_fused) if ok else None, **extra)
+               bytes_fp16=bytes_fp16, bytes_fused=bytes_fused, ceiling=ceiling,
+               pct_ceiling=100 * t_sdpa / t_fused / ceiling if ok else None, **extra)
     return row
 
 

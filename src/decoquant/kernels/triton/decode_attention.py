@@ -258,7 +258,7 @@ def _starved(heads: int, n_blocks: int, device: torch.device, per_sm: int = 4) -
     return heads * n_blocks < per_sm * _sms(device)
 
 
-def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int = 4, round_up: bool = True) -> int:
+def _num_splits(programs: int, n_blocks: int, device: torch.device, per_sm: int, round_up: bool = True) -> int:
     """Splits of each sequence's blocks: about `per_sm` programs per SM, rounded up (or down) to a power of two.
 
     The rows kernel (one-warp programs) takes 16 per SM rounded up. The tensor-core kernel takes 2 per SM rounded
