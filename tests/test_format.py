@@ -10,10 +10,11 @@ from decoquant.format import Backend, KVFormat, dequantize_problem
 
 FUSED = [dict(preset="paper"), dict(preset="channel64-token"), dict(preset="kv-split"),
          dict(preset="paper", bits=2), dict(preset="channel64-token", bits=8),
-         dict(method="decoquant", group_size=32, scale_granularity="token_head")]
+         dict(method="decoquant", group_size=32, scale_granularity="token_head"),
+         dict(method="decoquant", bits=3), dict(preset="channel64-token", bits=3, value_bits=2),
+         dict(preset="paper", bits=2, value_bits=4)]
 NOT_FUSED = [  # fields, the words the problem must name
     (dict(method="kivi"), "method='kivi'"),
-    (dict(method="decoquant", bits=3), "bits=3"),
     (dict(method="decoquant", num_sites=3), "num_sites=3"),
     (dict(method="decoquant", layout="channel"), "layout='channel'"),
     (dict(method="decoquant", group_size=8), "group_size=8"),

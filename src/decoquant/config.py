@@ -32,7 +32,7 @@ class DecoQuantConfig:
     method: "decoquant" | "rtn" | "kivi" | "rotation" | "turboquant" | "none".
     bits: 2, 3, 4 or 8 bits per stored code.
     value_bits: None (values at `bits` too) or the values' width (2, 3, 4 or 8), keys staying at `bits`: mixed
-        widths at one budget, e.g. bits=3, value_bits=2. The fused decode kernels read one width for both.
+        widths at one budget, e.g. bits=3, value_bits=2 (the fused decode kernels read any pair of widths).
     preset: None, "paper", "kv-split", "channel64-token" or "channel64-clip". "paper" forces DecoQuant's published
         recipe: group layout, g=16, one g x g fp16 T_S per block shared by all heads, T_L quantized
         symmetrically with one absmax scale per token over all heads. The other two keep that T_S

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from .spec import KindSpec
 
-FUSED_BITS = (2, 4, 8)  # code widths the decode-attention and compression kernels read
+FUSED_BITS = (2, 3, 4, 8)  # code widths the decode-attention and compression kernels read (keys and values each)
 KERNEL_GROUP_SIZES = (16, 32)  # T_S sizes g the kernels read
 FUSED_KEY_GROUPS = (32, 64, 128)  # tokens per per-channel key scale group the decode kernels read
 COMPRESS_CHANNEL_GROUPS = (16, 32, 64, 128)  # the same, for the compression kernels
@@ -142,9 +142,9 @@ class KVFormat:
         problem = kernel_problem(self.key)
         if problem is not None:
             return problem
-        if self.value.bits != self.key.bits:
-            return (f"{self.key.bits}-bit keys and {self.value.bits}-bit values (the decode kernels read one width "
-                    "for both)")
+        problem = kernel_problem(self.value)
+        if problem is not None:
+            return problem
         if not _per_token(self.value):
             return f"value scales {self.value.granularity!r} (the decode kernels read value scales per token)"
         k = self.key

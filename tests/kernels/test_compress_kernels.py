@@ -86,6 +86,7 @@ FORMATS = [  # scale granularity, symmetric, channel group, bits
     ("token", True, 0, 4), ("token", True, 0, 2), ("token", False, 0, 2), ("token", True, 0, 8),
     ("token_head", False, 0, 4), ("token_head", True, 0, 2),
     ("channel", False, 32, 2), ("channel", False, 16, 4), ("channel", True, 32, 8),
+    ("token", True, 0, 3), ("token_head", False, 0, 3), ("channel", False, 32, 3),  # runs of 8 codes in 3 bytes
 ]
 
 
@@ -122,7 +123,7 @@ def test_quantize_pack_kernel_matches_reference(shape, fmt):
         sqnr.append(float(10 * torch.log10(x64.pow(2).sum() / (x_hat - x64).pow(2).sum())))
     assert sqnr[0] > sqnr[1] - 0.05
     # and a floor (not at 2 bits: 4 levels per token across 32 heads of outlier-heavy data fall below 0 dB)
-    assert bits == 2 or sqnr[0] > {4: 10.0, 8: 30.0}[bits]
+    assert bits == 2 or sqnr[0] > {3: 5.0, 4: 10.0, 8: 30.0}[bits]
 
 
 @pytest.mark.parametrize("bits,cg", [(2, 64), (4, 32), (2, 16)])
@@ -237,8 +238,6 @@ def test_backend_errors():
     x = kv(1, 1, 64, 64, torch.float16)
     with pytest.raises(ValueError, match="backend='cuda'"):
         dq.compress(x, _config(preset="paper"), "key", backend="cuda")
-    with pytest.raises(ValueError, match="backend='triton'"):
-        dq.compress(x, _config(bits=3), "key", backend="triton")
     with pytest.raises(ValueError, match="method='rtn'"):
         dq.compress(x, _config(method="rtn"), "key", backend="triton")
     with pytest.raises(ValueError, match="backend='triton'"):  # 8 chunk rows per head: fewer than g = 16

@@ -28,9 +28,11 @@ DEQUANT_CASES = [  # batch, kv heads, tokens, head_dim, bits, block, config fiel
     (2, 2, 32, 32, 8, 16, {}),
     (1, 2, 64, 64, 4, 64, dict(group_size=32)),
     (2, 2, 64, 64, 2, 32, dict(ts_sharing="head", scale_granularity="token_head")),
+    (2, 3, 96, 64, 3, 32, {}),  # runs of 8 codes in 3 bytes
 ]
 if CUDA:
-    DEQUANT_CASES += [(4, 8, 1024, 128, 4, 128, {}), (2, 32, 2048, 128, 2, 128, dict(ts_sharing="head"))]
+    DEQUANT_CASES += [(4, 8, 1024, 128, 4, 128, {}), (2, 32, 2048, 128, 2, 128, dict(ts_sharing="head")),
+                      (4, 8, 1024, 128, 3, 128, {})]
 
 
 @pytest.mark.parametrize("case", DEQUANT_CASES, ids=lambda c: "b{}-kv{}-t{}-d{}-{}bit-blk{}".format(*c[:6]))

@@ -20,13 +20,14 @@ TOKENS = 2048
 
 
 @pytest.mark.parametrize("preset", ["paper", "channel64-token", "channel64-clip"])
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits,value_bits", [(2, 2), (3, 3), (4, 4), (8, 8), (3, 2)],
+                         ids=["2bit", "3bit", "4bit", "8bit", "3:2bit"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[f"q{q}kv{k}" for q, k in LAYOUTS])
 @pytest.mark.usefixtures("poisoned_outputs")
-def test_fused_decode_matches_reference_at_real_shapes(layout, bits, preset):
+def test_fused_decode_matches_reference_at_real_shapes(layout, bits, value_bits, preset):
     hq, kvh = layout
     batch, d = 3, 128
-    k, v = packed(batch, kvh, TOKENS, d, bits, 128, seed=hq + kvh + bits, preset=preset)
+    k, v = packed(batch, kvh, TOKENS, d, bits, 128, seed=hq + kvh + bits, preset=preset, value_bits=value_bits)
     gen = torch.Generator().manual_seed(bits)
     q = torch.randn(batch, hq, d, generator=gen).cuda()
     kv_start = torch.tensor([0, 77, 0], device="cuda")  # a left-padded row

@@ -27,12 +27,12 @@ def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed, preset="paper"):
+def random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed, preset="paper", value_bits=None):
     """Compressed blocks of random outlier-heavy KV, built in chunks of blocks to bound memory."""
     import decoquant as dq
     from decoquant.buffer import PackedKVBuffer
 
-    cfg = dq.DecoQuantConfig(preset=preset, bits=bits, block_size=block_size)
+    cfg = dq.DecoQuantConfig(preset=preset, bits=bits, value_bits=value_bits, block_size=block_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     n_blocks = tokens // block_size
     k_buf, v_buf = PackedKVBuffer(), PackedKVBuffer()
@@ -72,7 +72,7 @@ def to_pages(k, v, preset: str, device, seed: int):
     b, h, t, _ = k.codes.shape
     size, nb = k.block_size, t // k.block_size
     d = k.codes.shape[-1] * 8 // k.bits
-    cfg = dq.DecoQuantConfig(preset=preset, bits=k.bits, block_size=size, residual_length=size)
+    cfg = dq.DecoQuantConfig(preset=preset, bits=k.bits, value_bits=v.bits, block_size=size, residual_length=size)
     fmt = PageFormat(cfg, h, d, torch.float16)
     pages = torch.zeros(b * nb, fmt.page_bytes, dtype=torch.uint8, device=device)
     order = torch.randperm(b * nb, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -106,13 +106,14 @@ def graph_replay(fn):
 
 
 def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, preset="paper",
-             cuda_graph=False, paged=False, **kernel_options):
+             cuda_graph=False, paged=False, value_bits=None, **kernel_options):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
     from decoquant.kernels.attention import decode_attention
 
-    k, v = random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed=tokens + bits, preset=preset)
+    k, v = random_packed(batch, kv_heads, tokens, head_dim, bits, block_size, device, seed=tokens + bits, preset=preset,
+                         value_bits=value_bits)
     q = torch.randn(batch, q_heads, head_dim, device=device, dtype=torch.float16)
     scale = head_dim ** -0.5
     k16, v16 = dequantize_fp16(k), dequantize_fp16(v)
@@ -150,6 +151,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                            kernel_options.get("kernel", "auto"))
     ceiling = bytes_fp16 / bytes_fused  # the bandwidth ceiling of the speedup: 16 / b_eff
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
+               value_bits=v.bits,
                block_size=block_size, kernel=kernel, cuda_graph=cuda_graph, rel_error=err, correct=ok,
                sdpa_ms=t_sdpa, fused_ms=t_fused,
                speedup=(t_sdpa / t_fused) if ok else None,
@@ -181,10 +183,12 @@ def run_dequant_case(batch, kv_heads, tokens, head_dim, bits, block_size, device
 
 
 def shapes(args, max_gb: float):
-    """(bits, kv heads, batch, context) of the grid, in table order, skipping shapes whose one fp16
+    """(bits, kv heads, batch, context) of the grid, in table order (bits: "4" or key:value widths "3:2", as
+    (key bits, value bits)), skipping shapes whose one fp16
     [batch, kv heads, context, head_dim] tensor exceeds `max_gb` GB."""
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    for bits, kvh, batch, ctx in itertools.product(ints(args.bits), ints(args.kv_heads), ints(args.batch),
+    widths = [tuple(int(x) for x in w.split(":")) * (2 if ":" not in w else 1) for w in args.bits.split(",")]
+    for bits, kvh, batch, ctx in itertools.product(widths, ints(args.kv_heads), ints(args.batch),
                                                    ints(args.context)):
         if batch * kvh * ctx * args.head_dim * 2 / 1e9 <= max_gb:
             yield bits, kvh, batch, ctx
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", default="8,32")
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--context", default="4096,16384,32768")
-    p.add_argument("--bits", default="4,2")
+    p.add_argument("--bits", default="4,2", help="code widths, keys:values where they differ (e.g. 4,3,2,3:2)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--preset", default="paper", choices=("paper", "channel64-token", "kv-split"),
@@ -228,7 +232,7 @@ def main(argv=None) -> int:
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows = []
         # only K, but the torch reference holds fp32 temporaries: a quarter of the limit
-        for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 4):
+        for (bits, _), kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 4):
             r = run_dequant_case(batch, kvh, ctx, args.head_dim, bits, args.block_size, device, peak)
             rows.append(r)
             sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
@@ -242,10 +246,10 @@ def main(argv=None) -> int:
           "| SDPA % copy | ceiling | % of ceiling | rel err |" + paged_head[0])
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + paged_head[1])
     rows = []
-    for bits, kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K and V within the limit
+    for (bits, vbits), kvh, batch, ctx in shapes(args, max_gb=args.max_fp16_gb / 2):  # fp16 K, V within the limit
         r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
-                     preset=args.preset, cuda_graph=args.cuda_graph, tile=args.tile, num_warps=args.num_warps,
-                     num_stages=args.num_stages,
+                     value_bits=vbits, preset=args.preset, cuda_graph=args.cuda_graph, tile=args.tile,
+                     num_warps=args.num_warps, num_stages=args.num_stages,
                      low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
@@ -254,7 +258,9 @@ def main(argv=None) -> int:
         if args.paged:
             psp = f"{r['paged_speedup']:.2f}x" if r["correct"] else "FAILED"
             tail = f" {r['paged_ms']:.3f} | {psp} | {r['paged_pct_copy']:.0f}% |"
-        print(f"| {batch} | {kvh} | {ctx} | {bits} | {r['kernel']} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | {sp} | "
+        label = bits if vbits == bits else f"{bits}:{vbits}"
+        print(f"| {batch} | {kvh} | {ctx} | {label} | {r['kernel']} | {r['sdpa_ms']:.3f} | {r['fused_ms']:.3f} | "
+              f"{sp} | "
               f"{r['fused_gbps']:.0f} | {r['fused_pct_copy']:.0f}% | {r['sdpa_pct_copy']:.0f}% | {r['ceiling']:.2f}x | "
               f"{pc} | {r['rel_error']:.1e} |{tail}", flush=True)
         torch.cuda.empty_cache()

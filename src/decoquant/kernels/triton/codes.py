@@ -9,6 +9,8 @@ Two readings of the same bytes (packing.py's bit order):
   plane k holding columns (16 / bits) * j + k. No byte loads and no byte shuffles.
 On the GPU the conversion is PTX of a few instructions per pair of codes (exact: 0x6400 | code is the fp16
 number 1024 + code); the interpreter (CI) and fp32 dots take the arithmetic path.
+3-bit codes, whose runs of 8 codes span 3 bytes, are read a run at a time (`_load_runs`, `_run_codes`: the
+codes in channel order, no planes) and written by `_pack_runs` / `_store_runs`.
 """
 
 from __future__ import annotations
@@ -153,3 +155,40 @@ def _pair_planes(w16, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr
             return c0, c1, c2, c3
     else:  # int16: the masks drop what an arithmetic shift brings in
         return _arith_planes(w16, 16 // BITS, BITS, QMAX, LOW_PRECISION)
+
+
+@triton.jit
+def _load_runs(ptr, row_off, mask, D: tl.constexpr):
+    # 3-bit codes at ptr + row_off (rows [R, 1]): each run of 8 codes is 3 bytes (packing.py) -> the runs as
+    # 24-bit int32 words [R, D / 8]
+    run = 3 * tl.arange(0, D // 8)[None, :]
+    b0 = tl.load(ptr + row_off + run, mask=mask, other=0).to(tl.int32)
+    b1 = tl.load(ptr + row_off + run + 1, mask=mask, other=0).to(tl.int32)
+    b2 = tl.load(ptr + row_off + run + 2, mask=mask, other=0).to(tl.int32)
+    return b0 | (b1 << 8) | (b2 << 16)
+
+
+@triton.jit
+def _run_codes(words, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    # run words [R, D / 8] -> (code - qmax) [R, D] in channel order (code i of run j is channel 8j + i), as fp16
+    # (exact: 0x6400 | code is 1024 + code) or fp32
+    codes = tl.reshape((words[:, :, None] >> (3 * tl.arange(0, 8))[None, None, :]) & 7, [R, D])
+    if LOW_PRECISION:
+        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + QMAX)
+    else:
+        return codes.to(tl.float32) - QMAX
+
+
+@triton.jit
+def _pack_runs(codes, R: tl.constexpr, D: tl.constexpr):
+    # int32 3-bit codes [R, D] -> run words [R, D / 8] (code i of a run at bits 3i)
+    return tl.sum(tl.reshape(codes, [R, D // 8, 8]) << (3 * tl.arange(0, 8))[None, None, :], axis=2)
+
+
+@triton.jit
+def _store_runs(ptr, row_off, words, mask, D: tl.constexpr):
+    # inverse of _load_runs: run words [R, D / 8] -> their 3 bytes each at ptr + row_off
+    run = 3 * tl.arange(0, D // 8)[None, :]
+    tl.store(ptr + row_off + run, (words & 255).to(tl.uint8), mask=mask)
+    tl.store(ptr + row_off + run + 1, ((words >> 8) & 255).to(tl.uint8), mask=mask)
+    tl.store(ptr + row_off + run + 2, ((words >> 16) & 255).to(tl.uint8), mask=mask)

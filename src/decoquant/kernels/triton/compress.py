@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ...mpo import RANK_RTOL
 from ...quant import CLIP_SHRINKS, SCALE_MIN
+from .codes import _pack_runs, _store_runs
 
 _SCALE_MIN = tl.constexpr(SCALE_MIN)
 _RANK_RTOL = tl.constexpr(RANK_RTOL)
@@ -140,8 +141,8 @@ def _params(lo, hi, SYM: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pack(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
-    """Codes of t [BT, D] against fp16 scale/zero (broadcastable), packed: uint8 [BT, D * BITS / 8]."""
+def _codes(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr):
+    """Codes of t [BT, D] against fp16 scale/zero (broadcastable): int32 [BT, D]."""
     if SYM:
         qmax = 2 ** (BITS - 1) - 1
         y = _round_half_even(tl.math.div_rn(t, scale.to(tl.float32)))
@@ -149,6 +150,12 @@ def _pack(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr, BT: tl.constexp
     else:
         y = _round_half_even(tl.math.div_rn(t - zero.to(tl.float32), scale.to(tl.float32)))
         codes = tl.minimum(tl.maximum(y, 0.0), (2 ** BITS - 1) * 1.0).to(tl.int32)
+    return codes
+
+
+@triton.jit
+def _pack(codes, BITS: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
+    """int32 codes [BT, D] (BITS 2, 4 or 8), packed: uint8 [BT, D * BITS / 8]."""
     if BITS == 8:
         return codes.to(tl.uint8)
     P: tl.constexpr = 8 // BITS  # codes per byte; code i of a byte sits in bits [i*BITS, (i+1)*BITS)
@@ -194,7 +201,7 @@ def _quantize_pack_kernel(
     h0 = (pid % HP) * HL
     rows = tile * BT + tl.arange(0, BT)
     g = tl.arange(0, G)
-    DB: tl.constexpr = D * BITS // 8
+    DB: tl.constexpr = D * BITS // 8 if BITS != 3 else 1  # bytes per token row (3 bits: stored run by run)
     x_b = x_ptr + b * s_xb
     if GRAN == 0:  # per token over every head: first the range of T_L over all heads
         lo = tl.full([BT], float("inf"), tl.float32)
@@ -242,9 +249,12 @@ def _quantize_pack_kernel(
             if not SYM:
                 tl.store(zero_ptr + off, zero)
             scale, zero = scale[None, :], zero[None, :]
-        packed = _pack(t, scale, zero, SYM, BITS, BT, D)
-        out = codes_ptr + b * s_cb + h * s_ch + rows[:, None].to(tl.int64) * s_ct + tl.arange(0, DB)[None, :]
-        tl.store(out, packed, mask=(rows < T)[:, None])
+        codes = _codes(t, scale, zero, SYM, BITS)
+        out = codes_ptr + b * s_cb + h * s_ch + rows[:, None].to(tl.int64) * s_ct
+        if BITS == 3:  # runs of 8 codes in 3 bytes
+            _store_runs(out, 0, _pack_runs(codes, BT, D), (rows < T)[:, None], D)
+        else:
+            tl.store(out + tl.arange(0, DB)[None, :], _pack(codes, BITS, BT, D), mask=(rows < T)[:, None])
 
 
 def _tile(tokens: int, d: int, g: int, cap: int = 32) -> int:

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...format import FUSED_BITS
 from ..layout import PackedKV
-from .codes import _code_planes, _pair_planes, _unplanes, _planes, convert_asm, pair_asm
+from .codes import _code_planes, _load_runs, _pair_planes, _planes, _run_codes, _unplanes, convert_asm, pair_asm
 
 
 @triton.jit
@@ -45,7 +46,8 @@ def _decode_blocks_kernel(
     stride_mb, stride_mh,
     sm_scale,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-    G: tl.constexpr, BITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr,
+    BLOCK: tl.constexpr,
     TILE: tl.constexpr, LOW_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
     USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -57,10 +59,11 @@ def _decode_blocks_kernel(
     b = (pid // (KV_HEADS * RSPLIT)).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
     h = (pid // RSPLIT % KV_HEADS).to(tl.int64)
     q_first = h * GROUP + pid % RSPLIT * ROWS  # this program's first query head
-    PACKED: tl.constexpr = D * BITS // 8
-    P: tl.constexpr = 8 // BITS  # codes per byte = bit planes of the keys
+    # bit planes of the keys: codes per byte; 3-bit codes (runs of 8 codes in 3 bytes) are read in channel order,
+    # one plane, a run at a time (`codes._load_runs`)
+    P: tl.constexpr = 1 if KBITS == 3 else 8 // KBITS
     # value planes: codes per 16-bit word (VPAIR: values read as int16 words, `codes._pair_planes`), else per byte
-    PV: tl.constexpr = 16 // BITS if VPAIR else P
+    PV: tl.constexpr = 1 if VBITS == 3 else 16 // VBITS if VPAIR else 8 // VBITS
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     # STACK scale groups of per-channel key scales per tile (see the module docstring): row i of the tile is
@@ -68,8 +71,8 @@ def _decode_blocks_kernel(
     row_ok = rows < ROWS * STACK
     row_group = rows // ROWS
     dims = tl.arange(0, D)
-    cols = tl.arange(0, PACKED)
-    vcols = tl.arange(0, PACKED // 2 if VPAIR else PACKED)  # VC's columns: int16 words or bytes
+    cols = tl.arange(0, D * KBITS // 8 if KBITS != 3 else 1)  # KC's bytes per token row
+    vcols = tl.arange(0, D * VBITS // (16 if VPAIR else 8) if VBITS != 3 else 1)  # VC's int16 words or bytes
     gi = tl.arange(0, G)
     q = tl.load(Q + b * stride_qb + (q_first + rows % ROWS)[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
@@ -116,9 +119,13 @@ def _decode_blocks_kernel(
         for j in tl.static_range(BLOCK // TILE):
             toks = t0 + j * TILE + tl.arange(0, TILE)
             ok = (toks >= start) & (toks < end)
-            kp = tl.load(KC + row * stride_kcb + h * stride_kch + (toks - tb)[:, None] * stride_kct + cols[None, :],
-                         mask=ok[:, None], other=0)  # [TILE, D / P] uint8
-            k0, k1, k2, k3 = _code_planes(kp, KCONV, BITS, KQMAX, LOW_PRECISION, USE_ASM)
+            k_row = KC + row * stride_kcb + h * stride_kch + (toks - tb)[:, None] * stride_kct
+            if KBITS == 3:
+                k0 = _run_codes(_load_runs(k_row, 0, ok[:, None], D), KQMAX, LOW_PRECISION, TILE, D)
+                k1, k2, k3 = k0, k0, k0
+            else:
+                kp = tl.load(k_row + cols[None, :], mask=ok[:, None], other=0)  # [TILE, D / P] uint8
+                k0, k1, k2, k3 = _code_planes(kp, KCONV, KBITS, KQMAX, LOW_PRECISION, USE_ASM)
             if KEY_CHANNEL:  # fold each row's scale group's channel scales into its query, once per tile
                 grp = (bl * (BLOCK // TILE) + j) * STACK
                 if STACK > 1:  # [GP, D]: row i's group
@@ -158,12 +165,16 @@ def _decode_blocks_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            vp = tl.load(VC + row * stride_vcb + h * stride_vch + (toks - tb)[:, None] * stride_vct + vcols[None, :],
-                         mask=ok[:, None], other=0)
-            if VPAIR:
-                v0, v1, v2, v3 = _pair_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
+            v_row = VC + row * stride_vcb + h * stride_vch + (toks - tb)[:, None] * stride_vct
+            if VBITS == 3:
+                v0 = _run_codes(_load_runs(v_row, 0, ok[:, None], D), VQMAX, LOW_PRECISION, TILE, D)
+                v1, v2, v3 = v0, v0, v0
             else:
-                v0, v1, v2, v3 = _code_planes(vp, VCONV, BITS, VQMAX, LOW_PRECISION, USE_ASM)
+                vp = tl.load(v_row + vcols[None, :], mask=ok[:, None], other=0)
+                if VPAIR:
+                    v0, v1, v2, v3 = _pair_planes(vp, VCONV, VBITS, VQMAX, LOW_PRECISION, USE_ASM)
+                else:
+                    v0, v1, v2, v3 = _code_planes(vp, VCONV, VBITS, VQMAX, LOW_PRECISION, USE_ASM)
             vs = tl.load(VS + row * stride_vsb + h * stride_vsh + toks - tb, mask=ok, other=0.0).to(tl.float32)
             pw = (p * vs[None, :]).to(DOT)  # [GP, TILE]
             acc = acc * alpha[:, None]
@@ -310,8 +321,9 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         return decode_rows_partials(q, k, v, sm_scale, kv_start, kv_len, splits, num_warps=num_warps or 1,
                                     num_stages=num_stages or 1, skip=skip, block_table=block_table)
     num_warps, num_stages = num_warps or 4, num_stages or 3
-    if k.bits not in (2, 4, 8) or v.bits != k.bits:
-        raise ValueError(f"the fused kernel reads 2-, 4- or 8-bit codes, got bits={k.bits}/{v.bits}")
+    if k.bits not in FUSED_BITS or v.bits not in FUSED_BITS:
+        raise ValueError(f"the fused kernel reads codes of {'/'.join(map(str, FUSED_BITS))} bits (keys and values "
+                         f"each), got bits={k.bits}/{v.bits}")
     if v.channel_group:
         raise ValueError("the fused kernel reads values with per-token scales, got per-channel value scales")
     group = hq // kvh
@@ -319,8 +331,11 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     group_pad = max(16, triton.next_power_of_2(rows * stack))
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
-    if d // (8 // k.bits) < 16:
-        raise ValueError(f"head_dim={d} at {k.bits} bits gives bit planes of {d * k.bits // 8} < 16 columns")
+    for p in (k, v):
+        if p.bits == 3 and (d % 8 or d // 8 & (d // 8 - 1)):
+            raise ValueError(f"head_dim={d} at 3 bits: the kernel reads runs of 8 codes, a power of two of them")
+        if p.bits != 3 and d // (8 // p.bits) < 16:
+            raise ValueError(f"head_dim={d} at {p.bits} bits gives bit planes of {d * p.bits // 8} < 16 columns")
     splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2, round_up=False)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
@@ -338,7 +353,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     vc = _value_words(v.codes) if v.bits == 8 or v.bits == 4 and group_pad == 16 else None
     vpair = vc is not None
     vc = vc if vpair else v.codes
-    vconv = (pair_asm if vpair else convert_asm)(v.bits, v.qmax) if use_asm else ""
+    vconv = (pair_asm if vpair else convert_asm)(v.bits, v.qmax) if use_asm and v.bits != 3 else ""
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * hq // rows, splits)](
         q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
@@ -355,10 +370,10 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         m.stride(0), m.stride(1),
         sm_scale,
         KV_HEADS=kvh, GROUP=group, ROWS=rows, GROUP_PAD=group_pad, D=d,
-        G=k.group_size, BITS=k.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
+        G=k.group_size, KBITS=k.bits, VBITS=v.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
-        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm else "", VCONV=vconv,
+        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm and k.bits != 3 else "", VCONV=vconv,
         HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, PAGED=block_table is not None, num_warps=num_warps,
     )
     return o, m, l_

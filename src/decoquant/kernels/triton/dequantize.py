@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PackedKV
-from .codes import _plane, _unplanes
+from .codes import _load_runs, _plane, _run_codes, _unplanes
 
 
 @triton.jit
@@ -31,17 +31,21 @@ def _dequantize_kernel(
     t0 = tile * ROWS
     nb = t0 // BLOCK
     P: tl.constexpr = 8 // BITS
-    DB: tl.constexpr = D // P
+    DB: tl.constexpr = D // P if BITS != 3 else 1  # bytes per token row (3 bits: read run by run)
     rows = t0 + tl.arange(0, ROWS)
-    packed = tl.load(codes_ptr + b * s_cb + h * s_ch + rows[:, None] * s_ct + tl.arange(0, DB)[None, :]).to(tl.int16)
-    a0 = _plane(packed, 0, BITS, QMAX, False)
-    if P == 1:
-        codes = a0
-    elif P == 2:
-        codes = _unplanes(a0, _plane(packed, 1, BITS, QMAX, False), a0, a0, P, ROWS, D)
+    row_ptr = codes_ptr + b * s_cb + h * s_ch + rows[:, None] * s_ct
+    if BITS == 3:
+        codes = _run_codes(_load_runs(row_ptr, 0, rows[:, None] >= 0, D), QMAX, False, ROWS, D)  # whole tiles
     else:
-        codes = _unplanes(a0, _plane(packed, 1, BITS, QMAX, False), _plane(packed, 2, BITS, QMAX, False),
-                          _plane(packed, 3, BITS, QMAX, False), P, ROWS, D)
+        packed = tl.load(row_ptr + tl.arange(0, DB)[None, :]).to(tl.int16)
+        a0 = _plane(packed, 0, BITS, QMAX, False)
+        if P == 1:
+            codes = a0
+        elif P == 2:
+            codes = _unplanes(a0, _plane(packed, 1, BITS, QMAX, False), a0, a0, P, ROWS, D)
+        else:
+            codes = _unplanes(a0, _plane(packed, 1, BITS, QMAX, False), _plane(packed, 2, BITS, QMAX, False),
+                              _plane(packed, 3, BITS, QMAX, False), P, ROWS, D)
     sh = h if SCALE_PER_HEAD else 0
     scale = tl.load(scales_ptr + b * s_sb + sh * s_sh + rows * s_st).to(tl.float32)
     t_l = tl.reshape(codes * scale[:, None], [ROWS * (D // G), G])
