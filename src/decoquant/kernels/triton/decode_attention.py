@@ -333,7 +333,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     for p in (k, v):
         if p.bits == 3 and (d % 8 or d // 8 & (d // 8 - 1)):
-            raise ValueError(f"head_dim={d} at 3 bits: the kernel reads runs of 8 codes, a power of two of them")
+            raise ValueError(f"head_dim={d} at 3 bits: the kernel reads runs of 8 codes and needs head_dim / 8 a "
+                             "power of two")
         if p.bits != 3 and d // (8 // p.bits) < 16:
             raise ValueError(f"head_dim={d} at {p.bits} bits gives bit planes of {d * p.bits // 8} < 16 columns")
     splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2, round_up=False)
