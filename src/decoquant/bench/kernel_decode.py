@@ -187,7 +187,9 @@ def shapes(args, max_gb: float):
     (key bits, value bits)), skipping shapes whose one fp16
     [batch, kv heads, context, head_dim] tensor exceeds `max_gb` GB."""
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    widths = [tuple(int(x) for x in w.split(":")) * (2 if ":" not in w else 1) for w in args.bits.split(",")]
+    from ..cli.common import _parse_widths  # the quality commands' --bits: ints, or (key, value) pairs
+
+    widths = [w if isinstance(w, tuple) else (w, w) for w in _parse_widths(args.bits)]
     for bits, kvh, batch, ctx in itertools.product(widths, ints(args.kv_heads), ints(args.batch),
                                                    ints(args.context)):
         if batch * kvh * ctx * args.head_dim * 2 / 1e9 <= max_gb:

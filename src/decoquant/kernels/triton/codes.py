@@ -158,13 +158,13 @@ def _pair_planes(w16, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr
 
 
 @triton.jit
-def _load_runs(ptr, row_off, mask, D: tl.constexpr):
-    # 3-bit codes at ptr + row_off (rows [R, 1]): each run of 8 codes is 3 bytes (packing.py) -> the runs as
+def _load_runs(ptr, mask, D: tl.constexpr):
+    # 3-bit codes at ptr (token rows [R, 1]): each run of 8 codes is 3 bytes (packing.py) -> the runs as
     # 24-bit int32 words [R, D / 8]
     run = 3 * tl.arange(0, D // 8)[None, :]
-    b0 = tl.load(ptr + row_off + run, mask=mask, other=0).to(tl.int32)
-    b1 = tl.load(ptr + row_off + run + 1, mask=mask, other=0).to(tl.int32)
-    b2 = tl.load(ptr + row_off + run + 2, mask=mask, other=0).to(tl.int32)
+    b0 = tl.load(ptr + run, mask=mask, other=0).to(tl.int32)
+    b1 = tl.load(ptr + run + 1, mask=mask, other=0).to(tl.int32)
+    b2 = tl.load(ptr + run + 2, mask=mask, other=0).to(tl.int32)
     return b0 | (b1 << 8) | (b2 << 16)
 
 
@@ -186,9 +186,9 @@ def _pack_runs(codes, R: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _store_runs(ptr, row_off, words, mask, D: tl.constexpr):
-    # inverse of _load_runs: run words [R, D / 8] -> their 3 bytes each at ptr + row_off
+def _store_runs(ptr, words, mask, D: tl.constexpr):
+    # inverse of _load_runs: run words [R, D / 8] -> their 3 bytes each at ptr (token rows [R, 1])
     run = 3 * tl.arange(0, D // 8)[None, :]
-    tl.store(ptr + row_off + run, (words & 255).to(tl.uint8), mask=mask)
-    tl.store(ptr + row_off + run + 1, ((words >> 8) & 255).to(tl.uint8), mask=mask)
-    tl.store(ptr + row_off + run + 2, ((words >> 16) & 255).to(tl.uint8), mask=mask)
+    tl.store(ptr + run, (words & 255).to(tl.uint8), mask=mask)
+    tl.store(ptr + run + 1, ((words >> 8) & 255).to(tl.uint8), mask=mask)
+    tl.store(ptr + run + 2, ((words >> 16) & 255).to(tl.uint8), mask=mask)

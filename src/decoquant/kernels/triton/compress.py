@@ -252,7 +252,7 @@ def _quantize_pack_kernel(
         codes = _codes(t, scale, zero, SYM, BITS)
         out = codes_ptr + b * s_cb + h * s_ch + rows[:, None].to(tl.int64) * s_ct
         if BITS == 3:  # runs of 8 codes in 3 bytes
-            _store_runs(out, 0, _pack_runs(codes, BT, D), (rows < T)[:, None], D)
+            _store_runs(out, _pack_runs(codes, BT, D), (rows < T)[:, None], D)
         else:
             tl.store(out + tl.arange(0, DB)[None, :], _pack(codes, BITS, BT, D), mask=(rows < T)[:, None])
 

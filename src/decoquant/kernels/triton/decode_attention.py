@@ -121,7 +121,7 @@ def _decode_blocks_kernel(
             ok = (toks >= start) & (toks < end)
             k_row = KC + row * stride_kcb + h * stride_kch + (toks - tb)[:, None] * stride_kct
             if KBITS == 3:
-                k0 = _run_codes(_load_runs(k_row, 0, ok[:, None], D), KQMAX, LOW_PRECISION, TILE, D)
+                k0 = _run_codes(_load_runs(k_row, ok[:, None], D), KQMAX, LOW_PRECISION, TILE, D)
                 k1, k2, k3 = k0, k0, k0
             else:
                 kp = tl.load(k_row + cols[None, :], mask=ok[:, None], other=0)  # [TILE, D / P] uint8
@@ -167,7 +167,7 @@ def _decode_blocks_kernel(
             alpha = tl.exp(m_i - m_safe)
             v_row = VC + row * stride_vcb + h * stride_vch + (toks - tb)[:, None] * stride_vct
             if VBITS == 3:
-                v0 = _run_codes(_load_runs(v_row, 0, ok[:, None], D), VQMAX, LOW_PRECISION, TILE, D)
+                v0 = _run_codes(_load_runs(v_row, ok[:, None], D), VQMAX, LOW_PRECISION, TILE, D)
                 v1, v2, v3 = v0, v0, v0
             else:
                 vp = tl.load(v_row + vcols[None, :], mask=ok[:, None], other=0)
@@ -235,6 +235,14 @@ def _value_words(codes: torch.Tensor) -> torch.Tensor | None:
             or any(st % 2 for st in codes.stride()[:-1]):
         return None
     return codes.view(torch.int16)
+
+
+def _conversion(p: PackedKV, use_asm: bool, pair: bool = False) -> str:
+    """The PTX converting p's codes (`codes.convert_asm`, or `codes.pair_asm` for int16 word pairs), or "" where the
+    kernel converts by arithmetic: off the GPU, with fp32 dots, and for 3-bit runs."""
+    if not use_asm or p.bits == 3:
+        return ""
+    return (pair_asm if pair else convert_asm)(p.bits, p.qmax)
 
 
 KERNELS = ("auto", "mma", "rows")
@@ -354,7 +362,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     vc = _value_words(v.codes) if v.bits == 8 or v.bits == 4 and group_pad == 16 else None
     vpair = vc is not None
     vc = vc if vpair else v.codes
-    vconv = (pair_asm if vpair else convert_asm)(v.bits, v.qmax) if use_asm and v.bits != 3 else ""
+    vconv = _conversion(v, use_asm, pair=vpair)
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
     _decode_blocks_kernel[(b * hq // rows, splits)](
         q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
@@ -374,7 +382,7 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         G=k.group_size, KBITS=k.bits, VBITS=v.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
-        USE_ASM=use_asm, KCONV=convert_asm(k.bits, k.qmax) if use_asm and k.bits != 3 else "", VCONV=vconv,
+        USE_ASM=use_asm, KCONV=_conversion(k, use_asm), VCONV=vconv,
         HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, PAGED=block_table is not None, num_warps=num_warps,
     )
     return o, m, l_

@@ -35,7 +35,7 @@ def _dequantize_kernel(
     rows = t0 + tl.arange(0, ROWS)
     row_ptr = codes_ptr + b * s_cb + h * s_ch + rows[:, None] * s_ct
     if BITS == 3:
-        codes = _run_codes(_load_runs(row_ptr, 0, rows[:, None] >= 0, D), QMAX, False, ROWS, D)  # whole tiles
+        codes = _run_codes(_load_runs(row_ptr, rows[:, None] >= 0, D), QMAX, False, ROWS, D)  # whole tiles
     else:
         packed = tl.load(row_ptr + tl.arange(0, DB)[None, :]).to(tl.int16)
         a0 = _plane(packed, 0, BITS, QMAX, False)
