@@ -22,8 +22,11 @@ def test_documented_bit_order():
     assert pack_codes(codes4, 4).tolist() == [[0x21, 0x43, 0x65, 0x87]]
     codes2 = torch.tensor([[1, 2, 3, 0, 0, 0, 0, 3]], dtype=torch.uint8)
     assert pack_codes(codes2, 2).tolist() == [[0b00111001, 0b11000000]]
-    codes3 = torch.tensor([[7, 0, 5, 0, 0, 0, 0, 0]], dtype=torch.uint8)  # 7 | 5 << 6 = 0x147
-    assert pack_codes(codes3, 3).tolist() == [[0x47, 0x01, 0x00]]
+    # 3 bit: low 2 bits as 2-bit codes (3 | 1 << 4), then the high bits, one per code (codes 0 and 2)
+    codes3 = torch.tensor([[7, 0, 5, 0, 0, 0, 0, 0]], dtype=torch.uint8)
+    assert pack_codes(codes3, 3).tolist() == [[0x13, 0x00, 0x05]]
+    codes3 = torch.tensor([[4] * 9], dtype=torch.uint8)  # 9 codes: each part padded to whole runs of 8
+    assert pack_codes(codes3, 3).tolist() == [[0, 0, 0, 0, 0xFF, 0x01]]
 
 
 def test_packed_size_matches_bits():

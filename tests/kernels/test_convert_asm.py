@@ -1,5 +1,5 @@
-"""The GPU's code conversions of the fused decode kernel (`convert_asm`, `pair_asm`: PTX) run on the CPU by a small
-emulator of the instructions they emit, for every byte value and code width."""
+"""The GPU's code conversions of the fused decode kernel (`convert_asm`, `pair_asm`, `three_asm`: PTX) run on the CPU
+by a small emulator of the instructions they emit, for every byte value and code width."""
 
 import pytest
 
@@ -7,7 +7,7 @@ triton = pytest.importorskip("triton")
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """Execute the few PTX instructions convert_asm and pair_asm emit (mov, prmt, shr, lop3 with LUT 0xea,
+    """Execute the few PTX instructions the conversions emit (mov, prmt, shl, shr, lop3 with any LUT,
     fma.rn.f16x2)."""
     import numpy as np
 
@@ -31,9 +31,15 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             regs[d] = int.from_bytes(bytes(pool[(sel >> (4 * i)) & 7] for i in range(4)), "little")
         elif op == "shr.b32":
             regs[d] = val(src[0]) >> val(src[1])
-        elif op == "lop3.b32":
-            assert val(src[3]) == 0xEA  # (a & b) | c
-            regs[d] = (val(src[0]) & val(src[1])) | val(src[2])
+        elif op == "shl.b32":
+            regs[d] = (val(src[0]) << val(src[1])) & 0xFFFFFFFF
+        elif op == "lop3.b32":  # bit k of the LUT: the output where (a, b, c) = bits of k, a the highest
+            a, b, c, lut = (val(x) for x in src)
+            out = 0
+            for k in range(8):
+                if lut >> k & 1:
+                    out |= ((a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)) & 0xFFFFFFFF
+            regs[d] = out
         elif op == "fma.rn.f16x2":
             r = (halves(val(src[0])).astype(np.float32) * halves(val(src[1])).astype(np.float32)
                  + halves(val(src[2])).astype(np.float32)).astype(np.float16).view(np.uint16)
@@ -79,3 +85,24 @@ def test_pair_asm_gives_every_code_of_two_words_minus_qmax(bits, qmax):
             got = np.array([regs[f"${k}"]], dtype=np.uint32).view(np.uint16).view(np.float16).astype(np.float32)
             want = [(w >> (k * bits) & ((1 << bits) - 1)) - qmax for w in (int(lo), int(hi))]
             assert got.tolist() == want, (k, lo, hi)
+
+
+@pytest.mark.parametrize("qmax", [3, 0])
+def test_three_asm_gives_every_code_of_two_elements_minus_qmax(qmax):
+    """The 3-bit conversion (`three_asm`): an int16 word pair of low bits and the two elements' high-bit bytes ->
+    register i = (code i of element 0, code i of element 1) - qmax, where code i = (low bits 2i..2i+1) | (high bit
+    i) << 2, exactly, for every high-bit byte and a spread of low-bit words."""
+    import numpy as np
+
+    from decoquant.kernels.triton.codes import three_asm
+
+    asm = three_asm(qmax)
+    rng = np.random.default_rng(0)
+    for high in range(256):
+        for lo0, lo1 in [(0, 0xFFFF), (0xFFFF, 0)] + [tuple(int(x) for x in rng.integers(0, 1 << 16, 2))]:
+            high1 = 255 - high
+            regs = _run_ptx(asm, {"$8": lo0 | lo1 << 16, "$9": high | high1 << 16})
+            for i in range(8):
+                got = np.array([regs[f"${i}"]], dtype=np.uint32).view(np.uint16).view(np.float16).astype(np.float32)
+                want = [((w >> 2 * i) & 3 | (h >> i & 1) << 2) - qmax for w, h in ((lo0, high), (lo1, high1))]
+                assert got.tolist() == want, (i, lo0, lo1, high)

@@ -9,8 +9,9 @@ Two readings of the same bytes (packing.py's bit order):
   plane k holding columns (16 / bits) * j + k. No byte loads and no byte shuffles.
 On the GPU the conversion is PTX of a few instructions per pair of codes (exact: 0x6400 | code is the fp16
 number 1024 + code); the interpreter (CI) and fp32 dots take the arithmetic path.
-3-bit codes, whose runs of 8 codes span 3 bytes, are read a run at a time (`_load_runs`, `_run_codes`: the
-codes in channel order, no planes) and written by `_pack_runs` / `_store_runs`.
+3-bit codes (packing.py: their low 2 bits as 2-bit codes, then their high bits) are read as int16 words of low bits
+beside a byte of high bits (`_load3`) and become the same four planes as 2-bit codes (`_three_planes`; on the GPU
+the PTX of `three_asm`, about two instructions per code).
 """
 
 from __future__ import annotations
@@ -157,38 +158,66 @@ def _pair_planes(w16, CONV: tl.constexpr, BITS: tl.constexpr, QMAX: tl.constexpr
         return _arith_planes(w16, 16 // BITS, BITS, QMAX, LOW_PRECISION)
 
 
-@triton.jit
-def _load_runs(ptr, mask, D: tl.constexpr):
-    # 3-bit codes at ptr (token rows [R, 1]): each run of 8 codes is 3 bytes (packing.py) -> the runs as
-    # 24-bit int32 words [R, D / 8]
-    run = 3 * tl.arange(0, D // 8)[None, :]
-    b0 = tl.load(ptr + run, mask=mask, other=0).to(tl.int32)
-    b1 = tl.load(ptr + run + 1, mask=mask, other=0).to(tl.int32)
-    b2 = tl.load(ptr + run + 2, mask=mask, other=0).to(tl.int32)
-    return b0 | (b1 << 8) | (b2 << 16)
+@lru_cache(maxsize=None)
+def three_asm(qmax: int) -> str:
+    """PTX converting the 3-bit codes of two elements (packing.py: low 2 bits as 2-bit codes, then the high bits;
+    input $8: two int16 words of low bits, element 0 in the low half, code i at bits 2i; input $9: the two
+    elements' high-bit bytes zero-extended to 16 bits, code i at bit i) into 8 registers of fp16 pairs: register
+    i = code i of each element minus qmax. Per register: at most one shift of the high bits, two lop3 (the low
+    bits | 0x6400, then | the high bit beside them: 1024 + code * 2**s in each half) and one fma.f16x2, exact."""
+    lines = ["{", ".reg .b32 y, t, u, s, o;", "shr.b32 y, $8, 8;"]  # codes 4..7 down to bits 0..7 of each half
+    for i in range(8):
+        src, shift = ("$8", 2 * i) if i < 4 else ("y", 2 * (i - 4))
+        move = shift + 2 - i  # the high bit of code i, from bit i to bit shift + 2
+        hi = "$9" if move == 0 else "u"
+        if move:
+            lines.append(f"{'shl' if move > 0 else 'shr'}.b32 u, $9, {abs(move)};")
+        offset = _f16_pair(-(1024.0 * 2.0 ** -shift) - qmax)
+        lines += [f"mov.b32 s, {_f16_pair(2.0 ** -shift)};", f"mov.b32 o, {offset};",
+                  f"lop3.b32 t, {src}, {(3 << shift) * 0x10001:#010x}, 0x64006400, 0xea;",  # (src & mask) | magic
+                  f"lop3.b32 t, t, {hi}, {(4 << shift) * 0x10001:#010x}, 0xf8;",  # t | (hi & mask)
+                  f"fma.rn.f16x2 ${i}, t, s, o;"]
+    lines.append("}")
+    return "\n".join(lines)
 
 
 @triton.jit
-def _run_codes(words, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    # run words [R, D / 8] -> (code - qmax) [R, D] in channel order (code i of run j is channel 8j + i), as fp16
-    # (exact: 0x6400 | code is 1024 + code) or fp32
-    codes = tl.reshape((words[:, :, None] >> (3 * tl.arange(0, 8))[None, None, :]) & 7, [R, D])
+def _load3(ptr, mask, D: tl.constexpr):
+    # 3-bit codes at ptr (uint8 token rows [R, 1], packing.py's two parts) -> (int16 words [R, D / 8]: the low
+    # bits of codes 8m..8m+7, code i at bits 2i; int16 [R, D / 8]: their high bits, code i at bit i)
+    j = tl.arange(0, D // 8)[None, :]
+    words = tl.load(ptr.to(tl.pointer_type(tl.int16)) + j, mask=mask, other=0)
+    high = tl.load(ptr + D // 4 + j, mask=mask, other=0).to(tl.int16)
+    return words, high
+
+
+@triton.jit
+def _three(words, high, i: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr):
+    # code i of every element, minus qmax, by arithmetic (as _plane)
+    code = ((words >> (2 * i)) & 3) | (((high >> i) & 1) << 2)
     if LOW_PRECISION:
-        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + QMAX)
+        return (code | 0x6400).to(tl.float16, bitcast=True) - (1024.0 + QMAX)
     else:
-        return codes.to(tl.float32) - QMAX
+        return code.to(tl.float32) - QMAX
 
 
 @triton.jit
-def _pack_runs(codes, R: tl.constexpr, D: tl.constexpr):
-    # int32 3-bit codes [R, D] -> run words [R, D / 8] (code i of a run at bits 3i)
-    return tl.sum(tl.reshape(codes, [R, D // 8, 8]) << (3 * tl.arange(0, 8))[None, None, :], axis=2)
-
-
-@triton.jit
-def _store_runs(ptr, words, mask, D: tl.constexpr):
-    # inverse of _load_runs: run words [R, D / 8] -> their 3 bytes each at ptr (token rows [R, 1])
-    run = 3 * tl.arange(0, D // 8)[None, :]
-    tl.store(ptr + run, (words & 255).to(tl.uint8), mask=mask)
-    tl.store(ptr + run + 1, ((words >> 8) & 255).to(tl.uint8), mask=mask)
-    tl.store(ptr + run + 2, ((words >> 16) & 255).to(tl.uint8), mask=mask)
+def _three_planes(words, high, CONV: tl.constexpr, QMAX: tl.constexpr, LOW_PRECISION: tl.constexpr,
+                  USE_ASM: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    # `_load3`'s words and high bits -> the four planes of (code - qmax) [R, D / 4] that 2-bit codes give (plane k:
+    # columns 4j + k, `_code_planes`): element m's codes k and k + 4 are columns 4 * 2m + k and 4 * (2m + 1) + k.
+    # On the GPU, fp16: the PTX of three_asm; elsewhere `_three` per code.
+    if USE_ASM:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            CONV, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words, high], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    else:
+        c0 = _three(words, high, 0, QMAX, LOW_PRECISION)
+        c1 = _three(words, high, 1, QMAX, LOW_PRECISION)
+        c2 = _three(words, high, 2, QMAX, LOW_PRECISION)
+        c3 = _three(words, high, 3, QMAX, LOW_PRECISION)
+        c4 = _three(words, high, 4, QMAX, LOW_PRECISION)
+        c5 = _three(words, high, 5, QMAX, LOW_PRECISION)
+        c6 = _three(words, high, 6, QMAX, LOW_PRECISION)
+        c7 = _three(words, high, 7, QMAX, LOW_PRECISION)
+    return (tl.reshape(tl.join(c0, c4), [R, D // 4]), tl.reshape(tl.join(c1, c5), [R, D // 4]),
+            tl.reshape(tl.join(c2, c6), [R, D // 4]), tl.reshape(tl.join(c3, c7), [R, D // 4]))

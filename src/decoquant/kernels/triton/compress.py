@@ -29,7 +29,6 @@ import triton.language as tl
 
 from ...mpo import RANK_RTOL
 from ...quant import CLIP_SHRINKS, SCALE_MIN
-from .codes import _pack_runs, _store_runs
 
 _SCALE_MIN = tl.constexpr(SCALE_MIN)
 _RANK_RTOL = tl.constexpr(RANK_RTOL)
@@ -155,7 +154,7 @@ def _codes(t, scale, zero, SYM: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _pack(codes, BITS: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
-    """int32 codes [BT, D] (BITS 2, 4 or 8), packed: uint8 [BT, D * BITS / 8]."""
+    """int32 codes [BT, D] (BITS 1, 2, 4 or 8), packed: uint8 [BT, D * BITS / 8]."""
     if BITS == 8:
         return codes.to(tl.uint8)
     P: tl.constexpr = 8 // BITS  # codes per byte; code i of a byte sits in bits [i*BITS, (i+1)*BITS)
@@ -201,7 +200,7 @@ def _quantize_pack_kernel(
     h0 = (pid % HP) * HL
     rows = tile * BT + tl.arange(0, BT)
     g = tl.arange(0, G)
-    DB: tl.constexpr = D * BITS // 8 if BITS != 3 else 1  # bytes per token row (3 bits: stored run by run)
+    DB: tl.constexpr = D * BITS // 8 if BITS != 3 else 1  # bytes per token row (3 bits: stored in two parts)
     x_b = x_ptr + b * s_xb
     if GRAN == 0:  # per token over every head: first the range of T_L over all heads
         lo = tl.full([BT], float("inf"), tl.float32)
@@ -251,8 +250,10 @@ def _quantize_pack_kernel(
             scale, zero = scale[None, :], zero[None, :]
         codes = _codes(t, scale, zero, SYM, BITS)
         out = codes_ptr + b * s_cb + h * s_ch + rows[:, None].to(tl.int64) * s_ct
-        if BITS == 3:  # runs of 8 codes in 3 bytes
-            _store_runs(out, _pack_runs(codes, BT, D), (rows < T)[:, None], D)
+        if BITS == 3:  # the low 2 bits as 2-bit codes, then the high bits (packing.py)
+            tl.store(out + tl.arange(0, D // 4)[None, :], _pack(codes & 3, 2, BT, D), mask=(rows < T)[:, None])
+            tl.store(out + D // 4 + tl.arange(0, D // 8)[None, :], _pack(codes >> 2, 1, BT, D),
+                     mask=(rows < T)[:, None])
         else:
             tl.store(out + tl.arange(0, DB)[None, :], _pack(codes, BITS, BT, D), mask=(rows < T)[:, None])
 

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ...format import FUSED_BITS
 from ..layout import PackedKV
-from .codes import _code_planes, _load_runs, _pair_planes, _planes, _run_codes, _unplanes, convert_asm, pair_asm
+from .codes import (_code_planes, _load3, _pair_planes, _planes, _three_planes, _unplanes, convert_asm, pair_asm,
+                    three_asm)
 
 
 @triton.jit
@@ -59,11 +60,11 @@ def _decode_blocks_kernel(
     b = (pid // (KV_HEADS * RSPLIT)).to(tl.int64)  # 64-bit offsets: b * stride passes 2**31 on large caches
     h = (pid // RSPLIT % KV_HEADS).to(tl.int64)
     q_first = h * GROUP + pid % RSPLIT * ROWS  # this program's first query head
-    # bit planes of the keys: codes per byte; 3-bit codes (runs of 8 codes in 3 bytes) are read in channel order,
-    # one plane, a run at a time (`codes._load_runs`)
-    P: tl.constexpr = 1 if KBITS == 3 else 8 // KBITS
+    # bit planes of the keys: codes per byte; 3-bit codes give the four planes of their low 2 bits
+    # (`codes._three_planes`)
+    P: tl.constexpr = 4 if KBITS == 3 else 8 // KBITS
     # value planes: codes per 16-bit word (VPAIR: values read as int16 words, `codes._pair_planes`), else per byte
-    PV: tl.constexpr = 1 if VBITS == 3 else 16 // VBITS if VPAIR else 8 // VBITS
+    PV: tl.constexpr = 4 if VBITS == 3 else 16 // VBITS if VPAIR else 8 // VBITS
     DOT: tl.constexpr = tl.float16 if LOW_PRECISION else tl.float32
     rows = tl.arange(0, GROUP_PAD)
     # STACK scale groups of per-channel key scales per tile (see the module docstring): row i of the tile is
@@ -121,8 +122,8 @@ def _decode_blocks_kernel(
             ok = (toks >= start) & (toks < end)
             k_row = KC + row * stride_kcb + h * stride_kch + (toks - tb)[:, None] * stride_kct
             if KBITS == 3:
-                k0 = _run_codes(_load_runs(k_row, ok[:, None], D), KQMAX, LOW_PRECISION, TILE, D)
-                k1, k2, k3 = k0, k0, k0
+                kw, kh = _load3(k_row, ok[:, None], D)
+                k0, k1, k2, k3 = _three_planes(kw, kh, KCONV, KQMAX, LOW_PRECISION, USE_ASM, TILE, D)
             else:
                 kp = tl.load(k_row + cols[None, :], mask=ok[:, None], other=0)  # [TILE, D / P] uint8
                 k0, k1, k2, k3 = _code_planes(kp, KCONV, KBITS, KQMAX, LOW_PRECISION, USE_ASM)
@@ -167,8 +168,8 @@ def _decode_blocks_kernel(
             alpha = tl.exp(m_i - m_safe)
             v_row = VC + row * stride_vcb + h * stride_vch + (toks - tb)[:, None] * stride_vct
             if VBITS == 3:
-                v0 = _run_codes(_load_runs(v_row, ok[:, None], D), VQMAX, LOW_PRECISION, TILE, D)
-                v1, v2, v3 = v0, v0, v0
+                vw, vh = _load3(v_row, ok[:, None], D)
+                v0, v1, v2, v3 = _three_planes(vw, vh, VCONV, VQMAX, LOW_PRECISION, USE_ASM, TILE, D)
             else:
                 vp = tl.load(v_row + vcols[None, :], mask=ok[:, None], other=0)
                 if VPAIR:
@@ -238,10 +239,12 @@ def _value_words(codes: torch.Tensor) -> torch.Tensor | None:
 
 
 def _conversion(p: PackedKV, use_asm: bool, pair: bool = False) -> str:
-    """The PTX converting p's codes (`codes.convert_asm`, or `codes.pair_asm` for int16 word pairs), or "" where the
-    kernel converts by arithmetic: off the GPU, with fp32 dots, and for 3-bit runs."""
-    if not use_asm or p.bits == 3:
+    """The PTX converting p's codes (`codes.convert_asm`, `codes.pair_asm` for int16 word pairs, `codes.three_asm`
+    at 3 bits), or "" where the kernel converts by arithmetic: off the GPU and with fp32 dots."""
+    if not use_asm:
         return ""
+    if p.bits == 3:
+        return three_asm(p.qmax)
     return (pair_asm if pair else convert_asm)(p.bits, p.qmax)
 
 
@@ -340,11 +343,12 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     if k.block_size % tile or k.group_size != 16 and k.group_size != 32:
         raise ValueError(f"block_size={k.block_size} must be a multiple of the tile {tile}, group_size 16 or 32")
     for p in (k, v):
-        if p.bits == 3 and (d % 8 or d // 8 & (d // 8 - 1)):
-            raise ValueError(f"head_dim={d} at 3 bits: the kernel reads runs of 8 codes and needs head_dim / 8 a "
-                             "power of two")
-        if p.bits != 3 and d // (8 // p.bits) < 16:
-            raise ValueError(f"head_dim={d} at {p.bits} bits gives bit planes of {d * p.bits // 8} < 16 columns")
+        columns = d // 4 if p.bits == 3 else d * p.bits // 8  # of a bit plane (3 bits: the low bits' planes)
+        if columns < 16:
+            raise ValueError(f"head_dim={d} at {p.bits} bits gives bit planes of {columns} < 16 columns")
+        if p.bits == 3 and _value_words(p.codes) is None:  # the low bits are read as int16 words
+            raise ValueError("3-bit codes must start every token row at an even byte offset (even strides and "
+                             f"storage offset), got strides {p.codes.stride()}, offset {p.codes.storage_offset()}")
     splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2, round_up=False)
     o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
     m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)

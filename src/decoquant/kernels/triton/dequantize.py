@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PackedKV
-from .codes import _load_runs, _plane, _run_codes, _unplanes
+from .codes import _load3, _plane, _three_planes, _unplanes
 
 
 @triton.jit
@@ -31,11 +31,13 @@ def _dequantize_kernel(
     t0 = tile * ROWS
     nb = t0 // BLOCK
     P: tl.constexpr = 8 // BITS
-    DB: tl.constexpr = D // P if BITS != 3 else 1  # bytes per token row (3 bits: read run by run)
+    DB: tl.constexpr = D // P if BITS != 3 else 1  # bytes per token row (3 bits: read in two parts)
     rows = t0 + tl.arange(0, ROWS)
     row_ptr = codes_ptr + b * s_cb + h * s_ch + rows[:, None] * s_ct
     if BITS == 3:
-        codes = _run_codes(_load_runs(row_ptr, rows[:, None] >= 0, D), QMAX, False, ROWS, D)  # whole tiles
+        w, hb = _load3(row_ptr, rows[:, None] >= 0, D)  # whole tiles
+        c0, c1, c2, c3 = _three_planes(w, hb, "", QMAX, False, False, ROWS, D)
+        codes = _unplanes(c0, c1, c2, c3, 4, ROWS, D)
     else:
         packed = tl.load(row_ptr + tl.arange(0, DB)[None, :]).to(tl.int16)
         a0 = _plane(packed, 0, BITS, QMAX, False)
