@@ -212,16 +212,17 @@ def _tile(k: PackedKV, tile: int | None, group: int, max_rows: int = 16,
     Keys with per-channel scales over groups of cg tokens step by `stack` groups at once, each in its own rows
     of the tile, where rows * stack <= max_rows (H200, default preset, GQA-4, batch 8 x 32k: 0.393 -> 0.238 ms
     for one 128-token step instead of two 64-token ones). Else a program steps by one group with all `group`
-    rows, except at 2 bits or where the GPU is `starved` (one block per split still leaves SMs idle), where the
-    group's rows are split over programs until they fit (MQA, batch 8 x 32k: paper preset 0.094 -> 0.062 ms,
-    default 0.123 -> 0.125; at 4 bits the split measured slower there, 0.064 -> 0.069 and 0.094 -> 0.133, since
-    the blocks are read once per program, but faster at batch 1 x 4k: 0.014 -> 0.013 and 0.017 -> 0.013).
+    rows, except at 2 or 3 bits or where the GPU is `starved` (one block per split still leaves SMs idle), where
+    the group's rows are split over programs until they fit (MQA, batch 8 x 32k: paper preset 0.094 -> 0.062 ms,
+    default 0.123 -> 0.125; 3 bits, H100, default 0.179 -> 0.161; at 4 bits the split measured slower there, 0.064
+    -> 0.069 and 0.094 -> 0.133, since the blocks are read once per program, but faster at batch 1 x 4k: 0.014 ->
+    0.013 and 0.017 -> 0.013).
     """
     want = min(tile or 128, k.block_size)
     cg = k.channel_group
     stack = want // cg if cg and want % cg == 0 else 1
     rows = group
-    if rows * stack > max_rows and (k.bits == 2 or starved):
+    if rows * stack > max_rows and (k.bits in (2, 3) or starved):
         while rows * stack > max_rows and rows % 2 == 0:
             rows //= 2
     if rows * stack > max_rows:
