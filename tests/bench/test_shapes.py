@@ -47,3 +47,15 @@ def test_sdpa_gqa_matches_transformers_sdpa(cache_kind):
         logits[impl] = torch.stack(steps)
     ref = logits["sdpa"]
     assert ((logits[SDPA_GQA] - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("steps", ["16", "0", "130"])
+def test_e2e_decode_times_whole_block_cycles(steps, capsys):
+    """The end-to-end benchmark refuses step counts that are not whole block cycles (each layer compresses one block
+    per 128 steps: fewer steps miss that cost or count it several times over), before it touches a GPU."""
+    from decoquant.bench.e2e_decode import STEPS, main
+
+    assert STEPS == 128
+    with pytest.raises(SystemExit):
+        main(["--steps", steps])
+    assert f"--steps={steps}" in capsys.readouterr().err

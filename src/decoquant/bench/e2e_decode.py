@@ -17,8 +17,11 @@ DecoQuantCache made static; its block compressions run between replays and are t
 The prompt KV is random (a real prefill of 32 x 16k tokens on a random model measures nothing
 more): each layer's cache is filled with random outlier-heavy K/V of `context` tokens (the DecoQuant
 cache compresses it block by block exactly as a prefill would), then `steps` greedy decode steps are
-timed with CUDA events. Peak memory is torch's max allocated during the decode steps. Before
-timing, one decode step of the fused cache is checked against the same cache decoded by the torch
+timed with CUDA events. `steps` is a whole number of block cycles (a multiple of the block size, 128): every
+layer then compresses blocks at its steady rate, one per 128 steps, wherever the cycle starts (fewer steps
+either miss the compression or count it several times over: with 4 sink tokens the first compression comes 4
+steps after a 16k fill, without sinks 128 steps after). Peak memory is torch's max allocated during the decode
+steps. Before timing, one decode step of the fused cache is checked against the same cache decoded by the torch
 reference path (logits relative error). Rows that do not fit report OOM.
 """
 
@@ -30,6 +33,7 @@ import json
 
 import torch
 
+from ..config import DecoQuantConfig
 from ..integrations.transformers import cache_kwargs
 from .common import fill, timed_steps
 from .shapes import SDPA_GQA, SHAPES, llama_config, register_sdpa_gqa
@@ -69,6 +73,7 @@ def decode_graphed(model, cache, batch, context, steps, device):
 
 
 QUANTIZED_BACKENDS = ("hqq", "quanto")
+STEPS = DecoQuantConfig.block_size  # timed decode steps: one block cycle of the caches here (their block size)
 
 
 def label(kind: str, bits: int, graph: bool = False) -> str:
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", default="4096,16384")
     p.add_argument("--bits", default="4,2")
     p.add_argument("--presets", default="paper", help="DecoQuant presets to run (paper; the others with 4 sinks)")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help=f"timed decode steps, a multiple of {STEPS} (whole block cycles, see above)")
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES),
                    help="model shape: llama2-7b (MHA), llama3-8b (32 query / 8 kv heads), qwen2.5-7b (28 / 4)")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-2-7B)")
@@ -193,6 +199,9 @@ def main(argv=None) -> int:
                    help="add fp16 (StaticCache) and DecoQuantCache rows whose decode steps replay a CUDA graph")
     p.add_argument("--skip-eager", action="store_true", help="with --cuda-graph: only the graph rows")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.steps % STEPS:
+        p.error(f"--steps={args.steps}: the decode steps must be a positive multiple of {STEPS}, the block size, so "
+                "that every layer compresses its blocks at the steady rate (one per block of steps)")
     device = torch.device("cuda")
     model = random_model(args.layers, device, args.shape)
     if args.prefill:
