@@ -269,6 +269,34 @@ def test_merge_with_window_matches_reference(window, s):
         assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("hq,kvh", [(4, 4), (8, 2), (32, 1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_window_chunks_in_model_dtype(hq, kvh, dtype):
+    """The window in the model's dtype, as a decode step passes it, for MHA, GQA and MQA (32 query rows: two
+    programs per kv head and chunk): 150 tokens in 3 chunks of 64, the last one partly filled, and a validity
+    mask that empties the middle chunk of one sequence. The probabilities are rounded to the model's dtype for
+    the value dot, as flash attention rounds them: bounded by that rounding."""
+    from decoquant.kernels.reference import merge_window_reference
+    from decoquant.kernels.triton.merge import merge_with_window
+
+    gen = torch.Generator().manual_seed(hq + kvh)
+    b, d, s, w = 2, 64, 5, 150
+    q = torch.randn(b, hq, d, generator=gen).to(dtype)
+    o = torch.randn(b, hq, s, d, generator=gen)
+    m = torch.randn(b, hq, s, generator=gen) + 4
+    l_ = torch.rand(b, hq, s, generator=gen) + 0.5
+    wk = torch.randn(b, kvh, w, d, generator=gen)
+    wk[..., 3] *= 10
+    wv = torch.randn(b, kvh, w, d, generator=gen)
+    valid = torch.rand(b, w, generator=gen) > 0.2
+    valid[1, 64:128] = False
+    args = [t.to(DEVICE) for t in (q, o, m, l_)]
+    win = [t.to(dtype).to(DEVICE) for t in (wk, wv)] + [valid.to(DEVICE)]
+    got = merge_with_window(*args, d ** -0.5, *win)
+    want = merge_window_reference(*args, d ** -0.5, *win)
+    assert rel(got, want) < (2e-3 if dtype == torch.float16 else 1.5e-2)
+
+
 def test_unsupported_layouts_are_refused():
     cfg = dq.DecoQuantConfig(method="decoquant", bits=4, scale_granularity="channel")
     c = dq.compress(torch.randn(1, 2, 32, 64), cfg, "key")

@@ -4,9 +4,11 @@
 
 For each shape: random fp16 K/V with outlier channels are compressed block by block (`--preset`, default the paper's),
 the fused kernel reads the packed blocks, and torch's scaled_dot_product_attention reads the fp16
-K/V that the blocks decode to (so both attend over the same values). A row reports a speedup only
-if the kernel matches SDPA (relative error < 1e-2). Bandwidth = bytes read + written / time, next
-to a device-to-device copy measured in the same run.
+K/V that the blocks decode to (so both attend over the same values). With `--window W`, both also attend W more
+fp16 tokens after the blocks, as a decode step attends a cache's exact sinks and recent tokens (a static store
+holds ~260 at its full capacity with the default preset, 4 sinks + 128 + 127 + the new one).
+A row reports a speedup only if the kernel matches SDPA (relative error < 1e-2). Bandwidth = bytes read +
+written / time, next to a device-to-device copy measured in the same run.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def graph_replay(fn):
 
 
 def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, device, peak_bw, preset="paper",
-             cuda_graph=False, paged=False, value_bits=None, **kernel_options):
+             cuda_graph=False, paged=False, value_bits=None, window=0, **kernel_options):
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -117,9 +119,15 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     q = torch.randn(batch, q_heads, head_dim, device=device, dtype=torch.float16)
     scale = head_dim ** -0.5
     k16, v16 = dequantize_fp16(k), dequantize_fp16(v)
+    wk = torch.randn(batch, kv_heads, window, head_dim, device=device, dtype=torch.float16)
+    wk[..., 5] *= 20
+    wv = torch.randn_like(wk)
+    if window:  # fp16 SDPA reads one cache of blocks + window, as a static fp16 cache holds it
+        k16, v16 = torch.cat([k16, wk], 2), torch.cat([v16, wv], 2)
     sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k16, v16, scale=scale,  # noqa: E731
                                                   enable_gqa=q_heads != kv_heads)
-    fused = lambda: decode_attention(q, k, v, scale, backend="triton", **kernel_options)  # noqa: E731
+    win = dict(window_k=wk, window_v=wv) if window else {}
+    fused = lambda: decode_attention(q, k, v, scale, backend="triton", **win, **kernel_options)  # noqa: E731
     ref = sdpa()[:, :, 0].float()
     out = fused()
     err = float((out - ref).norm() / ref.norm())
@@ -128,7 +136,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     if paged:  # the same blocks as pages, read through a block table by the same kernel
         kp, vp, table = to_pages(k, v, preset, device, seed=tokens)
         paged_fn = lambda: decode_attention(q, kp, vp, scale, block_table=table, backend="triton",  # noqa: E731
-                                            **kernel_options)
+                                            **win, **kernel_options)
         paged_err = float((paged_fn() - ref).norm() / ref.norm())
         ok = ok and paged_err < 1e-2
         extra = dict(paged_rel_error=paged_err)
@@ -140,7 +148,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
     t_fused = do_bench(fused, warmup=25, rep=100, return_mode="median")
     io = q.numel() * 2 + batch * q_heads * head_dim * 2
     bytes_fp16 = k16.numel() * 2 * 2 + io
-    bytes_fused = k.nbytes + v.nbytes + io  # the paged kernel reads the same bytes
+    bytes_fused = k.nbytes + v.nbytes + wk.numel() * 2 * 2 + io  # the paged kernel reads the same bytes
     if paged:
         t_paged = do_bench(paged_fn, warmup=25, rep=100, return_mode="median")
         extra.update(paged_ms=t_paged, paged_speedup=(t_sdpa / t_paged) if ok else None,
@@ -151,7 +159,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                            kernel_options.get("kernel", "auto"))
     ceiling = bytes_fp16 / bytes_fused  # the bandwidth ceiling of the speedup: 16 / b_eff
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
-               value_bits=v.bits,
+               value_bits=v.bits, window=window,
                block_size=block_size, kernel=kernel, cuda_graph=cuda_graph, rel_error=err, correct=ok,
                sdpa_ms=t_sdpa, fused_ms=t_fused,
                speedup=(t_sdpa / t_fused) if ok else None,
@@ -220,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--paged", action="store_true",
                    help="also time the same blocks laid out as a paged engine's pages (shuffled), read through a "
                         "block table")
+    p.add_argument("--window", type=int, default=0,
+                   help="fp16 tokens after the blocks that both attend (a cache's sinks and recent tokens)")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
     p.add_argument("--dequantize", action="store_true",
                    help="benchmark the dequantize kernel (packed keys -> fp16) against the torch reference instead")
@@ -228,7 +238,8 @@ def main(argv=None) -> int:
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     peak = copy_bandwidth(device)
-    print(f"# {torch.cuda.get_device_name()}  copy bandwidth (read+write) {peak / 1e12:.2f} TB/s")
+    print(f"# {torch.cuda.get_device_name()}  copy bandwidth (read+write) {peak / 1e12:.2f} TB/s"
+          + (f"  window {args.window} fp16 tokens" if args.window else ""))
     if args.dequantize:
         print("| batch | kv heads | context | bits | torch ms | triton ms | speedup | triton % copy | rel err |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -252,7 +263,7 @@ def main(argv=None) -> int:
         r = run_case(batch, kvh, args.q_heads, ctx, args.head_dim, bits, args.block_size, device, peak,
                      value_bits=vbits, preset=args.preset, cuda_graph=args.cuda_graph, tile=args.tile,
                      num_warps=args.num_warps, num_stages=args.num_stages,
-                     low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged)
+                     low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged, window=args.window)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
         pc = f"{r['pct_ceiling']:.0f}%" if r["correct"] else "-"

@@ -1,9 +1,12 @@
-"""The last step of a fused decode call: exact attention over the fp16 window (sinks + recent tokens)
-merged with the split-K partials of the compressed blocks, one program per (sequence, query head).
+"""The last steps of a fused decode call: exact attention over the fp16 window (sinks + recent tokens), then the
+softmax merge of its partials with the split-K partials of the compressed blocks.
 
-One launch instead of ~17 small torch ops (window scores, mask, softmax, value sum, three `cat`s and
-the merge): at one decode step per layer those launches, not their work, were the cost on the host.
-The pure-torch reference is `reference.merge_window_reference`.
+The window is cut into chunks of WT tokens, one program per (chunk, kv head, query rows): the query rows of a
+kv head share each chunk's loads and its two tensor-core dots, and the chunks run side by side instead of one
+after the other (a static store's window is held at its full capacity, ~260 tokens: 9 dependent 32-token
+steps per query head took most of the old single kernel's time at batch 1). The merge then reads both sets of
+partials, one program per (sequence, query head). Two launches instead of ~17 small torch ops (scores, mask,
+softmax, value sum, three `cat`s and the merge). The pure-torch reference is `reference.merge_window_reference`.
 """
 
 from __future__ import annotations
@@ -12,22 +15,63 @@ import torch
 import triton
 import triton.language as tl
 
+WINDOW_TILE = 64  # window tokens per program
+_MIN_WINDOW_SLOTS = 8  # the merge's window tile, at least: a window growing to 8 * 64 tokens never recompiles
 
-# the window length, the split count and the strides that follow the window's length change from step to
-# step: not specialized on (a recompile in the middle of a generation costs ~1 s)
-@triton.jit(do_not_specialize=["splits", "window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh",
-                               "stride_vb"])
-def _merge_window_kernel(
-    Q, O, M, L, WK, WV, VALID, OUT,
-    stride_qb, stride_qh, stride_qd,
-    stride_ob, stride_oh, stride_os,
-    stride_mb, stride_mh, stride_ms,
+
+# the window length and the strides that follow it change from step to step: not specialized on (a recompile
+# in the middle of a generation costs ~1 s)
+@triton.jit(do_not_specialize=["window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh", "stride_vb"])
+def _window_kernel(
+    Q, WK, WV, VALID, O, M, L,
+    stride_qb, stride_qh,
     stride_wkb, stride_wkh, stride_wkt,
     stride_wvb, stride_wvh, stride_wvt,
     stride_vb, stride_vt,
-    sm_scale, splits, window,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, WC: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_VALID: tl.constexpr,
+    sm_scale, window,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+    WT: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    RSPLIT: tl.constexpr = GROUP // ROWS
+    b = (pid // (KV_HEADS * RSPLIT)).to(tl.int64)
+    kvh = ((pid // RSPLIT) % KV_HEADS).to(tl.int64)
+    rows = tl.arange(0, RP)
+    row_ok = rows < ROWS
+    hq = kvh * GROUP + (pid % RSPLIT) * ROWS + rows
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None],
+                other=0.0).to(DOT)
+    t = chunk * WT + tl.arange(0, WT)
+    ok = t < window
+    if HAS_VALID:
+        ok &= tl.load(VALID + b * stride_vb + t * stride_vt, mask=ok, other=0) != 0
+    k = tl.load(WK + b * stride_wkb + kvh * stride_wkh + t[:, None] * stride_wkt + dims[None, :],
+                mask=ok[:, None], other=0.0).to(DOT)
+    v = tl.load(WV + b * stride_wvb + kvh * stride_wvh + t[:, None] * stride_wvt + dims[None, :],
+                mask=ok[:, None], other=0.0).to(DOT)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # fp32 [RP, WT]
+    scores = tl.where(ok[None, :], scores, float("-inf"))
+    m = tl.max(scores, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk with nothing attended: l = 0, o = 0
+    p = tl.exp(scores - m_safe[:, None])
+    o = tl.dot(p.to(DOT), v, input_precision="ieee")
+    at = (b * KV_HEADS * GROUP + hq) * tl.num_programs(1) + chunk  # o, m, l: [B, HQ, chunks(, D)] contiguous
+    tl.store(O + at[:, None] * D + dims[None, :], o, mask=row_ok[:, None])
+    tl.store(M + at, m, mask=row_ok)
+    tl.store(L + at, tl.sum(p, 1), mask=row_ok)
+
+
+# the split count and the window's chunk count change between calls: not specialized on
+@triton.jit(do_not_specialize=["splits", "chunks"])
+def _merge_kernel(
+    O, M, L, OW, MW, LW, OUT,
+    stride_ob, stride_oh, stride_os,
+    stride_mb, stride_mh, stride_ms,
+    stride_wb, stride_wh,
+    splits, chunks,
+    HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, W_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -39,37 +83,61 @@ def _merge_window_kernel(
     l_ = tl.load(L + b * stride_mb + h * stride_mh + s * stride_ms, mask=s_ok, other=0.0)
     o = tl.load(O + b * stride_ob + h * stride_oh + s[:, None] * stride_os + dims[None, :], mask=s_ok[:, None],
                 other=0.0)
-    # the window in chunks of WC tokens, online softmax (no recompiles as it grows, bounded registers)
-    m_w = tl.max(tl.full([1], float("-inf"), tl.float32), 0)
-    l_w = tl.sum(tl.zeros([1], tl.float32), 0)
-    o_w = tl.zeros([D], tl.float32)
-    if HAS_WINDOW:
-        kvh = h // GROUP
-        q = tl.load(Q + b * stride_qb + h * stride_qh + dims * stride_qd).to(tl.float32) * sm_scale
-        for t0 in range(0, window, WC):
-            t = t0 + tl.arange(0, WC)
-            ok = t < window
-            if HAS_VALID:
-                ok &= tl.load(VALID + b * stride_vb + t * stride_vt, mask=ok, other=0) != 0
-            k = tl.load(WK + b * stride_wkb + kvh * stride_wkh + t[:, None] * stride_wkt + dims[None, :],
-                        mask=ok[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
-            m_new = tl.maximum(m_w, tl.max(scores, 0))
-            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_w - m_s)
-            p = tl.exp(scores - m_s)
-            v = tl.load(WV + b * stride_wvb + kvh * stride_wvh + t[:, None] * stride_wvt + dims[None, :],
-                        mask=ok[:, None], other=0.0).to(tl.float32)
-            l_w = l_w * alpha + tl.sum(p, 0)
-            o_w = o_w * alpha + tl.sum(p[:, None] * v, 0)
-            m_w = m_new
-    m_all = tl.maximum(tl.max(m, 0), m_w)
+    m_all = tl.max(m, 0)
+    if HAS_WINDOW:  # the window's partials, [B, HQ, chunks(, D)] contiguous
+        c = tl.arange(0, W_PAD)
+        c_ok = c < chunks
+        w_at = b * stride_wb + h * stride_wh + c
+        m_w = tl.load(MW + w_at, mask=c_ok, other=float("-inf"))
+        l_w = tl.load(LW + w_at, mask=c_ok, other=0.0)
+        o_w = tl.load(OW + w_at[:, None] * D + dims[None, :], mask=c_ok[:, None], other=0.0)
+        m_all = tl.maximum(m_all, tl.max(m_w, 0))
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # nothing attended at all: 0 / 0, as the reference
     w = tl.exp(m - m_safe)
-    w_w = tl.exp(m_w - m_safe)
-    num = tl.sum(w[:, None] * o, 0) + w_w * o_w
-    den = tl.sum(w * l_, 0) + w_w * l_w
+    num = tl.sum(w[:, None] * o, 0)
+    den = tl.sum(w * l_, 0)
+    if HAS_WINDOW:
+        w_w = tl.exp(m_w - m_safe)
+        num += tl.sum(w_w[:, None] * o_w, 0)
+        den += tl.sum(w_w * l_w, 0)
     tl.store(OUT + pid.to(tl.int64) * D + dims, num / den)
+
+
+def _dot_dtype(q: torch.Tensor):
+    """The window dots' input type: the model's fp16 or bf16 on tensor cores (p is rounded to it, as flash
+    attention rounds it), else fp32 (IEEE; also bf16 under Triton's interpreter, whose bf16 dots are wrong)."""
+    if q.dtype == torch.float16 or q.dtype == torch.bfloat16 and q.is_cuda:
+        return tl.float16 if q.dtype == torch.float16 else tl.bfloat16
+    return tl.float32
+
+
+def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Tensor,
+                    window_valid: torch.Tensor | None, sm_scale: float):
+    """Exact attention of q [B, Hq, D] over window_k/v [B, KVH, W, D] (last dim contiguous; window_valid bool
+    [B, W] or None = all) in chunks of WINDOW_TILE tokens -> (o [B, Hq, C, D] unnormalised, m, l [B, Hq, C])
+    fp32, as the split partials of the blocks."""
+    b, hq, d = q.shape
+    kvh, w = window_k.shape[1], window_k.shape[2]
+    chunks = triton.cdiv(w, WINDOW_TILE)
+    group = hq // kvh
+    rows = min(group, 16)
+    o = torch.empty(b, hq, chunks, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, hq, chunks, device=q.device, dtype=torch.float32)
+    l_ = torch.empty_like(m)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    valid = window_valid
+    _window_kernel[(b * kvh * (group // rows), chunks)](
+        q, window_k, window_v, valid if valid is not None else m, o, m, l_,
+        q.stride(0), q.stride(1),
+        window_k.stride(0), window_k.stride(1), window_k.stride(2),
+        window_v.stride(0), window_v.stride(1), window_v.stride(2),
+        valid.stride(0) if valid is not None else 0, valid.stride(1) if valid is not None else 0,
+        sm_scale, w,
+        KV_HEADS=kvh, GROUP=group, ROWS=rows, RP=max(16, triton.next_power_of_2(rows)), D=d, WT=WINDOW_TILE,
+        HAS_VALID=valid is not None, DOT=_dot_dtype(q), num_warps=4,
+    )
+    return o, m, l_
 
 
 def merge_with_window(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torch.Tensor, sm_scale: float,
@@ -79,28 +147,25 @@ def merge_with_window(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torc
     strides) and exact attention of q [B, Hq, D] over window_k/v [B, KVH, W, D] (last dim contiguous;
     window_valid bool [B, W] or None = all) -> fp32 [B, Hq, D]."""
     b, hq, d = q.shape
-    splits = o.shape[2]
-    if window_k is not None and window_k.shape[2]:
-        w, kvh = window_k.shape[2], window_k.shape[1]
-        window_k = window_k if window_k.stride(-1) == 1 else window_k.contiguous()
-        window_v = window_v if window_v.stride(-1) == 1 else window_v.contiguous()
-    else:
-        w, kvh, window_k, window_v = 0, hq, o, o  # placeholders (never read)
     if o.stride(-1) != 1 or m.stride() != l.stride():
         raise ValueError("merge_with_window needs o with a contiguous last dim and m, l of one layout")
-    valid = window_valid if (window_valid is not None and w) else None
+    has_window = window_k is not None and window_k.shape[2] > 0
+    if has_window:
+        window_k = window_k if window_k.stride(-1) == 1 else window_k.contiguous()
+        window_v = window_v if window_v.stride(-1) == 1 else window_v.contiguous()
+        o_w, m_w, l_w = window_partials(q, window_k, window_v, window_valid, sm_scale)
+    else:
+        o_w, m_w, l_w = o, m, l  # placeholders (never read)
+    chunks = o_w.shape[2] if has_window else 0
+    splits = o.shape[2]
     out = torch.empty(b, hq, d, device=q.device, dtype=torch.float32)
-    vb, vt = (valid.stride(0), valid.stride(1)) if valid is not None else (0, 0)
-    _merge_window_kernel[(b * hq,)](
-        q, o, m, l, window_k, window_v, valid if valid is not None else m, out,
-        q.stride(0), q.stride(1), q.stride(2),
+    _merge_kernel[(b * hq,)](
+        o, m, l, o_w, m_w, l_w, out,
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
-        window_k.stride(0), window_k.stride(1), window_k.stride(2),
-        window_v.stride(0), window_v.stride(1), window_v.stride(2),
-        vb, vt,
-        sm_scale, splits, w,
-        HQ=hq, GROUP=hq // kvh, D=d, S_PAD=triton.next_power_of_2(splits), WC=32,
-        HAS_WINDOW=w > 0, HAS_VALID=valid is not None, num_warps=4,
+        m_w.stride(0), m_w.stride(1),
+        splits, chunks,
+        HQ=hq, D=d, S_PAD=triton.next_power_of_2(splits),
+        W_PAD=max(_MIN_WINDOW_SLOTS, triton.next_power_of_2(max(chunks, 1))), HAS_WINDOW=has_window, num_warps=4,
     )
     return out
