@@ -69,7 +69,6 @@ def _merge_kernel(
     O, M, L, OW, MW, LW, OUT,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh, stride_ms,
-    stride_wb, stride_wh,
     splits, chunks,
     HQ: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, W_PAD: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
@@ -87,7 +86,7 @@ def _merge_kernel(
     if HAS_WINDOW:  # the window's partials, [B, HQ, chunks(, D)] contiguous
         c = tl.arange(0, W_PAD)
         c_ok = c < chunks
-        w_at = b * stride_wb + h * stride_wh + c
+        w_at = (b * HQ + h) * chunks + c
         m_w = tl.load(MW + w_at, mask=c_ok, other=float("-inf"))
         l_w = tl.load(LW + w_at, mask=c_ok, other=0.0)
         o_w = tl.load(OW + w_at[:, None] * D + dims[None, :], mask=c_ok[:, None], other=0.0)
@@ -128,7 +127,7 @@ def window_partials(q: torch.Tensor, window_k: torch.Tensor, window_v: torch.Ten
         q = q.contiguous()
     valid = window_valid
     _window_kernel[(b * kvh * (group // rows), chunks)](
-        q, window_k, window_v, valid if valid is not None else m, o, m, l_,
+        q, window_k, window_v, m if valid is None else valid, o, m, l_,
         q.stride(0), q.stride(1),
         window_k.stride(0), window_k.stride(1), window_k.stride(2),
         window_v.stride(0), window_v.stride(1), window_v.stride(2),
@@ -163,7 +162,6 @@ def merge_with_window(q: torch.Tensor, o: torch.Tensor, m: torch.Tensor, l: torc
         o, m, l, o_w, m_w, l_w, out,
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1), m.stride(2),
-        m_w.stride(0), m_w.stride(1),
         splits, chunks,
         HQ=hq, D=d, S_PAD=triton.next_power_of_2(splits),
         W_PAD=max(_MIN_WINDOW_SLOTS, triton.next_power_of_2(max(chunks, 1))), HAS_WINDOW=has_window, num_warps=4,
