@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--dequantize", action="store_true",
                    help="benchmark the dequantize kernel (packed keys -> fp16) against the torch reference instead")
     args = p.parse_args(argv)
+    if args.window < 0:
+        p.error(f"--window must be >= 0 (fp16 tokens), got {args.window}")
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
