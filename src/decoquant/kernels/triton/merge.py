@@ -19,6 +19,32 @@ WINDOW_TILE = 64  # window tokens per program
 _MIN_WINDOW_SLOTS = 8  # the merge's window tile, at least: a window growing to 8 * 64 tokens never recompiles
 
 
+@triton.jit
+def _window_chunk(q, WK, WV, VALID, stride_wkt, stride_wvt, stride_vt, chunk, window, sm_scale, part,
+                  D: tl.constexpr, WT: tl.constexpr, PARTS: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr):
+    """Exact attention of the query rows q [R, D] (DOT) over window tokens chunk * WT ... + WT - 1 of one kv head
+    (WK, WV: its first token's row; VALID: its sequence's mask) -> (o [R, D] unnormalised, m, l [R]) fp32. With
+    PARTS > 1, row i attends only part[i] of the PARTS equal parts of the chunk (the decode kernel's stacked rows)."""
+    dims = tl.arange(0, D)
+    local = tl.arange(0, WT)
+    t = chunk * WT + local
+    ok = t < window
+    if HAS_VALID:
+        ok &= tl.load(VALID + t * stride_vt, mask=ok, other=0) != 0
+    k = tl.load(WK + t[:, None] * stride_wkt + dims[None, :], mask=ok[:, None], other=0.0).to(DOT)
+    v = tl.load(WV + t[:, None] * stride_wvt + dims[None, :], mask=ok[:, None], other=0.0).to(DOT)
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # fp32 [R, WT]
+    mine = ok[None, :]
+    if PARTS > 1:
+        mine = mine & (local[None, :] // (WT // PARTS) == part[:, None])
+    scores = tl.where(mine, scores, float("-inf"))
+    m = tl.max(scores, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk with nothing attended: l = 0, o = 0
+    p = tl.exp(scores - m_safe[:, None])
+    o = tl.dot(p.to(DOT), v, input_precision="ieee")
+    return o, m, tl.sum(p, 1)
+
+
 # the window length and the strides that follow it change from step to step: not specialized on (a recompile
 # in the middle of a generation costs ~1 s)
 @triton.jit(do_not_specialize=["window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh", "stride_vb"])
@@ -43,24 +69,13 @@ def _window_kernel(
     dims = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + hq[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None],
                 other=0.0).to(DOT)
-    t = chunk * WT + tl.arange(0, WT)
-    ok = t < window
-    if HAS_VALID:
-        ok &= tl.load(VALID + b * stride_vb + t * stride_vt, mask=ok, other=0) != 0
-    k = tl.load(WK + b * stride_wkb + kvh * stride_wkh + t[:, None] * stride_wkt + dims[None, :],
-                mask=ok[:, None], other=0.0).to(DOT)
-    v = tl.load(WV + b * stride_wvb + kvh * stride_wvh + t[:, None] * stride_wvt + dims[None, :],
-                mask=ok[:, None], other=0.0).to(DOT)
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # fp32 [RP, WT]
-    scores = tl.where(ok[None, :], scores, float("-inf"))
-    m = tl.max(scores, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # a chunk with nothing attended: l = 0, o = 0
-    p = tl.exp(scores - m_safe[:, None])
-    o = tl.dot(p.to(DOT), v, input_precision="ieee")
+    o, m, l_ = _window_chunk(q, WK + b * stride_wkb + kvh * stride_wkh, WV + b * stride_wvb + kvh * stride_wvh,
+                             VALID + b * stride_vb, stride_wkt, stride_wvt, stride_vt, chunk, window, sm_scale, rows,
+                             D, WT, 1, HAS_VALID, DOT)
     at = (b * KV_HEADS * GROUP + hq) * tl.num_programs(1) + chunk  # o, m, l: [B, HQ, chunks(, D)] contiguous
     tl.store(O + at[:, None] * D + dims[None, :], o, mask=row_ok[:, None])
     tl.store(M + at, m, mask=row_ok)
-    tl.store(L + at, tl.sum(p, 1), mask=row_ok)
+    tl.store(L + at, l_, mask=row_ok)
 
 
 # the split count and the window's chunk count change between calls: not specialized on
