@@ -181,6 +181,13 @@ def test_rows_kernel_refuses_what_it_cannot_read():
         decode_attention(torch.randn(1, 2, 64).to(DEVICE), k, v, 1.0, backend="triton", kernel="wgmma")
     k8, v8 = packed(1, 2, 32, 32, 8, 16, seed=0)
     assert choose_kernel(2, k8, v8) == "mma"  # 8-bit codes: the tensor-core kernel
+    from decoquant.kernels.triton.decode_attention import decode_blocks_partials
+
+    window = torch.zeros(1, 2, 3, 64).to(DEVICE)
+    lengths = torch.tensor([0], dtype=torch.int32, device=DEVICE), torch.tensor([64], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="merge_with_window"):  # the rows kernel attends no window in its launch
+        decode_blocks_partials(torch.randn(1, 2, 64).to(DEVICE), k, v, 1.0, *lengths, kernel="rows", window_k=window,
+                               window_v=window)
 
 
 @triton.jit

@@ -4,7 +4,8 @@ with the blocks' split partials. On a CPU through Triton's interpreter; on a GPU
 import pytest
 import torch
 
-from kernel_cases import DEVICE, rel
+from decoquant.kernels.attention import decode_attention
+from kernel_cases import DEVICE, packed, rel, tolerance
 
 pytest.importorskip("triton")
 
@@ -69,3 +70,35 @@ def test_merge_window_chunks_in_model_dtype(hq, kvh, dtype):
     got = merge_with_window(*args, d ** -0.5, *win)
     want = merge_window_reference(*args, d ** -0.5, *win)
     assert rel(got, want) < (2e-3 if dtype == torch.float16 else 1.5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("window", [3, 130])
+@pytest.mark.parametrize("preset", ["paper", "channel64-token"])
+@pytest.mark.parametrize("group", [1, 4, 32], ids=["mha", "gqa4", "mqa"])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_window_in_the_blocks_launch(group, preset, window, dtype):
+    """`fuse_window`: the tensor-core kernel's programs past the block splits attend the window, one chunk each
+    (channel64-token at GQA-4 and MQA: two stacked row groups, each over half a chunk; MQA at 2 bits: query rows
+    split over two programs), and the merge reads one set of partials. Ragged lengths, left padding, a validity
+    mask that empties one sequence's second chunk: the same result as the window's own launch (fp32: to rounding
+    of the merge order), and the reference's within the kernels' tolerance."""
+    kvh = 1 if group == 32 else 2
+    bits = 2 if group == 32 else 4
+    k, v = packed(2, kvh, 256, 64, bits, 128, seed=group + window, preset=preset)
+    gen = torch.Generator().manual_seed(window)
+    q = torch.randn(2, kvh * group, 64, generator=gen).to(dtype).to(DEVICE)
+    wk, wv = (torch.randn(2, kvh, window, 64, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    valid = torch.rand(2, window, generator=gen) > 0.3
+    valid[1, 64:128] = False
+    args = (q, k, v, 0.125, torch.tensor([3, 0], device=DEVICE), torch.tensor([256 - 9, 131], device=DEVICE), wk, wv,
+            valid.to(DEVICE))
+    ref = decode_attention(*args, backend="torch")
+    for low_precision in (True, False):
+        own = decode_attention(*args, backend="triton", kernel="mma", low_precision=low_precision)
+        got = decode_attention(*args, backend="triton", kernel="mma", low_precision=low_precision, fuse_window=True)
+        assert got.shape == ref.shape and torch.isfinite(got).all()
+        # fp16 windows: the probabilities are rounded against a stacked row's own half-chunk maximum
+        assert rel(got, own) < (1e-5 if dtype == torch.float32 else 1e-4)
+        assert rel(got, ref) < tolerance(low_precision) * (3 if low_precision else 1) + (
+            0 if dtype == torch.float32 else 2e-3)

@@ -41,6 +41,31 @@ def test_fused_decode_matches_reference_at_real_shapes(layout, bits, value_bits,
     assert rel(out, ref) < 1e-2  # fp16 tensor-core dots round the transformed query and p * s_v
 
 
+@pytest.mark.parametrize("preset", ["paper", "channel64-token"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"q{q}kv{k}" for q, k in LAYOUTS])
+@pytest.mark.usefixtures("poisoned_outputs")
+def test_window_in_the_blocks_launch_at_real_shapes(layout, bits, preset):
+    """`fuse_window`: a static store's full window (260 tokens: 5 chunks, the last one partly filled) attended by
+    the tensor-core kernel's own programs, fp16 as a model passes it, against the reference and the window's own
+    launch."""
+    hq, kvh = layout
+    batch, d, w = 3, 128, 260
+    k, v = packed(batch, kvh, TOKENS, d, bits, 128, seed=hq + kvh, preset=preset)
+    gen = torch.Generator().manual_seed(hq)
+    q = torch.randn(batch, hq, d, generator=gen).half().cuda()
+    lengths = torch.tensor([0, 77, 0], device="cuda"), torch.tensor([TOKENS, TOKENS - 5, 1000], device="cuda")
+    wk, wv = (torch.randn(batch, kvh, w, d, generator=gen).half().cuda() for _ in range(2))
+    valid = torch.ones(batch, w, dtype=torch.bool, device="cuda")
+    valid[1, 64:200] = False
+    args = (q, k, v, d ** -0.5, *lengths, wk, wv, valid)
+    ref = decode_attention(*args, backend="torch")
+    own = decode_attention(*args, backend="triton", kernel="mma")
+    got = decode_attention(*args, backend="triton", kernel="mma", fuse_window=True)
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert rel(got, ref) < 1e-2 and rel(got, own) < 1e-3
+
+
 @pytest.mark.parametrize("layout", [(32, 8), (28, 4)], ids=["q32kv8", "q28kv4"])
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_fused_decode_skips_exact_blocks_at_real_shapes(layout):

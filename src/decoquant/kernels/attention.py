@@ -25,7 +25,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                      window_valid: torch.Tensor | None = None, exact: ExactBlocks | None = None,
                      skip: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-                     backend: str = "auto", **kernel_options) -> torch.Tensor:
+                     backend: str = "auto", fuse_window: bool = False, **kernel_options) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
@@ -34,6 +34,9 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     blocks not attended, whose tokens the caller puts in the window itself (not with `exact`). block_table int32
     [B, NB]: k/v are paged blocks, one per page (`layout`), and block n of row b is page block_table[b, n]. backend:
     "triton" (the fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
+    fuse_window: the tensor-core kernel also attends the window, in the blocks' launch (programs past the block
+    splits), and the merge reads one set of partials: one launch fewer; off by default until it is measured on a
+    GPU (the rows kernel always attends the window in a launch of its own).
     """
     if exact is not None and skip is not None:
         raise ValueError("pass exact (ExactBlocks, which carry their own skip) or skip, not both")
@@ -46,7 +49,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
             k, v = gather_pages(k, block_table), gather_pages(v, block_table)
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid,
                                           skip)
-    from .triton.decode_attention import decode_blocks_partials
+    from .triton.decode_attention import choose_kernel, decode_blocks_partials
     from .triton.merge import merge_with_window
 
     b = q.shape[0]
@@ -55,10 +58,14 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
         start, length = _whole_cache(b, tokens, q.device)
         kv_start = start if kv_start is None else kv_start
         kv_len = length if kv_len is None else kv_len
+    window = dict(window_k=window_k, window_v=window_v, window_valid=window_valid)
+    in_launch = fuse_window and window_k is not None and choose_kernel(
+        q.shape[1], k, v, kernel_options.get("low_precision", True), kernel_options.get("kernel", "auto")) == "mma"
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
                                       skip=skip, block_table=None if block_table is None
-                                      else block_table.to(torch.int32), **kernel_options)
-    return merge_with_window(q, o, m, l_, sm_scale, window_k, window_v, window_valid)
+                                      else block_table.to(torch.int32), **(window if in_launch else {}),
+                                      **kernel_options)
+    return merge_with_window(q, o, m, l_, sm_scale, **({} if in_launch else window))
 
 
 def _join_exact(exact: ExactBlocks, block_size: int, kv_start, kv_len, window_k, window_v, window_valid):

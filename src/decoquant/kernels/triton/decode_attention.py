@@ -30,11 +30,14 @@ from ...format import FUSED_BITS
 from ..layout import PackedKV
 from .codes import (_code_planes, _load3, _pair_planes, _planes, _three_planes, _unplanes, convert_asm, pair_asm,
                     three_asm)
+from .merge import WINDOW_TILE, _dot_dtype, _window_chunk
 
 
-@triton.jit
+# the block splits, the window's length and its strides change between calls: not specialized on
+@triton.jit(do_not_specialize=["block_splits", "window", "stride_wkb", "stride_wkh", "stride_wvb", "stride_wvh",
+                               "stride_wlb"])
 def _decode_blocks_kernel(
-    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, SKIP, BT, O, M, L,
+    Q, KC, KS, KZ, KT, VC, VS, VZ, VT, START, LEN, SKIP, BT, O, M, L, WK, WV, WL,
     stride_skb, stride_btb,
     stride_qb, stride_qh, stride_qd,
     stride_kcb, stride_kch, stride_kct,
@@ -45,7 +48,8 @@ def _decode_blocks_kernel(
     stride_vtb, stride_vth, stride_vtn,
     stride_ob, stride_oh, stride_os,
     stride_mb, stride_mh,
-    sm_scale,
+    stride_wkb, stride_wkh, stride_wkt, stride_wvb, stride_wvh, stride_wvt, stride_wlb, stride_wlt,
+    sm_scale, block_splits, window,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
     G: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, KQMAX: tl.constexpr, VQMAX: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -53,6 +57,7 @@ def _decode_blocks_kernel(
     KEY_CHANNEL: tl.constexpr, K_ASYM: tl.constexpr, V_ASYM: tl.constexpr,
     USE_ASM: tl.constexpr, KCONV: tl.constexpr, VCONV: tl.constexpr, HAS_SKIP: tl.constexpr,
     VPAIR: tl.constexpr, STACK: tl.constexpr, PAGED: tl.constexpr,
+    WINDOW: tl.constexpr, WT: tl.constexpr, HAS_WL: tl.constexpr, WDOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,8 +80,8 @@ def _decode_blocks_kernel(
     cols = tl.arange(0, D * KBITS // 8 if KBITS != 3 else 1)  # KC's bytes per token row
     vcols = tl.arange(0, D * VBITS // (16 if VPAIR else 8) if VBITS != 3 else 1)  # VC's int16 words or bytes
     gi = tl.arange(0, G)
-    q = tl.load(Q + b * stride_qb + (q_first + rows % ROWS)[:, None] * stride_qh + dims[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
+    q_at = Q + b * stride_qb + (q_first + rows % ROWS)[:, None] * stride_qh + dims[None, :] * stride_qd
+    q = tl.load(q_at, mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale  # [GP, D]
     start = tl.load(START + b)
     length = tl.load(LEN + b)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -85,8 +90,8 @@ def _decode_blocks_kernel(
     # this split's blocks, from the sequence's own length (see decode_rows.py); no host-side count, so nothing
     # here changes as the cache grows (a specialization on it recompiled the kernel mid-generation)
     blocks = (length + BLOCK - 1) // BLOCK
-    per_split = (blocks + tl.num_programs(1) - 1) // tl.num_programs(1)
-    first = split * per_split
+    per_split = (blocks + block_splits - 1) // block_splits
+    first = split * per_split  # past the blocks for the window's programs (split >= block_splits): none
     for blk in tl.range(first, tl.minimum(first + per_split, blocks), num_stages=NUM_STAGES):
         t0 = blk * BLOCK
         # where the block lies: (row, its first token there, its block index there); paged: the block table's
@@ -195,6 +200,14 @@ def _decode_blocks_kernel(
         if V_ASYM:
             acc_code += zacc[:, None]
         acc += tl.reshape(tl.dot(tl.reshape(acc_code, [GROUP_PAD * (D // G), G]), ts_v), [GROUP_PAD, D])
+    if WINDOW:  # programs past the block splits: one chunk of WT window tokens each (merge._window_chunk), the
+        # stacked rows each over their own part of it
+        if split >= block_splits:
+            wq = tl.load(q_at, mask=row_ok[:, None], other=0.0).to(WDOT)
+            acc, m_i, l_i = _window_chunk(wq, WK + b * stride_wkb + h * stride_wkh,
+                                          WV + b * stride_wvb + h * stride_wvh, WL + b * stride_wlb, stride_wkt,
+                                          stride_wvt, stride_wlt, split - block_splits, window, sm_scale, row_group,
+                                          D, WT, STACK, HAS_WL, WDOT)
     # row i -> query i % ROWS, split row_group * splits + split (the merge combines a query's stacked rows as
     # it combines splits)
     hq = q_first + rows % ROWS
@@ -299,7 +312,8 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
                            kv_start: torch.Tensor, kv_len: torch.Tensor, num_splits: int | None = None,
                            tile: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                            low_precision: bool = True, kernel: str = "auto", skip: torch.Tensor | None = None,
-                           block_table: torch.Tensor | None = None):
+                           block_table: torch.Tensor | None = None, window_k: torch.Tensor | None = None,
+                           window_v: torch.Tensor | None = None, window_valid: torch.Tensor | None = None):
     """Partial attention of q [B, Hq, D] over the compressed tokens of k/v.
 
     block_table: int32 [B, NB] or None; paged blocks (`layout`: k/v hold one block per page): block n of row b is
@@ -314,6 +328,9 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     num_warps / num_stages: default 4 / 3 (mma), 1 / 1 (rows).
     kernel: "mma" (tensor cores, this file), "rows" (one query row per kv head, integer dp2a CUDA-core math,
     decode_rows.py) or "auto" (rows where it applies: MHA, 2/4 bits, low_precision).
+    window_k/v [B, KVH, W, D] (last dim contiguous), window_valid bool [B, W] or None (= all): the exact window,
+    attended in the same launch by programs past the block splits, one per WINDOW_TILE tokens (mma kernel only;
+    `merge.merge_with_window` attends it in a launch of its own).
     Returns (o [B, Hq, S, D] fp32 unnormalised, m [B, Hq, S], l [B, Hq, S]) for S splits.
     """
     from .decode_rows import decode_rows_partials
@@ -326,7 +343,10 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         raise ValueError(f"paged blocks are one block per page ([pages, heads, {k.block_size}, ...]) and "
                          f"block_table is [{b}, blocks]; got {tuple(k.codes.shape)} and {tuple(block_table.shape)}")
     n_blocks = k.tokens // k.block_size if block_table is None else block_table.shape[1]
+    has_window = window_k is not None and window_k.shape[2] > 0
     if choose_kernel(hq, k, v, low_precision, kernel) == "rows":
+        if has_window:
+            raise ValueError("the rows kernel attends no window in its launch; merge it with merge_with_window")
         # one-warp programs; 16 per SM's worth of splits (H100, batch 8 x 32 heads x 32k: 8 to 32 splits
         # within 3% of each other, 4 splits 30% slower)
         splits = num_splits or _num_splits(b * kvh, n_blocks, q.device, per_sm=16)
@@ -351,8 +371,12 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
             raise ValueError("3-bit codes must start every token row at an even byte offset (even strides and "
                              f"storage offset), got strides {p.codes.stride()}, offset {p.codes.storage_offset()}")
     splits = num_splits or _num_splits(b * hq // rows, n_blocks, q.device, per_sm=2, round_up=False)
-    o = torch.empty(b, hq, stack * splits, d, device=q.device, dtype=torch.float32)
-    m = torch.empty(b, hq, stack * splits, device=q.device, dtype=torch.float32)
+    if has_window:
+        window_k = window_k if window_k.stride(-1) == 1 else window_k.contiguous()
+        window_v = window_v if window_v.stride(-1) == 1 else window_v.contiguous()
+    programs = splits + (triton.cdiv(window_k.shape[2], WINDOW_TILE) if has_window else 0)
+    o = torch.empty(b, hq, stack * programs, d, device=q.device, dtype=torch.float32)
+    m = torch.empty(b, hq, stack * programs, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     kt, vt = k.ts, v.ts
     for p in (k, v):
@@ -369,9 +393,11 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
     vc = vc if vpair else v.codes
     vconv = _conversion(v, use_asm, pair=vpair)
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731  (scales shared by heads)
-    _decode_blocks_kernel[(b * hq // rows, splits)](
+    wk, wv = (window_k, window_v) if has_window else (o, o)  # placeholders without a window (never read)
+    wl = window_valid if has_window and window_valid is not None else kv_len
+    _decode_blocks_kernel[(b * hq // rows, programs)](
         q, k.codes, k.scales, kz, kt, vc, v.scales, vz, vt, kv_start, kv_len,
-        kv_len if skip is None else skip, kv_len if block_table is None else block_table, o, m, l_,
+        kv_len if skip is None else skip, kv_len if block_table is None else block_table, o, m, l_, wk, wv, wl,
         0 if skip is None else skip.stride(0), 0 if block_table is None else block_table.stride(0),
         q.stride(0), q.stride(1), q.stride(2),
         k.codes.stride(0), k.codes.stride(1), k.codes.stride(2),
@@ -382,12 +408,15 @@ def decode_blocks_partials(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: 
         vt.stride(0), head_stride(vt), vt.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
-        sm_scale,
+        wk.stride(0), wk.stride(1), wk.stride(2), wv.stride(0), wv.stride(1), wv.stride(2),
+        wl.stride(0) if wl.dim() == 2 else 0, wl.stride(1) if wl.dim() == 2 else 0,
+        sm_scale, splits, window_k.shape[2] if has_window else 0,
         KV_HEADS=kvh, GROUP=group, ROWS=rows, GROUP_PAD=group_pad, D=d,
         G=k.group_size, KBITS=k.bits, VBITS=v.bits, KQMAX=k.qmax, VQMAX=v.qmax, BLOCK=k.block_size, TILE=tile,
         LOW_PRECISION=low_precision, NUM_STAGES=num_stages,
         KEY_CHANNEL=bool(k.channel_group), K_ASYM=k.zeros is not None, V_ASYM=v.zeros is not None,
         USE_ASM=use_asm, KCONV=_conversion(k, use_asm), VCONV=vconv,
-        HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, PAGED=block_table is not None, num_warps=num_warps,
+        HAS_SKIP=skip is not None, VPAIR=vpair, STACK=stack, PAGED=block_table is not None,
+        WINDOW=has_window, WT=WINDOW_TILE, HAS_WL=wl.dim() == 2, WDOT=_dot_dtype(q), num_warps=num_warps,
     )
     return o, m, l_
