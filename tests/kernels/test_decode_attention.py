@@ -170,7 +170,7 @@ def test_kernels_read_only_the_filled_part_of_a_capacity_view(kernel, q_heads, p
 
 
 def test_rows_kernel_refuses_what_it_cannot_read():
-    from decoquant.kernels.triton.decode_attention import choose_kernel
+    from decoquant.kernels.triton.launch import choose_kernel
 
     k, v = packed(1, 2, 64, 64, 4, 32, seed=0)
     assert choose_kernel(2, k, v) == "rows" and choose_kernel(4, k, v) == "mma"  # GQA goes to the tensor cores

@@ -22,7 +22,7 @@ WIDTHS = [(2, 2), (3, 3), (4, 4), (8, 8), (3, 2), (2, 3), (4, 2)]
 @pytest.mark.parametrize("group", GROUPS, ids=[f"group{g}" for g in GROUPS])
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_mma_kernel_matches_reference_for_every_group_and_format(group, bits, value_bits, preset):
-    from decoquant.kernels.triton.decode_attention import _tile
+    from decoquant.kernels.triton.launch import _tile
 
     kvh = 2 if group < 16 else 1
     k, v = packed(2, kvh, 256, 64, bits, 128, seed=group + bits, preset=preset, value_bits=value_bits)
@@ -48,7 +48,7 @@ def test_mma_kernel_matches_reference_for_every_group_and_format(group, bits, va
 def test_value_words_view_only_where_the_bytes_pair_up():
     """Values are read as int16 words only through an exact view of the same bytes; odd rows, strides or offsets
     keep the byte path (None)."""
-    from decoquant.kernels.triton.decode_attention import _value_words
+    from decoquant.kernels.triton.launch import _value_words
 
     codes = torch.randint(0, 256, (2, 3, 8, 64), dtype=torch.uint8)
     words = _value_words(codes)
@@ -59,7 +59,7 @@ def test_value_words_view_only_where_the_bytes_pair_up():
 
 
 def test_tile_stacks_scale_groups_and_splits_rows_to_fit_one_tile():
-    from decoquant.kernels.triton.decode_attention import _tile
+    from decoquant.kernels.triton.launch import _tile
 
     k, _ = packed(1, 1, 128, 64, 4, 128, seed=0, preset="channel64-token")
     assert _tile(k, None, 4) == (128, 2, 4) and _tile(k, None, 8) == (128, 2, 8) and _tile(k, None, 7) == (128, 2, 7)
@@ -78,7 +78,7 @@ def test_tile_stacks_scale_groups_and_splits_rows_to_fit_one_tile():
 
 
 def test_rows_split_only_where_split_k_cannot_fill_the_gpu():
-    from decoquant.kernels.triton.decode_attention import _sms, _starved
+    from decoquant.kernels.triton.launch import _sms, _starved
 
     sms = _sms(torch.device(DEVICE))
     assert _starved(1, 4 * sms - 1, torch.device(DEVICE)) and not _starved(1, 4 * sms, torch.device(DEVICE))

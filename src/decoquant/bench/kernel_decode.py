@@ -153,7 +153,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
         t_paged = do_bench(paged_fn, warmup=25, rep=100, return_mode="median")
         extra.update(paged_ms=t_paged, paged_speedup=(t_sdpa / t_paged) if ok else None,
                      paged_pct_copy=100 * bytes_fused / (t_paged * 1e-3) / peak_bw)
-    from decoquant.kernels.triton.decode_attention import choose_kernel
+    from decoquant.kernels.triton.launch import choose_kernel
 
     kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
                            kernel_options.get("kernel", "auto"))

@@ -49,7 +49,8 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
             k, v = gather_pages(k, block_table), gather_pages(v, block_table)
         return decode_attention_reference(q, k, v, sm_scale, kv_start, kv_len, window_k, window_v, window_valid,
                                           skip)
-    from .triton.decode_attention import choose_kernel, decode_blocks_partials
+    from .triton.decode_attention import decode_blocks_partials
+    from .triton.launch import choose_kernel
     from .triton.merge import merge_with_window
 
     b = q.shape[0]
