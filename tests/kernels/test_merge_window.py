@@ -79,8 +79,8 @@ def test_merge_window_chunks_in_model_dtype(hq, kvh, dtype):
 @pytest.mark.usefixtures("poisoned_outputs")
 def test_window_in_the_blocks_launch(group, preset, window, dtype):
     """`fuse_window`: the tensor-core kernel's programs past the block splits attend the window, one chunk each
-    (channel64-token at GQA-4 and MQA: two stacked row groups, each over half a chunk; MQA at 2 bits: query rows
-    split over two programs), and the merge reads one set of partials. Ragged lengths, left padding, a validity
+    (channel64-token: two stacked row groups, each over half a chunk; MQA at 2 bits: its 32 query rows split over
+    four programs), and the merge reads one set of partials. Ragged lengths, left padding, a validity
     mask that empties one sequence's second chunk: the same result as the window's own launch (fp32: to rounding
     of the merge order), and the reference's within the kernels' tolerance."""
     kvh = 1 if group == 32 else 2
