@@ -89,7 +89,7 @@ def test_split_count_is_a_power_of_two_near_the_programs_per_sm_asked_for(monkey
     """The tensor-core kernel's splits: 2 programs per SM rounded down (132 SMs: 4 programs x 64 splits at batch
     1 x 32k, not 256 splits of one block, whose 512 partials per query head the merge spilled), never more
     splits than blocks, at least one; the rows kernel's: 16 per SM rounded up."""
-    from decoquant.kernels.triton import decode_attention as da
+    from decoquant.kernels.triton import launch as da
 
     monkeypatch.setattr(da, "_sms", lambda device: 132)
     cpu = torch.device("cpu")
