@@ -157,7 +157,7 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
 
     kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
                            kernel_options.get("kernel", "auto"))
-    if kernel == "mma" and window and kernel_options.get("fuse_window"):
+    if kernel == "mma" and window and kernel_options.get("fuse_window", True):
         kernel = "mma+window"  # the window's chunks in the blocks' launch
     ceiling = bytes_fp16 / bytes_fused  # the bandwidth ceiling of the speedup: 16 / b_eff
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
@@ -232,9 +232,9 @@ def main(argv=None) -> int:
                         "block table")
     p.add_argument("--window", type=int, default=0,
                    help="fp16 tokens after the blocks that both attend (a cache's sinks and recent tokens)")
-    p.add_argument("--fuse-window", action="store_true",
-                   help="with --window: the tensor-core kernel attends the window in the blocks' launch (the "
-                        "kernel column reads mma+window), not in a launch of its own")
+    p.add_argument("--own-window-launch", action="store_true",
+                   help="with --window: the tensor-core kernel's window in a launch of its own (kernel column mma), "
+                        "not in the blocks' launch (the default, mma+window)")
     p.add_argument("--max-fp16-gb", type=float, default=40.0, help="skip shapes whose fp16 K+V exceed this")
     p.add_argument("--dequantize", action="store_true",
                    help="benchmark the dequantize kernel (packed keys -> fp16) against the torch reference instead")
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                      value_bits=vbits, preset=args.preset, cuda_graph=args.cuda_graph, tile=args.tile,
                      num_warps=args.num_warps, num_stages=args.num_stages,
                      low_precision=not args.fp32_dots, kernel=args.kernel, paged=args.paged, window=args.window,
-                     fuse_window=args.fuse_window)
+                     fuse_window=not args.own_window_launch)
         rows.append(r)
         sp = f"{r['speedup']:.2f}x" if r["correct"] else "FAILED"
         pc = f"{r['pct_ceiling']:.0f}%" if r["correct"] else "-"

@@ -25,7 +25,7 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                      window_valid: torch.Tensor | None = None, exact: ExactBlocks | None = None,
                      skip: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
-                     backend: str = "auto", fuse_window: bool = False, **kernel_options) -> torch.Tensor:
+                     backend: str = "auto", fuse_window: bool = True, **kernel_options) -> torch.Tensor:
     """softmax(q K^T * sm_scale) V over compressed blocks then the exact window, fp32 [B, Hq, D].
 
     q [B, Hq, D]; k/v: PackedKV; kv_start/kv_len int [B] bound the attended compressed tokens
@@ -34,9 +34,9 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
     blocks not attended, whose tokens the caller puts in the window itself (not with `exact`). block_table int32
     [B, NB]: k/v are paged blocks, one per page (`layout`), and block n of row b is page block_table[b, n]. backend:
     "triton" (the fused kernel), "torch" (the dequantizing reference) or "auto" (triton on CUDA, torch elsewhere).
-    fuse_window: the tensor-core kernel also attends the window, in the blocks' launch (programs past the block
-    splits), and the merge reads one set of partials: one launch fewer; off by default until it is measured on a
-    GPU (the rows kernel always attends the window in a launch of its own).
+    fuse_window: the tensor-core kernel attends the window in the blocks' launch (programs past the block splits)
+    and the merge reads one set of partials: one launch fewer, faster or level on every shape measured (gpu.md);
+    False attends it in a launch of its own, as the rows kernel always does.
     """
     if exact is not None and skip is not None:
         raise ValueError("pass exact (ExactBlocks, which carry their own skip) or skip, not both")
@@ -60,8 +60,9 @@ def decode_attention(q: torch.Tensor, k: PackedKV, v: PackedKV, sm_scale: float,
         kv_start = start if kv_start is None else kv_start
         kv_len = length if kv_len is None else kv_len
     window = dict(window_k=window_k, window_v=window_v, window_valid=window_valid)
-    in_launch = fuse_window and window_k is not None and choose_kernel(
-        q.shape[1], k, v, kernel_options.get("low_precision", True), kernel_options.get("kernel", "auto")) == "mma"
+    kernel_options["kernel"] = choose_kernel(q.shape[1], k, v, kernel_options.get("low_precision", True),
+                                             kernel_options.get("kernel", "auto"))
+    in_launch = fuse_window and window_k is not None and kernel_options["kernel"] == "mma"
     o, m, l_ = decode_blocks_partials(q, k, v, sm_scale, kv_start.to(torch.int32), kv_len.to(torch.int32),
                                       skip=skip, block_table=None if block_table is None
                                       else block_table.to(torch.int32), **(window if in_launch else {}),

@@ -67,6 +67,8 @@ def choose_kernel(q_heads: int, k: PackedKV, v: PackedKV, low_precision: bool = 
 
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not supported; allowed values: {KERNELS}")
+    if kernel == "mma":
+        return kernel
     rows_ok = rows_kernel_supports(q_heads, k.codes.shape[1], k, v, low_precision)
     if kernel == "rows" and not rows_ok:
         raise ValueError("kernel='rows' reads one query row per kv head, 2/4-bit codes, per-token value scales "

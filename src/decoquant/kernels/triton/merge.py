@@ -6,7 +6,10 @@ kv head share each chunk's loads and its two tensor-core dots, and the chunks ru
 after the other (a static store's window is held at its full capacity, ~260 tokens: 9 dependent 32-token
 steps per query head took most of the old single kernel's time at batch 1). The merge then reads both sets of
 partials, one program per (sequence, query head). Two launches instead of ~17 small torch ops (scores, mask,
-softmax, value sum, three `cat`s and the merge). The pure-torch reference is `reference.merge_window_reference`.
+softmax, value sum, three `cat`s and the merge). The tensor-core blocks kernel (GQA, MQA) runs `_window_chunk` in
+programs of its own launch instead (`decode_attention(fuse_window=True)`, the default) and the merge reads one set
+of partials; `_window_kernel` serves the rows kernel (MHA) and `fuse_window=False`. The pure-torch reference is
+`reference.merge_window_reference`.
 """
 
 from __future__ import annotations
