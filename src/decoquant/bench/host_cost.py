@@ -69,7 +69,7 @@ def run_case(batch, kv_heads, q_heads, context, head_dim, bits, window, preset, 
     from decoquant.kernels.attention import decode_attention
     from decoquant.kernels.triton.launch import choose_kernel
 
-    from .kernel_decode import random_packed
+    from .kernel_decode import launch_label, random_packed
 
     k, v = random_packed(batch, kv_heads, context, head_dim, bits, 128, device, seed=context, preset=preset)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -80,7 +80,7 @@ def run_case(batch, kv_heads, q_heads, context, head_dim, bits, window, preset, 
     fused = lambda: decode_attention(q, k, v, head_dim ** -0.5, backend="triton", fuse_window=fuse_window,  # noqa: E731
                                      **win)
     kernel = choose_kernel(q_heads, k, v)
-    label = "mma+window" if kernel == "mma" and fuse_window and window else kernel  # as kernel_decode labels it
+    label = launch_label(kernel, window, fuse_window)
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=context, head_dim=head_dim, bits=bits,
                window=window, preset=preset, kernel=label, calls=calls,
                launches=3 if window and label == kernel else 2)  # blocks (+ window) + merge

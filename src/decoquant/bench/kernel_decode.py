@@ -92,6 +92,11 @@ def to_pages(k, v, preset: str, device, seed: int):
     return views[0], views[1], order.view(b, nb).to(torch.int32)
 
 
+def launch_label(kernel: str, window: int, fuse_window: bool) -> str:
+    """The kernel column: "mma+window" where the tensor-core kernel attends the window in its own launch."""
+    return "mma+window" if kernel == "mma" and window and fuse_window else kernel
+
+
 def graph_replay(fn):
     """`fn` captured in a CUDA graph: replaying it times the GPU work without the host's launch cost
     (what a server that captures its decode step sees)."""
@@ -155,10 +160,9 @@ def run_case(batch, kv_heads, q_heads, tokens, head_dim, bits, block_size, devic
                      paged_pct_copy=100 * bytes_fused / (t_paged * 1e-3) / peak_bw)
     from decoquant.kernels.triton.launch import choose_kernel
 
-    kernel = choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
-                           kernel_options.get("kernel", "auto"))
-    if kernel == "mma" and window and kernel_options.get("fuse_window", True):
-        kernel = "mma+window"  # the window's chunks in the blocks' launch
+    kernel = launch_label(choose_kernel(q_heads, k, v, kernel_options.get("low_precision", True),
+                                        kernel_options.get("kernel", "auto")), window,
+                          kernel_options.get("fuse_window", True))
     ceiling = bytes_fp16 / bytes_fused  # the bandwidth ceiling of the speedup: 16 / b_eff
     row = dict(batch=batch, kv_heads=kv_heads, q_heads=q_heads, context=tokens, head_dim=head_dim, bits=bits,
                value_bits=v.bits, window=window,
